@@ -1,0 +1,157 @@
+"""Build small LLaVA-OneVision checkpoints from configs: a word-level tokenizer, a SigLIP
+vision tower and a Qwen2 language model, saved in the standard Hugging Face layout.
+
+Used by the test suite (tiny random models), the demo-model training script and the
+benchmark (full-size architecture, random weights). Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .preprocess import FrameSpec
+
+# Special tokens of the word-level tokenizer; ids follow this order from 0.
+PAD, UNK, IM_START, IM_END, IMAGE, VIDEO = "<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"
+SPECIAL_TOKENS = (PAD, UNK, IM_START, IM_END, IMAGE, VIDEO)
+# Words every chat needs (role names), always in the vocabulary right after the specials.
+ROLE_WORDS = ("system", "user", "assistant")
+
+# A ChatML template in the shape of LLaVA-OneVision's: the video placeholder comes first in
+# the user turn, then the text. Words are separated by spaces (word-level tokenizer).
+WORD_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|> ' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' %}{{ '<video> ' }}"
+    "{% elif item['type'] == 'image' %}{{ '<image> ' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|> assistant ' }}{% endif %}"
+)
+
+
+def build_word_tokenizer(words: list[str]):
+    """A PreTrainedTokenizerFast over ``SPECIAL_TOKENS + words``: lowercase, split on spaces
+    and punctuation. EOS is ``<|im_end|>``."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in (*SPECIAL_TOKENS, *ROLE_WORDS, *words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        unk_token=UNK,
+        eos_token=IM_END,
+        bos_token=None,
+        extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO},
+    )
+    fast.chat_template = WORD_CHAT_TEMPLATE
+    return fast
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a small LLaVA-OneVision. Defaults give a model of well under 1 MB."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    max_position_embeddings: int = 4096
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    extra: dict = field(default_factory=dict)
+
+
+def build_llava_onevision(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0, vocab_size: int | None = None):
+    """A randomly initialised LlavaOnevisionForConditionalGeneration sized by ``spec``."""
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    vocab = vocab_size or len(tokenizer)
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_intermediate,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": spec.image_size,
+            "patch_size": spec.patch_size,
+            "vision_use_head": False,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab,
+            "hidden_size": spec.text_hidden,
+            "intermediate_size": spec.text_intermediate,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "tie_word_embeddings": False,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": None,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[spec.image_size, spec.image_size]],
+        **spec.extra,
+    )
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None = None,
+                    dycoke_defaults: dict | None = None) -> Path:
+    """Write ``model`` + ``tokenizer`` + video preprocessor config (+ optional DyCoke defaults)
+    in the Hugging Face layout that :func:`dycoke_cli.model.load_model` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
+    size = model.config.vision_config.image_size
+    spec = spec or FrameSpec(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    if dycoke_defaults:
+        (folder / "dycoke.json").write_text(json.dumps(dycoke_defaults, indent=2) + "\n")
+    return folder
+
+
+def frame_spec_for(spec: TinySpec) -> FrameSpec:
+    return FrameSpec(spec.image_size, spec.image_size, spec.mean, spec.std)
+
+
+def spec_dict(spec: TinySpec) -> dict:
+    return asdict(spec)
