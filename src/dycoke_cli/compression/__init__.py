@@ -1,0 +1,1 @@
+"""Token compression: temporal token merging (ttm), KV-cache pruning (pruning), baselines."""

@@ -1,0 +1,56 @@
+"""Estimated language-model FLOPs of one answer, to compare compression methods.
+
+For a decoder layer with hidden size d, H query heads and KV heads of width h_d, MLP width f:
+
+    c     = 2 (d·H·h_d + 2·d·KV·h_d + H·h_d·d + 3·d·f)     linear FLOPs per token per layer
+    a(n)  = 2·H·h_d·n·(n + 1)                               causal attention over n tokens
+    prefill  = Σ_layers [ n_l · c + a(n_l) ]                n_l = tokens entering layer l
+    decode   = Σ_steps Σ_layers [ c + 4·H·h_d·ctx_l(step) ]  ctx_l = keys layer l attends to
+    head     = 2·d·V per produced token (prefill's last position and each step)
+
+The vision tower is left out: every method shares it (the video is encoded once). The ratio
+against the uncompressed run, for the same number of generated tokens, is the estimate shown
+as "speedup"; measured times live in `dycoke compare` and the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LMShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, text_config) -> "LMShape":
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        return cls(text_config.num_hidden_layers, text_config.hidden_size, text_config.num_attention_heads,
+                   text_config.num_key_value_heads, head_dim, text_config.intermediate_size, text_config.vocab_size)
+
+    @property
+    def linear_per_token(self) -> int:
+        d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate)
+
+
+def answer_flops(shape: LMShape, prefill_tokens: list[int], decode_context: list[int], generated: int) -> float:
+    """FLOPs of one answer.
+
+    prefill_tokens[l]: tokens entering layer l at prefill; decode_context[l]: keys layer l
+    attends to at the first decoding step (each later step adds one); generated: tokens produced.
+    """
+    c, w = shape.linear_per_token, shape.heads * shape.head_dim
+    total = sum(n * c + 2 * w * n * (n + 1) for n in prefill_tokens)
+    steps = max(generated - 1, 0)  # the first token comes out of the prefill
+    for ctx in decode_context:
+        # Σ_{s=0}^{steps-1} (c + 4 w (ctx + s))
+        total += steps * c + 4 * w * (steps * ctx + steps * (steps - 1) // 2)
+    total += max(generated, 1) * 2 * shape.hidden * shape.vocab
+    return float(total)

@@ -1,0 +1,115 @@
+"""The decoding loop: prefill, one decoding step, and a generator of chosen tokens.
+
+The language model is driven layer by layer through its public modules (embeddings are
+built by the pipeline; rotary embeddings, decoder layers, final norm and head come from the
+checkpoint), which lets a one-shot baseline drop hidden states mid-prefill and lets the
+probing attention function see which layer it runs in. Batch size is 1 and nothing is padded,
+so no attention mask is needed: prefill is causal, a decoding step attends to its cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "seed": self.seed}
+
+
+@dataclass
+class DecodeTimings:
+    prefill_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)  # one per decoding step after the first token
+
+    @property
+    def decode_s(self) -> float:
+        return sum(self.step_s)
+
+
+def sync(device) -> None:
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, probe=None) -> torch.Tensor:
+    """One forward pass of the language model over ``embeds`` [1, S, D] at ``positions`` [1, S].
+
+    Returns the logits of the last position [1, V]. ``probe`` (a selector from
+    compression.pruning) is given the probed layer's attention row; a PrefillSelector also
+    makes this pass drop the unselected visual hidden states after its layer.
+    """
+    decoder = lm.decoder
+    hidden = embeds
+    cos, sin = decoder.rotary_emb(hidden, positions)
+    extra = {"dycoke_probe": probe} if probe is not None else {}
+    reduce_after = probe.layer if hasattr(probe, "kept_positions") and embeds.shape[1] > 1 else None
+    for i, layer in enumerate(decoder.layers):
+        hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=positions,
+                       past_key_values=cache, use_cache=True, **extra)
+        if i == reduce_after:
+            keep = probe.kept_positions(hidden.shape[1], hidden.device)
+            hidden, positions = hidden[:, keep], positions[:, keep]
+            cos, sin = cos[:, keep], sin[:, keep]
+    hidden = decoder.norm(hidden[:, -1:])
+    return lm.lm_head(hidden)[:, -1].float()
+
+
+def choose_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
+    if opts.temperature <= 0:
+        return int(logits.argmax(dim=-1))
+    probs = torch.softmax(logits[0] / opts.temperature, dim=-1)
+    if opts.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = sorted_probs.cumsum(0)
+        cut = cumulative - sorted_probs > opts.top_p  # drop tokens once the mass before them exceeds p
+        sorted_probs[cut] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
+           timings: DecodeTimings | None = None) -> Iterator[int]:
+    """Prefill ``embeds`` [1, S, D], then yield token ids one by one until EOS or the limit.
+
+    The EOS token itself is not yielded.
+    """
+    timings = timings if timings is not None else DecodeTimings()
+    generator = None
+    if opts.temperature > 0:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+    eos = set(lm.eos_token_ids)
+    seq = embeds.shape[1]
+    embed_tokens = lm.decoder.embed_tokens
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        positions = torch.arange(seq, device=embeds.device).unsqueeze(0)
+        logits = run_layers(lm, embeds, positions, cache, probe)
+        token = choose_token(logits.cpu(), opts, generator)
+        sync(embeds.device)
+        timings.prefill_s = time.perf_counter() - t0
+        for step in range(opts.max_new_tokens):
+            if token in eos:
+                return
+            yield token
+            if step + 1 == opts.max_new_tokens:
+                return
+            t0 = time.perf_counter()
+            pos = torch.tensor([[seq + step]], device=embeds.device)
+            x = embed_tokens(torch.tensor([[token]], device=embeds.device))
+            logits = run_layers(lm, x, pos, cache, probe)
+            token = choose_token(logits.cpu() if generator is not None else logits, opts, generator)
+            timings.step_s.append(time.perf_counter() - t0)

@@ -1,0 +1,335 @@
+"""Model loading: find a checkpoint, check it, load it, and describe it.
+
+A *family* adapter turns one architecture into the few things the pipeline needs: encode
+frames into per-frame visual tokens, build the prompt around the video, and expose the
+language model's decoder layers and head. Adding a second family means writing one more
+adapter class and registering it in ``FAMILIES``; the pipeline does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelError, UsageError
+from .preprocess import FrameSpec
+
+DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+DEMO_MODEL = "demo"
+
+# Files whose presence says "this folder holds weights".
+SAFETENSORS_GLOBS = ("*.safetensors",)
+PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.pth")
+# What to fetch of a hub repo (weights, configs, tokenizer, templates); never code.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+# The paper's settings for real LLaVA-OneVision checkpoints (NOTES section 1); a checkpoint
+# may override them with a dycoke.json of its own (the demo model does).
+PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0.7}
+CAPTION_PROMPT = "Describe this video in detail."
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    num_frames: int = 32
+    prune_layer: int = 3
+    ttm_k: float = 0.7
+    prune_p: float = 0.7
+    caption_prompt: str = CAPTION_PROMPT
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "ModelDefaults":
+        path = folder / "dycoke.json"
+        values = dict(PAPER_DEFAULTS)
+        if path.is_file():
+            try:
+                values.update(json.loads(path.read_text()))
+            except (json.JSONDecodeError, OSError) as exc:
+                raise ModelError(f"{path}: unreadable DyCoke defaults ({exc})") from None
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def demo_model_path() -> Path:
+    return Path(__file__).resolve().parent / "demo_model"
+
+
+def resolve_model(name: str) -> Path:
+    """Map a model argument to a local folder: ``demo``, a folder, or a hub id in the HF cache."""
+    if name == DEMO_MODEL:
+        path = demo_model_path()
+        if not (path / "config.json").is_file():
+            raise ModelError("the built-in demo model is not installed with this copy of dycoke-cli")
+        return path
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{name}: not a model folder (it is a file)")
+        return path
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)
+    if looks_like_path or name.count("/") != 1:
+        raise ModelError(f"{name}: model folder not found")
+    return _resolve_hub_id(name)
+
+
+def _resolve_hub_id(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss means "not cached"
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    fetch = f"fetch it first with `hf download {repo_id}` (or pass a local folder with --model)"
+    if offline:
+        raise ModelError(f"{repo_id}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; {fetch}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{repo_id}: could not download ({reason}); {fetch}") from None
+
+
+def check_folder(folder: Path, allow_pickle: bool) -> dict:
+    """Validate a checkpoint folder before anything heavy; return its config.json as a dict."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder}: not a model folder (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{cfg_path}: unreadable config ({type(exc).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_path}: unreadable config (not a JSON object)")
+    model_type = cfg.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"{folder}: unsupported model type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    has_safe = any(any(folder.glob(g)) for g in SAFETENSORS_GLOBS)
+    has_pickle = any(any(folder.glob(g)) for g in PICKLE_GLOBS)
+    if not has_safe and not has_pickle:
+        raise ModelError(f"{folder}: no weights found (expected *.safetensors)")
+    if not has_safe and not allow_pickle:
+        raise ModelError(f"{folder}: only pickle weights (.bin); pass --allow-pickle to load them")
+    return cfg
+
+
+def cpu_supports_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls are fast on this CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (this torch build: "
+                         f"{torch.__version__})")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device):
+    import torch
+
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+@dataclass
+class LoadedModel:
+    """A loaded video LLM and the facts derived from its checkpoint."""
+
+    name: str
+    path: Path
+    family: str
+    model: object  # the transformers model
+    tokenizer: object
+    frame_spec: FrameSpec
+    tokens_per_frame: int  # visual tokens one frame contributes (after the family's pooling)
+    video_token_id: int
+    num_layers: int  # decoder layers of the language model
+    hidden_size: int
+    eos_token_ids: tuple[int, ...]
+    defaults: ModelDefaults
+    device: object
+    dtype: object
+    adapter: "FamilyAdapter" = field(repr=False, default=None)  # type: ignore[assignment]
+
+    # The three calls the pipeline makes; they forward to the family adapter.
+    def encode_video(self, pixels):
+        return self.adapter.encode_video(self, pixels)
+
+    def prompt_ids(self, question: str):
+        return self.adapter.prompt_ids(self, question)
+
+    @property
+    def decoder(self):
+        return self.adapter.decoder(self)
+
+    @property
+    def lm_head(self):
+        return self.adapter.lm_head(self)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "family": self.family,
+            "layers": self.num_layers,
+            "tokens_per_frame": self.tokens_per_frame,
+            "image_size": [self.frame_spec.height, self.frame_spec.width],
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+
+class FamilyAdapter:
+    """What one model family must provide. See LlavaOneVisionAdapter."""
+
+    model_type: str
+
+    def load(self, name: str, folder: Path, device, dtype, allow_pickle: bool) -> LoadedModel: ...
+    def encode_video(self, lm: LoadedModel, pixels): ...
+    def prompt_ids(self, lm: LoadedModel, question: str): ...
+    def decoder(self, lm: LoadedModel): ...
+    def lm_head(self, lm: LoadedModel): ...
+
+
+class LlavaOneVisionAdapter(FamilyAdapter):
+    model_type = "llava_onevision"
+
+    def load(self, name, folder, device, dtype, allow_pickle):
+        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+        from .compression.pruning import ATTENTION_NAME, register_attention
+
+        register_attention()
+        try:
+            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                folder,
+                dtype=dtype,
+                use_safetensors=None if allow_pickle else True,
+                trust_remote_code=False,
+                attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
+            )
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{folder}: cannot load the model ({first})") from None
+        model.to(device).eval()
+        config = model.config
+        text = config.text_config
+        if "sliding_attention" in getattr(text, "layer_types", []) or []:
+            raise ModelError(f"{folder}: sliding-window attention layers are not supported")
+        vision = config.vision_config
+        grid = vision.image_size // vision.patch_size
+        if config.vision_feature_select_strategy == "default":
+            # "default" drops a CLS token; SigLIP has none, so the grid is unchanged.
+            pass
+        tokens_per_frame = math.ceil(grid / 2) ** 2  # 2x2 bilinear pooling of the patch grid
+        chat_template = _read_chat_template(folder, tokenizer)
+        if not chat_template:
+            raise ModelError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json)")
+        tokenizer.chat_template = chat_template
+        eos = _eos_ids(model, tokenizer)
+        lm = LoadedModel(
+            name=name,
+            path=folder,
+            family=self.model_type,
+            model=model,
+            tokenizer=tokenizer,
+            frame_spec=FrameSpec.from_pretrained(folder, vision.image_size),
+            tokens_per_frame=tokens_per_frame,
+            video_token_id=int(config.video_token_id),
+            num_layers=int(text.num_hidden_layers),
+            hidden_size=int(text.hidden_size),
+            eos_token_ids=eos,
+            defaults=ModelDefaults.from_folder(folder),
+            device=device,
+            dtype=dtype,
+            adapter=self,
+        )
+        return lm
+
+    def encode_video(self, lm, pixels):
+        """pixels [T, 3, h, w] -> (features [T, N, D], newline [1, D]) in the model's dtype."""
+        import torch
+
+        with torch.inference_mode():
+            out = lm.model.model.get_video_features(
+                pixels.unsqueeze(0).to(lm.device, lm.dtype), return_dict=True
+            ).pooler_output[0]
+        t = pixels.shape[0]
+        n = lm.tokens_per_frame
+        if out.shape[0] != t * n + 1:
+            raise ModelError(f"{lm.path}: vision tower gave {out.shape[0]} tokens, expected {t * n + 1}")
+        return out[:-1].reshape(t, n, -1), out[-1:]
+
+    def prompt_ids(self, lm, question):
+        """Token ids before and after the single video placeholder of the chat prompt."""
+        import torch
+
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        where = [i for i, t in enumerate(ids) if t == lm.video_token_id]
+        if len(where) != 1:
+            raise ModelError(f"{lm.path}: the chat template must place exactly one video token (found {len(where)})")
+        i = where[0]
+        return torch.tensor(ids[:i], dtype=torch.long), torch.tensor(ids[i + 1 :], dtype=torch.long)
+
+    def decoder(self, lm):
+        return lm.model.model.language_model
+
+    def lm_head(self, lm):
+        return lm.model.lm_head
+
+
+FAMILIES: dict[str, FamilyAdapter] = {LlavaOneVisionAdapter.model_type: LlavaOneVisionAdapter()}
+
+
+def _read_chat_template(folder: Path, tokenizer) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    js = folder / "chat_template.json"
+    if js.is_file():
+        try:
+            return json.loads(js.read_text()).get("chat_template")
+        except (json.JSONDecodeError, OSError):
+            return None
+    return getattr(tokenizer, "chat_template", None)
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        for x in source if isinstance(source, (list, tuple)) else [source]:
+            if x is not None and int(x) not in ids:
+                ids.append(int(x))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
+        ids.append(im_end)
+    return tuple(ids)
+
+
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False) -> LoadedModel:
+    """Resolve, validate and load a video LLM. Raises ModelError / UsageError."""
+    folder = resolve_model(name)
+    cfg = check_folder(folder, allow_pickle)
+    dev = pick_device(device)
+    adapter = FAMILIES[cfg["model_type"]]
+    return adapter.load(name, folder, dev, pick_dtype(dtype, dev), allow_pickle)

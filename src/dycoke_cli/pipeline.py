@@ -1,0 +1,374 @@
+"""Wires the stages: video -> frames -> vision tower -> token selection -> decoding loop.
+
+Never prints: progress goes to an optional ``Listener`` (the CLI's display), the outcome is a
+``Result`` dataclass. Data flows one way: video.read_video -> preprocess -> model.encode_video
+-> compression (ttm / baselines) -> generate.decode (with compression.pruning) -> Result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .compression.flops import LMShape, answer_flops
+from .compression.pruning import DecodeSelector, PrefillSelector, PrunedKVCache
+from .compression.ttm import kept_per_frame, merged_count, temporal_merge
+from .errors import UsageError
+from .generate import DecodeTimings, SamplingOptions, decode, sync
+from .preprocess import preprocess_frames
+
+FASTV_LAYER = 2  # FastV prunes after layer K = 2 (its paper's default), using layer K - 1's attention
+ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
+
+
+class Method(str, Enum):
+    dycoke = "dycoke"
+    fastv = "fastv"
+    random = "random"
+    frames = "frames"
+    none = "none"
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """How to compress. ``None`` fields take the model's defaults (see ``resolve``)."""
+
+    method: Method = Method.dycoke
+    ttm_k: float | None = None
+    prune_p: float | None = None
+    prune_layer: int | None = None
+    refresh_threshold: float = 0.9
+    offload_pruned: bool = False
+    seed: int = 0  # for the random baseline
+
+    def resolve(self, lm) -> "CompressionOptions":
+        """Fill defaults from the checkpoint and validate against its depth; UsageError if off."""
+        d = lm.defaults
+        opts = replace(
+            self,
+            method=Method(self.method),
+            ttm_k=d.ttm_k if self.ttm_k is None else self.ttm_k,
+            prune_p=d.prune_p if self.prune_p is None else self.prune_p,
+            prune_layer=d.prune_layer if self.prune_layer is None else self.prune_layer,
+        )
+        if not 0.0 <= opts.ttm_k < 1.0:
+            raise UsageError(f"--ttm-k must be in [0, 1) (got {opts.ttm_k})")
+        if not 0.0 <= opts.prune_p < 1.0:
+            raise UsageError(f"--prune-p must be in [0, 1) (got {opts.prune_p})")
+        if not 0.0 <= opts.refresh_threshold <= 1.0:
+            raise UsageError(f"--refresh-threshold must be in [0, 1] (got {opts.refresh_threshold})")
+        if not 1 <= opts.prune_layer <= lm.num_layers - 1:
+            raise UsageError(
+                f"--prune-layer must be in [1, {lm.num_layers - 1}] for this {lm.num_layers}-layer model "
+                f"(got {opts.prune_layer})"
+            )
+        if opts.method == Method.fastv and lm.num_layers <= FASTV_LAYER:
+            raise UsageError(f"fastv needs more than {FASTV_LAYER} layers (this model has {lm.num_layers})")
+        return opts
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["method"] = Method(self.method).value
+        return out
+
+
+@dataclass
+class EncodedVideo:
+    """A clip decoded and encoded once, shared by every method run on it."""
+
+    video: object  # video.Video
+    features: torch.Tensor  # [T, N, D] per-frame visual tokens
+    newline: torch.Tensor | None  # [1, D] token appended after the video, if the family has one
+    decode_s: float
+    encode_s: float
+
+    @property
+    def frames(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.features.shape[1]
+
+
+@dataclass
+class Plan:
+    """Which visual tokens enter the language model and what the decoding loop prunes."""
+
+    tokens: torch.Tensor  # [M, D] visual tokens entering the prefill
+    index: torch.Tensor  # [M] their flat indices frame * N + position
+    selector: object | None  # DecodeSelector / PrefillSelector, built once the span is known
+    keep: int  # visual tokens the pruned layers attend to
+    prune_from: int | None  # first layer with pruning, or None
+
+
+class Listener(Protocol):
+    def stage(self, name: str, done: int = 0, total: int = 0) -> None: ...
+    def token(self, text: str, result: "Result") -> None: ...
+
+
+@dataclass
+class Result:
+    answer: str
+    token_ids: list[int]
+    method: str
+    options: dict
+    stats: dict = field(default_factory=dict)
+
+
+def visual_budget(total: int, frames: int, per_frame: int, k: float, p: float) -> int:
+    """Visual tokens DyCoke's pruned layers attend to: TTM's count times (1 - P).
+    The static baselines get exactly this many."""
+    merged = merged_count(frames, per_frame, k)
+    return max(1, kept_per_frame(merged, p)) if p > 0 else merged
+
+
+def encode_video(lm, path: str | os.PathLike, num_frames: int, listener: Listener | None = None) -> EncodedVideo:
+    """Decode ``num_frames`` frames by time and run the vision tower once over them."""
+    from .video import read_video
+
+    if listener:
+        listener.stage("decoding frames")
+    t0 = time.perf_counter()
+    spec = lm.frame_spec
+    video = read_video(path, num_frames, max_side=2 * max(spec.height, spec.width))
+    decode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pixels = preprocess_frames(video.frames, spec)
+    chunks, newline = [], None
+    total = pixels.shape[0]
+    for start in range(0, total, ENCODE_CHUNK):
+        if listener:
+            listener.stage("encoding", start, total)
+        feats, newline = lm.encode_video(pixels[start : start + ENCODE_CHUNK])
+        chunks.append(feats)
+    if listener:
+        listener.stage("encoding", total, total)
+    features = torch.cat(chunks)
+    sync(lm.device)
+    return EncodedVideo(video, features, newline, decode_s, time.perf_counter() - t0)
+
+
+def plan_tokens(enc: EncodedVideo, opts: CompressionOptions) -> Plan:
+    """Apply the method's pre-LLM selection; say what the decoding loop will prune."""
+    t, n = enc.frames, enc.tokens_per_frame
+    flat = enc.features.reshape(t * n, -1)
+    everything = torch.arange(t * n, device=flat.device)
+    budget = visual_budget(t * n, t, n, opts.ttm_k, opts.prune_p)
+    method = Method(opts.method)
+    if method == Method.none:
+        return Plan(flat, everything, None, t * n, None)
+    if method == Method.dycoke:
+        tokens, index = temporal_merge(enc.features, opts.ttm_k)
+        keep = kept_per_frame(len(index), opts.prune_p) if opts.prune_p > 0 else len(index)
+        return Plan(tokens, index, "dycoke", max(keep, 1), opts.prune_layer)
+    if method == Method.fastv:
+        return Plan(flat, everything, "fastv", budget, FASTV_LAYER)
+    if method == Method.random:
+        g = torch.Generator().manual_seed(opts.seed)
+        index = torch.sort(torch.randperm(t * n, generator=g)[:budget]).values.to(flat.device)
+        return Plan(flat[index], index, None, budget, None)
+    # Method.frames: uniformly fewer frames with (about) the same number of tokens
+    f = max(1, min(t, round(budget / n)))
+    chosen = [int((i + 0.5) * t / f) for i in range(f)]
+    index = torch.cat([torch.arange(n, device=flat.device) + c * n for c in chosen])
+    return Plan(flat[index], index, None, f * n, None)
+
+
+def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor | None):
+    """[text before | visual | newline | text after] as one [1, S, D] tensor, plus the visual span."""
+    before, after = lm.prompt_ids(question)
+    embed = lm.decoder.embed_tokens
+    with torch.inference_mode():
+        parts = [embed(before.to(lm.device)), visual.to(lm.dtype)]
+        if newline is not None:
+            parts.append(newline.to(lm.dtype))
+        parts.append(embed(after.to(lm.device)))
+    span = (len(before), len(before) + visual.shape[0])
+    return torch.cat(parts).unsqueeze(0), span
+
+
+class TextStream:
+    """Incremental detokenisation: the text each new token adds, held back while incomplete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""  # an unfinished multi-byte character, or a merge that rewrote the tail
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
+
+
+def peak_memory(device) -> int | None:
+    """Peak bytes: allocator peak on CUDA, process max RSS on CPU."""
+    if getattr(device, "type", "") == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None
+
+
+def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
+           listener: Listener | None = None) -> Result:
+    """Answer ``question`` about an encoded clip with one compression method."""
+    opts = opts.resolve(lm)
+    method = Method(opts.method)
+    t_start = time.perf_counter()
+    plan = plan_tokens(enc, opts)
+    merge_s = time.perf_counter() - t_start
+    embeds, span = build_embeds(lm, question, plan.tokens, enc.newline)
+    selector = None
+    if plan.selector == "dycoke":
+        selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold)
+    elif plan.selector == "fastv":
+        selector = PrefillSelector(plan.prune_from, span, plan.keep)
+    seq = embeds.shape[1]
+    cache = PrunedKVCache(lm.num_layers, seq + sampling.max_new_tokens + 1,
+                          selector if isinstance(selector, DecodeSelector) else None, opts.offload_pruned)
+    stream = TextStream(lm.tokenizer)
+    result = Result("", [], method.value, {**opts.to_dict(), **sampling.to_dict()})
+    total_visual = enc.frames * enc.tokens_per_frame
+    result.stats = _base_stats(enc, plan, total_visual, seq, opts)
+    timings = DecodeTimings()
+    if listener:
+        listener.stage("prefill")
+    if enc.features.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(enc.features.device)
+    first_token_at = None
+    t_gen = time.perf_counter()
+    for token in decode(lm, embeds, cache, sampling, selector, timings):
+        if first_token_at is None:
+            first_token_at = time.perf_counter() - t_gen
+            if listener:
+                listener.stage("generating")
+        result.token_ids.append(token)
+        delta = stream.push(token)
+        result.answer = stream.text
+        _update_live(result, timings, selector, first_token_at, t_gen)
+        if listener and delta:
+            listener.token(delta, result)
+    tail = stream.finish()
+    result.answer = stream.text.strip()
+    if listener and tail:
+        listener.token(tail, result)
+    gen_s = time.perf_counter() - t_gen
+    _final_stats(lm, result, enc, plan, selector, cache, timings, first_token_at, gen_s, merge_s, seq, span)
+    return result
+
+
+def _base_stats(enc, plan, total_visual, seq, opts) -> dict:
+    info = enc.video.info
+    return {
+        "frames": enc.frames,
+        "frames_requested": info.requested,
+        "tokens_per_frame": enc.tokens_per_frame,
+        "visual_tokens": total_visual,
+        "visual_tokens_prefill": int(plan.tokens.shape[0]),
+        "prefill_retention": plan.tokens.shape[0] / total_visual,
+        "visual_tokens_decode": plan.keep,
+        "prefill_tokens": seq,
+        "prune_layer": plan.prune_from,
+        "tokens_generated": 0,
+    }
+
+
+def _update_live(result, timings, selector, ttft, t_gen) -> None:
+    s = result.stats
+    s["tokens_generated"] = len(result.token_ids)
+    s["ttft_s"] = ttft
+    elapsed = time.perf_counter() - t_gen
+    s["elapsed_s"] = elapsed
+    if timings.step_s:
+        s["decode_tokens_per_s"] = len(timings.step_s) / timings.decode_s
+    if isinstance(selector, DecodeSelector):
+        s.update(selector.stats.to_dict())
+
+
+def _final_stats(lm, result, enc, plan, selector, cache, timings, ttft, gen_s, merge_s, seq, span) -> None:
+    s = result.stats
+    total_visual = s["visual_tokens"]
+    generated = len(result.token_ids)
+    m = int(plan.tokens.shape[0])
+    s.update({
+        "tokens_generated": generated,
+        "decode_retention": plan.keep / m if m else 1.0,
+        "overall_retention": plan.keep / total_visual,
+        "timings_s": {
+            "decode_video": enc.decode_s,
+            "encode": enc.encode_s,
+            "merge": merge_s,
+            "prefill": timings.prefill_s,
+            "decode": timings.decode_s,
+            "generate": gen_s,
+        },
+        "ttft_s": ttft if ttft is not None else gen_s,
+        "decode_tokens_per_s": (len(timings.step_s) / timings.decode_s) if timings.decode_s > 0 else None,
+        "decode_ms_per_token_median": _median_ms(timings.step_s),
+        "kv_bytes": cache.kv_bytes(),
+        "peak_memory_bytes": peak_memory(lm.device),
+    })
+    if isinstance(selector, DecodeSelector):
+        s.update(selector.stats.to_dict())
+    shape = LMShape.from_config(lm.model.config.text_config)
+    full_seq = seq - m + total_visual
+    base = answer_flops(shape, [full_seq] * shape.layers, [full_seq + 1] * shape.layers, max(generated, 1))
+    prefill, ctx = _token_profile(shape.layers, seq, m, plan)
+    mine = answer_flops(shape, prefill, ctx, max(generated, 1))
+    s["flops_estimate"] = mine
+    s["flops_ratio_estimate"] = base / mine
+
+
+def _token_profile(layers: int, seq: int, m: int, plan: Plan) -> tuple[list[int], list[int]]:
+    """Tokens entering each layer at prefill, keys each layer attends to at the first step."""
+    if plan.prune_from is None:
+        return [seq] * layers, [seq + 1] * layers
+    reduced = seq - m + plan.keep
+    if plan.selector == "fastv":
+        prefill = [seq if i < plan.prune_from else reduced for i in range(layers)]
+    else:
+        prefill = [seq] * layers
+    ctx = [(seq if i < plan.prune_from else reduced) + 1 for i in range(layers)]
+    return prefill, ctx
+
+
+def _median_ms(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    med = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return med * 1000
+
+
+def ask(lm, video_path: str | os.PathLike, question: str, *, frames: int | None = None,
+        compression: CompressionOptions = CompressionOptions(), sampling: SamplingOptions = SamplingOptions(),
+        listener: Listener | None = None) -> Result:
+    """Decode, encode and answer in one call (the Python API behind ``dycoke ask``)."""
+    compression = compression.resolve(lm)
+    n = frames if frames is not None else lm.defaults.num_frames
+    enc = encode_video(lm, video_path, n, listener)
+    result = answer(lm, enc, question, compression, sampling, listener)
+    result.stats["video"] = enc.video.info.to_dict()
+    return result
