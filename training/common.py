@@ -1,0 +1,148 @@
+"""Shared pieces of the demo-model training and evaluation scripts: the vocabulary, reading
+clips at segment centres, packed (prefix-shared) forward passes and exact-match scoring."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from dycoke_cli.toyworld.render import COLORS, MOTIONS, SHAPES  # noqa: E402
+
+# Every word the demo model reads or writes (the tokenizer lowercases and splits "?" and ".").
+WORDS = sorted(set(
+    "what is in the video ? . , which way does move color colour at start end describe "
+    "a an moves stays still and turns object thing it this".split()
+    + list(SHAPES) + list(COLORS) + list(MOTIONS)
+))
+
+
+def read_clip(path: str | Path, num_frames: int) -> np.ndarray:
+    """uint8 [T, H, W, 3]: the frames nearest the centres of ``num_frames`` equal time
+    segments of the clip (presentation time). Uses dycoke_cli.video.read_video when present."""
+    try:
+        from dycoke_cli.video import read_video  # the product's reader, once it exists
+    except Exception:  # pragma: no cover - fallback while the product's reader is missing
+        read_video = None
+    if read_video is not None:
+        return np.asarray(read_video(str(path), num_frames).frames)
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        tb = float(stream.time_base)
+        frames, times = [], []
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(frame.pts * tb)
+    times = np.asarray(times)
+    step = (times[1] - times[0]) if len(times) > 1 else 1 / 30
+    duration = times[-1] - times[0] + step
+    centres = times[0] + (np.arange(num_frames) + 0.5) * duration / num_frames
+    idx = [int(np.argmin(np.abs(times - c))) for c in centres]
+    return np.stack([frames[i] for i in idx])
+
+
+class Packer:
+    """Builds prefix-shared sequences: ``<|im_start|> user <video>*V`` once per clip, then
+    each question-answer branch after it; every branch sees the prefix and itself only, with
+    the positions it would have alone, so one forward pass gives exactly the single-question
+    logits of every branch (checked against ``model(...)`` in ``check_packing``)."""
+
+    def __init__(self, tokenizer, num_video_tokens: int, branch_len: int = 24):
+        self.tok = tokenizer
+        self.V = num_video_tokens
+        video = tokenizer.convert_tokens_to_ids("<video>")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "QQQ"}]}],
+            add_generation_prompt=True, tokenize=False)
+        before, after = prompt.split("<video>")
+        self.head = tokenizer(before, add_special_tokens=False)["input_ids"]
+        self.q_before, self.q_after = after.split("QQQ")
+        self.prefix = self.head + [video] * num_video_tokens
+        self.P = len(self.prefix)
+        self.B = branch_len
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+
+    def branch(self, question: str, answer: str):
+        """(ids, labels): labels are -100 except on the answer tokens and the final EOS."""
+        q = self.tok(self.q_before + question + self.q_after, add_special_tokens=False)["input_ids"]
+        a = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]
+        ids = q + a
+        labels = [-100] * len(q) + a
+        if len(ids) > self.B:
+            raise ValueError(f"branch too long: {question!r} {answer!r}")
+        pad = self.B - len(ids)
+        return ids + [self.pad] * pad, labels + [-100] * pad
+
+    def layout(self, k: int):
+        """4D bool mask [1, 1, L, L] and position ids [1, L] for a prefix plus k branches."""
+        L = self.P + k * self.B
+        mask = torch.zeros(L, L, dtype=torch.bool)
+        mask[: self.P, : self.P] = torch.tril(torch.ones(self.P, self.P, dtype=torch.bool))
+        tri = torch.tril(torch.ones(self.B, self.B, dtype=torch.bool))
+        pos = torch.empty(L, dtype=torch.long)
+        pos[: self.P] = torch.arange(self.P)
+        for j in range(k):
+            s = self.P + j * self.B
+            mask[s: s + self.B, : self.P] = True
+            mask[s: s + self.B, s: s + self.B] = tri
+            pos[s: s + self.B] = torch.arange(self.P, self.P + self.B)
+        return mask[None, None], pos[None]
+
+
+def packed_logits(model, packer: Packer, pixel_values, branch_ids, return_features: bool = False):
+    """pixel_values [N, T, 3, h, w]; branch_ids long [N, k, B]. Returns logits [N, k, B, vocab]
+    for the branch positions (logit at position i predicts token i+1 of the branch; the
+    first answer token is predicted from the last question position), and optionally the
+    per-frame projected video features [N, T, n, D]."""
+    N, k, B = branch_ids.shape
+    core = model.model
+    out = core.get_video_features(pixel_values, vision_feature_layer=model.config.vision_feature_layer,
+                                  vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    feats = out.pooler_output  # [N, V, D] (frames * tokens + newline)
+    emb = core.get_input_embeddings()
+    head = emb(torch.tensor(packer.head)).unsqueeze(0).expand(N, -1, -1)
+    branches = emb(branch_ids.view(N, k * B))
+    x = torch.cat([head, feats.to(head.dtype), branches], dim=1)
+    mask, pos = packer.layout(k)
+    h = core.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos.expand(N, -1)).last_hidden_state
+    logits = model.lm_head(h[:, packer.P - 0:, :]).view(N, k, B, -1)
+    if return_features:
+        T = pixel_values.shape[1]
+        per_frame = feats[:, :-1].reshape(N, T, -1, feats.shape[-1])
+        return logits, per_frame
+    return logits
+
+
+def branch_targets(branch_labels: torch.Tensor) -> torch.Tensor:
+    """Shift labels left by one within each branch: target[i] = label[i+1]."""
+    t = torch.full_like(branch_labels, -100)
+    t[..., :-1] = branch_labels[..., 1:]
+    return t
+
+
+def exact_match(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N, k] bool: greedy decoding would produce exactly the answer and EOS (every
+    teacher-forced argmax equals its target)."""
+    pred = logits.argmax(-1)
+    ok = (pred == targets) | (targets == -100)
+    return ok.all(-1)
+
+
+@torch.no_grad()
+def check_packing(model, packer: Packer, tokenizer, pixel_values, question: str, answer: str) -> float:
+    """Max abs difference between packed logits and a plain ``model(...)`` call."""
+    ids, labels = packer.branch(question, answer)
+    n = len([i for i in ids if i != packer.pad])
+    full = torch.tensor([packer.prefix + ids[:n]])
+    ref = model(input_ids=full, pixel_values_videos=pixel_values[:1]).logits[0, packer.P:]
+    other, _ = packer.branch("describe the video .", "a red cup stays still")
+    got = packed_logits(model, packer, pixel_values[:1], torch.tensor([[other, ids]]))[0, 1, :n]
+    return float((ref - got).abs().max())
