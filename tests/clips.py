@@ -153,8 +153,9 @@ def write_clip(
       B-frames are turned off for libx264 so the container duration stays right.
     - ``gop``: keyframe interval in frames. ``rotation``: display rotation in degrees
       (counter-clockwise, as ``VideoFrame.rotation`` reads it back).
-    - ``corrupt``: frame indices whose packets get their payload replaced by junk bytes of
-      the same size at mux time (timestamps kept), to simulate damage in the middle of a file.
+    - ``corrupt``: frame indices whose packets get their payload (all but a 4-byte prefix)
+      zeroed at mux time, timestamps kept: damage in the middle of a file. Use ``gop=1`` for
+      damage that does not spread to the frames predicted from the broken one.
     - ``extra_streams``: more video streams, each a dict of ``n_frames``, ``size``, ``fps``,
       ``codec``, ``color_fn``, ``index_offset`` (added to the frame index drawn). ``default_stream``:
       index of the stream to mark with the "default" disposition (others get none).
@@ -184,7 +185,6 @@ def write_clip(
                           time_base=1 / Fraction(e_fps).limit_denominator(1000),
                           index_offset=extra.get("index_offset", 0), corrupt=set()))
 
-    rng = np.random.default_rng(0)
     with av.open(str(path), "w") as container:
         streams = [
             _add_video_stream(container, codec=s["codec"], size=s["size"], fps=s["fps"],
@@ -201,10 +201,13 @@ def write_clip(
                 if spec["corrupt"] and packet.pts is not None:
                     idx = _nearest_index(spec["times"], float(packet.pts * packet.time_base))
                     if idx in spec["corrupt"]:
-                        junk = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
-                        junk.pts, junk.dts, junk.time_base = packet.pts, packet.dts, packet.time_base
+                        # Keep the 4-byte NAL length prefix (the mp4 muxer drops a packet it
+                        # cannot parse), zero the rest: decoders reject or skip it.
+                        junk = av.Packet(bytes(packet)[:4] + bytes(max(packet.size - 4, 0)))
+                        junk.stream = stream  # before the timestamps: it resets time_base
+                        junk.time_base = packet.time_base
+                        junk.pts, junk.dts = packet.pts, packet.dts
                         junk.is_keyframe = packet.is_keyframe
-                        junk.stream = stream
                         packet = junk
                 container.mux(packet)
 

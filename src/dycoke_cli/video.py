@@ -1,0 +1,532 @@
+"""Read a video file into a few RGB frames sampled uniformly by presentation time (PyAV only).
+
+Sampling rule
+    The clip spans ``[start, end)`` where ``start`` is the presentation time of its first
+    frame (the first packet, even if it is damaged) and ``end`` is the stream's start plus its duration (stream duration, else
+    the container's, else measured by demuxing every packet). That span is cut into
+    ``num_frames`` equal segments and the target times are their centres:
+    ``start + (k + 0.5) * span / num_frames`` for ``k = 0 .. num_frames - 1``. Each target takes
+    the decoded frame whose presentation time (``frame.pts * time_base``) is nearest to it, ties
+    going to the earlier frame. Times, not frame indices, so variable-frame-rate clips are
+    sampled evenly in time. A frame nearest to several targets is returned once: a clip with
+    fewer distinct frames than requested yields each of them once (``info.sampled <
+    info.requested``); frames are never duplicated.
+
+How
+    Clips up to ``SEEK_AFTER_S`` long are decoded in one forward pass that keeps only the frame
+    nearest each target. Longer clips seek (backward, to the keyframe before each target) and
+    decode forward to the target; when seeking would land at or before the point already decoded
+    (targets closer together than keyframes), decoding just continues forward instead. Only the
+    sampled frames are held, converted to RGB (and downscaled) as they are picked.
+
+Damage
+    A packet that fails to decode, or that the decoder silently drops, leaves a hole. A target
+    whose nearest frame fell into a hole is not filled with a neighbour: it counts in
+    ``info.lost`` (distinct frames, deduplicated like the sampled ones) and nothing is returned
+    for it. A file with no decodable frame at all raises :class:`VideoError`.
+
+Rotation
+    The display matrix (phone videos) is read from the first decoded frame
+    (``VideoFrame.rotation``, counter-clockwise degrees) and applied, so frames come out the way
+    a player shows them; ``info.rotation`` is that angle in 0/90/180/270 (counter-clockwise) and
+    ``info.width``/``info.height`` are the display size. Flips and non-square sample aspect
+    ratios are not applied.
+
+Still images
+    A PNG or JPEG (anything FFmpeg opens as a one-picture stream) is read as a one-frame clip:
+    ``sampled == 1`` whatever ``num_frames`` is. That is friendlier than an error for "ask about
+    this screenshot".
+
+Every problem a user can cause (missing, unreadable, empty, not a video, audio only, no
+decodable frame, too slow) raises :class:`VideoError` with one line that names the file. The
+file is only read, never written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from .errors import UsageError, VideoError
+
+# Clips longer than this (seconds) are sampled by seeking to each target instead of decoding
+# every frame; below it one forward pass is faster than the seeks.
+SEEK_AFTER_S = 60.0
+
+# Two times closer than this (seconds) are the same time: frame pts are exact rationals, the
+# targets are floats, and a tie must go to the earlier frame however the float rounds.
+_TIME_EPS = 1e-9
+
+# File signatures of containers we know, to tell "damaged video" from "not a video".
+_VIDEO_MAGIC = (
+    (4, b"ftyp"),  # MP4 / MOV / 3GP
+    (0, b"\x1a\x45\xdf\xa3"),  # Matroska / WebM
+    (0, b"RIFF"),  # AVI
+    (0, b"GIF8"),
+)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What was read and how. Times are in seconds."""
+
+    path: str
+    container: str  # FFmpeg format name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+    codec: str  # codec name, e.g. "h264", "hevc", "vp9", "av1"
+    width: int  # display size of the source, after rotation
+    height: int
+    duration: float | None  # stream duration, else container's, else measured
+    fps: float | None  # average frame rate, if the file says
+    frame_count: int | None  # as the stream reports it (None when it does not)
+    stream_index: int  # the video stream read (the default one, else the first)
+    video_streams: int  # how many video streams the file has (cover art not counted)
+    rotation: int  # counter-clockwise degrees applied: 0, 90, 180 or 270
+    requested: int  # frames asked for
+    timestamps: tuple[float, ...]  # presentation time of each returned frame
+    lost: int = 0  # sampled frames that could not be decoded (damaged packets)
+
+    @property
+    def sampled(self) -> int:
+        return len(self.timestamps)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["timestamps"] = list(self.timestamps)
+        d["sampled"] = self.sampled
+        return d
+
+
+@dataclass(frozen=True)
+class Video:
+    frames: np.ndarray  # uint8 [T, H, W, 3] RGB, T == info.sampled
+    info: VideoInfo
+
+
+def probe_video(path: str | os.PathLike, *, timeout_s: float = 60.0) -> VideoInfo:
+    """Metadata only. Decodes the first frame (for rotation and display size, and to be sure the
+    file decodes); demuxes the whole stream without decoding only when no duration is stored."""
+    deadline = _deadline(timeout_s)
+    with _Clip(path, deadline, timeout_s) as clip:
+        first = _first_frame(clip, clip.frames())
+        return clip.info(first.frame, requested=0, timestamps=(), lost=0)
+
+
+def read_video(
+    path: str | os.PathLike,
+    num_frames: int = 32,
+    *,
+    max_side: int | None = None,
+    timeout_s: float = 60.0,
+) -> Video:
+    """Sample ``num_frames`` frames uniformly by presentation time (see the module docstring).
+
+    ``max_side``: frames whose longer side exceeds it are downscaled while decoding, aspect
+    kept. ``timeout_s``: give up with :class:`VideoError` when reading takes longer.
+    Returns RGB uint8 frames ``[T, H, W, 3]`` with ``T <= num_frames``.
+    """
+    if num_frames < 1:
+        raise UsageError(f"--frames must be at least 1 (got {num_frames})")
+    if max_side is not None and max_side < 1:
+        raise UsageError(f"max_side must be at least 1 (got {max_side})")
+    deadline = _deadline(timeout_s)
+    with _Clip(path, deadline, timeout_s) as clip:
+        frames = clip.frames()
+        first = _first_frame(clip, frames)
+        start = min([first.time, *first.holes])  # damaged leading frames still count
+        end = clip.end_time()
+        span = max(end - start, 0.0) if end is not None else 0.0
+        convert = _Converter(first.frame, max_side)
+        picker = _Picker(start, span, num_frames, convert)
+        if span > SEEK_AFTER_S:
+            _sample_seeking(clip, picker, first, frames)
+        else:
+            _sample_forward(picker, first, frames)
+        if not picker.arrays:
+            raise clip.error(f"all {len(picker.lost)} sampled frames are damaged and cannot be decoded")
+        info = clip.info(first.frame, requested=num_frames, timestamps=tuple(picker.times),
+                         lost=len(picker.lost))
+        return Video(frames=np.stack(picker.arrays), info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _first_frame(clip: _Clip, frames: Iterator[_Decoded]) -> _Decoded:
+    """The first decoded frame, carrying every hole met before it."""
+    holes: list[float] = []
+    for item in frames:
+        holes += item.holes
+        if item.frame is not None:
+            return _Decoded(item.time, item.frame, holes)
+    raise clip.error("no decodable video frame (the file is truncated or damaged)")
+
+
+def _sample_forward(picker: _Picker, first: _Decoded, frames: Iterator[_Decoded]) -> None:
+    item = first
+    while item is not None and not picker.done:
+        picker.feed(item)
+        item = next(frames, None)
+    picker.finish()
+
+
+def _sample_seeking(clip: _Clip, picker: _Picker, first: _Decoded, frames: Iterator[_Decoded]) -> None:
+    # How far before a target a backward seek lands (the keyframe distance), learnt from the
+    # seeks made so far: seek only when the next target is farther ahead than that.
+    keyframe_gap = 0.0
+    landing_for: float | None = None  # target of the seek just made, until its first frame
+    item: _Decoded | None = first
+    while item is not None and not picker.done:
+        if landing_for is not None and item.frame is not None:
+            keyframe_gap = max(keyframe_gap, landing_for - item.time)
+            landing_for = None
+        picker.feed(item)
+        target = picker.next_target()
+        if (target is not None and item.frame is not None
+                and target - item.time > keyframe_gap + _TIME_EPS and clip.seek(target)):
+            picker.forget_position()
+            landing_for = target
+            frames = clip.frames()
+        item = next(frames, None)
+    picker.finish()
+
+
+class _Converter:
+    """Turns picked frames into RGB arrays of one size, rotated for display."""
+
+    def __init__(self, first: av.VideoFrame, max_side: int | None):
+        self.turns = _rotation(first) // 90  # counter-clockwise quarter turns
+        w, h = first.width, first.height  # coded orientation
+        scale = 1.0 if max_side is None or max(w, h) <= max_side else max_side / max(w, h)
+        self.width = max(1, round(w * scale))
+        self.height = max(1, round(h * scale))
+        self.interpolation = "AREA" if scale < 1 else "BILINEAR"
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        rgb = frame.to_ndarray(width=self.width, height=self.height, format="rgb24",
+                               interpolation=self.interpolation)
+        if self.turns:
+            rgb = np.ascontiguousarray(np.rot90(rgb, self.turns))
+        return rgb
+
+
+@dataclass
+class _Decoded:
+    """One step of the decode: a frame and its time, and the times of packets that produced no
+    frame (holes) since the previous step. ``frame is None`` at the end of the stream."""
+
+    time: float
+    frame: av.VideoFrame | None
+    holes: list[float]
+
+
+class _Picker:
+    """Keeps, for each target time, the nearest decoded frame, holding one frame back.
+
+    Frames must be fed in presentation order. After a seek call :meth:`forget_position`.
+    """
+
+    def __init__(self, start: float, span: float, n: int, convert: _Converter):
+        self.start, self.n, self.convert = start, n, convert
+        self.segment = span / n
+        self.j = 0  # next target to settle
+        self.prev: tuple[float, av.VideoFrame] | None = None
+        self.holes: list[float] = []  # holes after prev
+        self.arrays: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.lost: set[float] = set()
+        self.last: float | None = None  # time of the last frame picked or lost (dedup)
+
+    @property
+    def done(self) -> bool:
+        return self.j >= self.n
+
+    def next_target(self) -> float | None:
+        return None if self.done else self.start + (self.j + 0.5) * self.segment
+
+    def forget_position(self) -> None:
+        self.prev, self.holes = None, []
+
+    def feed(self, item: _Decoded) -> None:
+        self.holes.extend(item.holes)
+        if item.frame is None:
+            return
+        if self.prev is not None and item.time <= self.prev[0]:
+            return  # out of order or repeated time: not a new frame
+        target = self.next_target()
+        while target is not None and target <= item.time + _TIME_EPS:
+            self._settle(target, item.time, item.frame)
+            self.j += 1
+            target = self.next_target()
+        self.prev, self.holes = (item.time, item.frame), []
+
+    def finish(self) -> None:
+        """End of stream: the remaining targets lie after the last frame."""
+        while not self.done:
+            self._settle(self.next_target(), None, None)
+            self.j += 1
+
+    def _settle(self, target: float, time_: float | None, frame: av.VideoFrame | None) -> None:
+        # Candidates in time order: prev, holes after it, the frame just decoded.
+        candidates: list[tuple[float, av.VideoFrame | None]] = []
+        if self.prev is not None:
+            candidates.append(self.prev)
+        candidates += [(h, None) for h in sorted(self.holes)]
+        if frame is not None:
+            candidates.append((time_, frame))
+        best: tuple[float, av.VideoFrame | None] | None = None
+        for candidate in candidates:  # in time order, so a tie keeps the earlier one
+            if best is None or abs(candidate[0] - target) < abs(best[0] - target) - _TIME_EPS:
+                best = candidate
+        if best is None:
+            return
+        best_time, best_frame = best
+        if self.last is not None and best_time <= self.last:
+            return  # already picked (or already lost) for an earlier target
+        self.last = best_time
+        if best_frame is None:
+            self.lost.add(best_time)
+        else:
+            self.arrays.append(self.convert(best_frame))
+            self.times.append(best_time)
+
+
+# --------------------------------------------------------------------------------------------
+# The file
+
+
+class _Clip:
+    """An open container and its chosen video stream; every failure becomes a VideoError."""
+
+    def __init__(self, path: str | os.PathLike, deadline: float, timeout_s: float):
+        self.path = os.fsdecode(path)
+        self.deadline, self.timeout_s = deadline, timeout_s
+        _check_file(self.path)
+        try:
+            self.container = av.open(self.path, metadata_errors="replace")
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise self._open_error(e) from None
+        try:
+            videos = [s for s in self.container.streams.video
+                      if not s.disposition & av.stream.Disposition.attached_pic]
+            if not videos:
+                raise self.error("not a video file (no video stream)")
+            defaults = [s for s in videos if s.disposition & av.stream.Disposition.default]
+            self.stream = (defaults or videos)[0]
+            self.video_streams = len(videos)
+            self.time_base = self.stream.time_base or Fraction(1, 1000)
+            rate = self.stream.average_rate or self.stream.guessed_rate
+            self.frame_step = float(1 / rate) if rate else 1 / 25  # for frames without pts
+            self._timing_cache: tuple[float | None, float | None] | None = None
+        except BaseException:
+            self.container.close()
+            raise
+
+    def __enter__(self) -> _Clip:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.close()
+
+    def error(self, problem: str) -> VideoError:
+        return VideoError(f"{self.path}: {problem}")
+
+    def _open_error(self, e: Exception) -> VideoError:
+        if isinstance(e, PermissionError):
+            return self.error("permission denied")
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(12)
+        except OSError:
+            head = b""
+        if any(head[at:at + len(magic)] == magic for at, magic in _VIDEO_MAGIC):
+            return self.error("damaged or truncated video file (FFmpeg cannot read it)")
+        return self.error("not a video file (FFmpeg cannot read it)")
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise self.error(f"reading took longer than {self.timeout_s:g} s (timeout)")
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def duration(self) -> float | None:
+        """Stream duration, else container duration, else measured by demuxing."""
+        return self._timing()[0]
+
+    def end_time(self) -> float | None:
+        """Presentation time where the clip ends: the start the duration counts from, plus it."""
+        return self._timing()[1]
+
+    def _timing(self) -> tuple[float | None, float | None]:
+        if self._timing_cache is None:
+            stream, container = self.stream, self.container
+            if stream.duration and stream.duration > 0:
+                duration = float(stream.duration * self.time_base)
+                end = float((stream.start_time or 0) * self.time_base) + duration
+            elif container.duration and container.duration > 0:
+                duration = container.duration / av.time_base
+                end = (container.start_time or 0) / av.time_base + duration
+            else:
+                first, end = self._measure()
+                duration = None if end is None else max(end - first, 0.0)
+            self._timing_cache = (duration, end)
+        return self._timing_cache
+
+    def _measure(self) -> tuple[float, float | None]:
+        """Demux (not decode) the whole stream in a second handle: (start, end) of its packets."""
+        first = end = None
+        count = 0
+        try:
+            with av.open(self.path, metadata_errors="replace") as c:
+                for packet in c.demux(c.streams[self.stream.index]):
+                    self.check_time()
+                    if packet.size == 0:
+                        continue
+                    count += 1
+                    if packet.pts is not None:
+                        t = float(packet.pts * self.time_base)
+                        t_end = t + float((packet.duration or 0) * self.time_base)
+                        first = t if first is None else min(first, t)
+                        end = t_end if end is None else max(end, t_end)
+        except (av.FFmpegError, OSError):
+            pass  # keep what was read before the damage
+        if end is None:  # no timestamps: count frames at the nominal rate
+            return 0.0, (count * self.frame_step if count else None)
+        return first, end
+
+    def info(self, first: av.VideoFrame, *, requested: int, timestamps: tuple[float, ...],
+             lost: int) -> VideoInfo:
+        rotation = _rotation(first)
+        w, h = first.width, first.height
+        if rotation in (90, 270):
+            w, h = h, w
+        rate = self.stream.average_rate
+        return VideoInfo(
+            path=self.path,
+            container=self.container.format.name,
+            codec=self.stream.codec_context.codec.canonical_name,
+            width=w,
+            height=h,
+            duration=self.duration(),
+            fps=float(rate) if rate else None,
+            frame_count=self.stream.frames or None,
+            stream_index=self.stream.index,
+            video_streams=self.video_streams,
+            rotation=rotation,
+            requested=requested,
+            timestamps=timestamps,
+            lost=lost,
+        )
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def seek(self, t: float) -> bool:
+        """Seek to the keyframe at or before time ``t``; False if the file cannot seek."""
+        try:
+            self.container.seek(math.floor(Fraction(t) / self.time_base), stream=self.stream,
+                                backward=True)
+        except (av.FFmpegError, OverflowError):
+            return False
+        return True
+
+    def frames(self) -> Iterator[_Decoded]:
+        """Decode from the current position: frames in presentation order, with the holes.
+
+        A hole is a packet whose timestamp never came out of the decoder as a frame (decode
+        error, or dropped because it was damaged). That needs frame pts to echo packet pts;
+        when they do not (no pts, or a decoder that makes up its own), holes are not tracked.
+        """
+        pending: set[int] = set()  # pts of packets sent, not yet seen as frames
+        track = True
+        last_time: float | None = None
+        for packet in self._packets():
+            if packet is not None and packet.size and packet.pts is not None:
+                pending.add(packet.pts)
+            try:  # None, or the demuxer's final empty packet, flushes the decoder
+                decoded = packet.decode() if packet is not None else self.stream.decode(None)
+            except (av.FFmpegError, ValueError):
+                decoded = []
+            for frame in decoded:
+                if frame.pts is None:
+                    track = False
+                    t = 0.0 if last_time is None else last_time + self.frame_step
+                else:
+                    t = float(frame.pts * self.time_base)
+                    track = track and frame.pts in pending
+                holes: list[float] = []
+                if track:
+                    gone = [p for p in pending if p < frame.pts]
+                    holes = [float(p * self.time_base) for p in gone]
+                    pending.difference_update(gone)
+                    pending.discard(frame.pts)
+                else:
+                    pending.clear()
+                last_time = t
+                yield _Decoded(t, frame, holes)
+        if track and pending:
+            yield _Decoded(math.inf, None, [float(p * self.time_base) for p in pending])
+
+    def _packets(self) -> Iterator[av.Packet | None]:
+        """The stream's packets from the current position, ending with a flush. A demuxer error
+        ends the stream early (None then asks the decoder for what it still holds)."""
+        packets = self.container.demux(self.stream)
+        while True:
+            self.check_time()
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except (av.FFmpegError, OSError):
+                yield None
+                return
+            yield packet
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """Counter-clockwise display rotation of a frame, snapped to 0/90/180/270."""
+    try:
+        degrees = frame.rotation or 0
+    except (av.FFmpegError, ValueError, TypeError):
+        return 0
+    return int(round(degrees / 90)) % 4 * 90
+
+
+def _deadline(timeout_s: float) -> float:
+    if not timeout_s > 0:
+        raise UsageError(f"timeout must be positive (got {timeout_s})")
+    return time.monotonic() + timeout_s
+
+
+def _check_file(path: str) -> None:
+    """Reject what FFmpeg should never be handed: it could hang on a FIFO or a device."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VideoError(f"{path}: no such file") from None
+    except NotADirectoryError:
+        raise VideoError(f"{path}: no such file") from None
+    except PermissionError:
+        raise VideoError(f"{path}: permission denied") from None
+    except (OSError, ValueError) as e:
+        raise VideoError(f"{path}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise VideoError(f"{path}: is a directory, not a video file")
+    if not stat.S_ISREG(st.st_mode):
+        raise VideoError(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise VideoError(f"{path}: empty file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise VideoError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise VideoError(f"{path}: cannot open ({e.strerror or e})") from None
