@@ -4,3 +4,38 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest  # noqa: E402
+
+# Vocabulary of the tiny test models: every word the tests' questions and answers use.
+TINY_WORDS = (
+    "what color colour is the cup ball box in video which way does move moves stays still "
+    "at start end describe a an and turns red green blue yellow purple white left right up down ?"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random 4-layer LLaVA-OneVision (SigLIP 2 layers, 32 px frames, 4 tokens per frame),
+    saved with save_pretrained and loaded back by the tests through the real loader."""
+    from dycoke_cli.tinymodel import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
+
+    tok = build_word_tokenizer(TINY_WORDS)
+    model = build_llava_onevision(tok, TinySpec(), seed=0)
+    return save_checkpoint(model, tok, tmp_path_factory.mktemp("tiny") / "model",
+                           dycoke_defaults={"num_frames": 8, "prune_layer": 2})
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from dycoke_cli.model import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory):
+    from clips import write_clip
+
+    return write_clip(tmp_path_factory.mktemp("clips") / "clip.mp4", n_frames=30, size=(64, 48), fps=10)

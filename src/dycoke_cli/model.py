@@ -217,6 +217,7 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         from .compression.pruning import ATTENTION_NAME, register_attention
 
         register_attention()
+        _quiet_transformers()
         try:
             model = LlavaOnevisionForConditionalGeneration.from_pretrained(
                 folder,
@@ -296,6 +297,14 @@ class LlavaOneVisionAdapter(FamilyAdapter):
 
     def lm_head(self, lm):
         return lm.model.lm_head
+
+
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars or advisory warnings on our stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 FAMILIES: dict[str, FamilyAdapter] = {LlavaOneVisionAdapter.model_type: LlavaOneVisionAdapter()}

@@ -1,0 +1,284 @@
+"""The `dycoke` command line: parse, call the pipeline, show progress, map errors to exits.
+
+Kept thin and fast to import: torch and transformers are imported only inside commands, so
+`dycoke --help` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import DycokeError, UsageError
+
+app = typer.Typer(
+    name="dycoke",
+    help="Ask questions about videos with a video LLM, made fast by DyCoke token compression.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class MethodChoice(str, Enum):
+    dycoke = "dycoke"
+    fastv = "fastv"
+    random = "random"
+    frames = "frames"
+    none = "none"
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _default_model() -> str:
+    from .model import DEFAULT_MODEL
+
+    return os.environ.get("DYCOKE_MODEL") or DEFAULT_MODEL
+
+
+VideoArg = Annotated[Path, typer.Argument(help="Video file (anything FFmpeg reads).", show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder, Hugging Face id, or 'demo'. Default: $DYCOKE_MODEL or llava-hf/llava-onevision-qwen2-0.5b-ov-hf.", show_default=False)]
+FramesOpt = Annotated[Optional[int], typer.Option("--frames", "-f", help="Frames to sample uniformly by time [default: the model's, 32 for LLaVA-OV].", show_default=False)]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")]
+DtypeOpt = Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")]
+MethodOpt = Annotated[MethodChoice, typer.Option("--method", help="Compression: dycoke, or a baseline at the same visual-token budget, or none.")]
+TtmKOpt = Annotated[Optional[float], typer.Option("--ttm-k", help="TTM: fraction of tokens dropped from compared frames, in [0, 1) [default: model's, 0.7].", show_default=False)]
+PrunePOpt = Annotated[Optional[float], typer.Option("--prune-p", help="Decode pruning: fraction of visual KV entries pruned, in [0, 1) [default: model's, 0.7].", show_default=False)]
+PruneLayerOpt = Annotated[Optional[int], typer.Option("--prune-layer", help="First layer L whose attention is pruned (layer L-1 is probed) [default: model's, 3].", show_default=False)]
+RefreshOpt = Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")]
+NoCompressOpt = Annotated[bool, typer.Option("--no-compress", help="Same as --method none.")]
+OffloadOpt = Annotated[bool, typer.Option("--offload-pruned", help="Keep pruned KV entries in host memory instead of on the accelerator.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")]
+TempOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (and the random baseline).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dycoke {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", callback=_version, is_eager=True)] = False,
+) -> None:
+    """Ask questions about videos with a video LLM, made fast by DyCoke token compression."""
+
+
+def _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh) -> None:
+    """Range checks that need no model (exit 2, one line)."""
+    if frames is not None and frames < 1:
+        raise UsageError(f"--frames must be at least 1 (got {frames})")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (got {top_p})")
+    if ttm_k is not None and not 0 <= ttm_k < 1:
+        raise UsageError(f"--ttm-k must be in [0, 1) (got {ttm_k})")
+    if prune_p is not None and not 0 <= prune_p < 1:
+        raise UsageError(f"--prune-p must be in [0, 1) (got {prune_p})")
+    if not 0 <= refresh <= 1:
+        raise UsageError(f"--refresh-threshold must be in [0, 1] (got {refresh})")
+
+
+def _check_video_path(path: Path) -> None:
+    if not path.exists():
+        raise DycokeError(f"{path}: no such file")
+    if path.is_dir():
+        raise DycokeError(f"{path}: is a directory, not a video file")
+
+
+def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, method, ttm_k, prune_p,
+                prune_layer, refresh_threshold, no_compress, offload_pruned, max_new_tokens, temperature,
+                top_p, seed, json_out, quiet, caption=False) -> None:
+    _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh_threshold)
+    if not caption and not question.strip():
+        raise UsageError("the question is empty")
+    _check_video_path(video)
+    from .display import make_display
+    from .generate import SamplingOptions
+    from .model import load_model
+    from .pipeline import CompressionOptions, Method, answer, encode_video
+
+    method_value = Method.none if no_compress else Method(method.value)
+    model_name = model or _default_model()
+    compression = CompressionOptions(method=method_value, ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
+                                     refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
+                                     seed=seed if seed is not None else 0)
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    stdout_tty = sys.stdout.isatty()
+    display = make_display(quiet, json_out, model_name, method_value.value, stdout_is_terminal=stdout_tty)
+    streamed = []
+    stream_stdout = not json_out and getattr(display.state, "answer", None) is None
+
+    class Listener:
+        def stage(self, name, done=0, total=0):
+            display.stage(name, done, total)
+
+        def token(self, text, result):
+            display.token(text, result)
+            if stream_stdout:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                streamed.append(text)
+
+    result = None
+    try:
+        display.stage("loading model")
+        lm = load_model(model_name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
+        if caption:
+            question = lm.defaults.caption_prompt
+        compression = compression.resolve(lm)
+        n = frames if frames is not None else lm.defaults.num_frames
+        enc = encode_video(lm, video, n, Listener())
+        result = answer(lm, enc, question, compression, sampling, Listener())
+        result.stats["video"] = enc.video.info.to_dict()
+    except KeyboardInterrupt:
+        display.close()
+        if stream_stdout and streamed:
+            sys.stdout.write("\n")
+        elif display.state.answer:
+            sys.stdout.write(display.state.answer + "\n")
+        sys.stdout.flush()
+        print("dycoke: interrupted", file=sys.stderr)
+        raise typer.Exit(130)
+    finally:
+        if result is None:
+            display.close()
+    display.finish(result.stats)
+    display.close()
+    if json_out:
+        payload = {
+            "answer": result.answer,
+            "model": lm.describe(),
+            "video": result.stats.pop("video"),
+            "options": {**result.options, "frames": n, "question": question},
+            "stats": result.stats,
+        }
+        typer.echo(json.dumps(payload, indent=2, default=str))
+    elif stream_stdout:
+        sys.stdout.write("\n")
+    else:
+        typer.echo(result.answer)
+        from .display import summary_line
+
+        print(summary_line(result.stats), file=sys.stderr)
+
+
+@app.command()
+def ask(
+    video: VideoArg,
+    question: Annotated[str, typer.Argument(help="The question about the video.", show_default=False)],
+    model: ModelOpt = None,
+    frames: FramesOpt = None,
+    method: MethodOpt = MethodChoice.dycoke,
+    ttm_k: TtmKOpt = None,
+    prune_p: PrunePOpt = None,
+    prune_layer: PruneLayerOpt = None,
+    refresh_threshold: RefreshOpt = 0.9,
+    no_compress: NoCompressOpt = False,
+    offload_pruned: OffloadOpt = False,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    dtype: DtypeOpt = DtypeChoice.auto,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Answer a question about a video; the answer streams to stdout."""
+    _run_answer(video, question, **{k: v for k, v in locals().items() if k not in {"video", "question"}})
+
+
+@app.command()
+def caption(
+    video: VideoArg,
+    model: ModelOpt = None,
+    frames: FramesOpt = None,
+    method: MethodOpt = MethodChoice.dycoke,
+    ttm_k: TtmKOpt = None,
+    prune_p: PrunePOpt = None,
+    prune_layer: PruneLayerOpt = None,
+    refresh_threshold: RefreshOpt = 0.9,
+    no_compress: NoCompressOpt = False,
+    offload_pruned: OffloadOpt = False,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    dtype: DtypeOpt = DtypeChoice.auto,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Describe a video with the model's own caption prompt."""
+    _run_answer(video, "", caption=True, **{k: v for k, v in locals().items() if k != "video"})
+
+
+def main() -> None:
+    """Console entry point: one-line errors, exit 1 (2 for usage), tracebacks with DYCOKE_DEBUG=1."""
+    try:  # typer >= 0.22 vendors its own click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - older typer on plain click
+        import click.exceptions as cx
+
+    debug = os.environ.get("DYCOKE_DEBUG", "") not in {"", "0"}
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=sys.argv[1:], prog_name="dycoke", standalone_mode=False)
+    except cx.NoArgsIsHelpError:
+        code = 2  # typer has printed the help
+    except cx.UsageError as exc:
+        if debug:
+            raise
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        print(f"dycoke: error: {exc.format_message()}{hint}", file=sys.stderr)
+        code = 2
+    except typer.Abort:
+        print("dycoke: interrupted", file=sys.stderr)
+        code = 130
+    except DycokeError as exc:
+        if debug:
+            raise
+        print(f"dycoke: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("dycoke: interrupted", file=sys.stderr)
+        code = 130
+    except MemoryError:
+        if debug:
+            raise
+        print("dycoke: error: out of memory; try fewer --frames or a higher --ttm-k", file=sys.stderr)
+        code = 1
+    except BrokenPipeError:
+        code = 0
+    sys.exit(code if isinstance(code, int) else 0)

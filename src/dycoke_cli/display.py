@@ -1,0 +1,183 @@
+"""What the user sees on stderr while the tool works.
+
+``LiveState`` is the whole picture; ``render(state)`` is a pure function of it (tested with a
+Rich console writing to a string). ``LiveDisplay`` shows it through ``rich.live.Live`` on a
+terminal; ``PlainDisplay`` writes a few plain lines when stderr is not a terminal;
+``QuietDisplay`` writes nothing. The answer itself goes to stdout, never through these.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+STAGES = ("decoding frames", "encoding", "merging", "prefill", "generating", "done")
+
+
+@dataclass
+class LiveState:
+    stage: str = "starting"
+    done: int = 0
+    total: int = 0
+    model: str = ""
+    method: str = ""
+    stats: dict = field(default_factory=dict)
+    answer: str | None = None  # shown in the panel only when stdout is this same terminal
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def render(state: LiveState):
+    """The live panel for one state: stage line with a bar, then a two-column table of figures."""
+    s = state.stats
+    head = Text.assemble(("dycoke ", "bold"), (state.method or "", "cyan"), "  ", (state.stage, "yellow"))
+    parts: list = [head]
+    if state.total:
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=state.total, completed=state.done, width=30), f"{state.done}/{state.total}")
+        parts.append(bar)
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="dim")
+    table.add_column()
+    if "visual_tokens" in s:
+        table.add_row("visual tokens", f"{s['visual_tokens']} -> {s.get('visual_tokens_prefill', s['visual_tokens'])} after TTM/selection")
+        table.add_row("prefill retention", _pct(s.get("prefill_retention")))
+        total = s.get("visual_tokens_prefill") or 0
+        active = s.get("visual_tokens_decode", total)
+        layer = s.get("prune_layer")
+        where = f" (layers >= {layer})" if layer is not None else ""
+        table.add_row("decode retention", f"{active}/{total} visual KV entries{where}")
+    if "selections" in s:
+        table.add_row("refreshes / recalls", f"{s.get('refreshes', 0)} / {s.get('recalled', 0)}")
+    if "tokens_generated" in s:
+        rate = s.get("decode_tokens_per_s")
+        rate_txt = f"{rate:.1f} tok/s" if rate else "n/a"
+        table.add_row("tokens", f"{s['tokens_generated']}  ({rate_txt})")
+    if s.get("ttft_s") is not None:
+        table.add_row("time to first token", f"{s['ttft_s']:.2f} s")
+    if s.get("peak_memory_bytes") is not None:
+        table.add_row("peak memory", _fmt_bytes(s["peak_memory_bytes"]))
+    if s.get("flops_ratio_estimate") is not None:
+        table.add_row("speedup (est.)", f"{s['flops_ratio_estimate']:.2f}x LLM FLOPs vs uncompressed")
+    parts.append(table)
+    if state.answer is not None:
+        parts.append(Text.assemble(("answer: ", "bold"), state.answer))
+    return Group(*parts)
+
+
+class _Base:
+    def __init__(self, model: str = "", method: str = ""):
+        self.state = LiveState(model=model, method=method)
+
+    def stage(self, name: str, done: int = 0, total: int = 0) -> None:
+        self.state.stage, self.state.done, self.state.total = name, done, total
+        self._changed(stage_changed=True)
+
+    def token(self, text: str, result) -> None:
+        self.state.stats = result.stats
+        if self.state.answer is not None:
+            self.state.answer += text
+        self._changed(stage_changed=False)
+
+    def finish(self, stats: dict) -> None:
+        self.state.stage, self.state.total = "done", 0
+        self.state.stats = stats
+        self._finished()
+
+    def _changed(self, stage_changed: bool) -> None: ...
+    def _finished(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class QuietDisplay(_Base):
+    pass
+
+
+class PlainDisplay(_Base):
+    """Non-terminal stderr: one line per stage, one summary line at the end."""
+
+    def __init__(self, stream=None, **kw):
+        super().__init__(**kw)
+        self.stream = stream or sys.stderr
+        self._last = None
+
+    def _changed(self, stage_changed: bool) -> None:
+        if stage_changed and self.state.stage != self._last:
+            self._last = self.state.stage
+            print(f"[dycoke] {self.state.stage}...", file=self.stream, flush=True)
+
+    def _finished(self) -> None:
+        print(summary_line(self.state.stats), file=self.stream, flush=True)
+
+
+def summary_line(s: dict) -> str:
+    parts = [f"[dycoke] visual tokens {s.get('visual_tokens')} -> {s.get('visual_tokens_prefill')}"
+             f" (prefill {_pct(s.get('prefill_retention'))}, decode {s.get('visual_tokens_decode')})"]
+    if "selections" in s:
+        parts.append(f"refreshes {s.get('refreshes', 0)}, recalled {s.get('recalled', 0)}")
+    rate = s.get("decode_tokens_per_s")
+    parts.append(f"{s.get('tokens_generated', 0)} tokens" + (f" at {rate:.1f} tok/s" if rate else ""))
+    if s.get("ttft_s") is not None:
+        parts.append(f"ttft {s['ttft_s']:.2f} s")
+    if s.get("flops_ratio_estimate") is not None:
+        parts.append(f"est. speedup {s['flops_ratio_estimate']:.2f}x")
+    return "; ".join(parts)
+
+
+class LiveDisplay(_Base):
+    """A Rich Live panel on stderr, refreshed a few times a second."""
+
+    def __init__(self, console: Console, show_answer: bool = False, **kw):
+        super().__init__(**kw)
+        from rich.live import Live
+
+        self.console = console
+        if show_answer:
+            self.state.answer = ""
+        # With the answer in the panel, the panel goes away at the end and the CLI prints the
+        # final answer (stdout) and a summary (stderr) below it.
+        self.live = Live(render(self.state), console=console, refresh_per_second=8, transient=show_answer,
+                         redirect_stdout=False, redirect_stderr=False)
+        self.live.start()
+        self._t = 0.0
+
+    def _changed(self, stage_changed: bool) -> None:
+        now = time.perf_counter()
+        if stage_changed or now - self._t > 0.1:
+            self._t = now
+            self.live.update(render(self.state))
+
+    def _finished(self) -> None:
+        self.live.update(render(self.state))
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+def make_display(quiet: bool, json_mode: bool, model: str, method: str, console: Console | None = None,
+                 stdout_is_terminal: bool = False):
+    """Live panel on a terminal, plain lines otherwise, nothing with --quiet or --json."""
+    if quiet or json_mode:
+        return QuietDisplay(model=model, method=method)
+    console = console or Console(stderr=True)
+    if console.is_terminal:
+        return LiveDisplay(console, show_answer=stdout_is_terminal, model=model, method=method)
+    return PlainDisplay(model=model, method=method)
