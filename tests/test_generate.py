@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from dycoke_cli.generate import SamplingOptions
+from dycoke_cli.pipeline import CompressionOptions, EncodedVideo, Method, answer, encode_video
+from dycoke_cli.preprocess import preprocess_frames
+
+QUESTION = "what color is the cup?"
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_lm, clip_path):
+    return encode_video(tiny_lm, clip_path, 8)
+
+
+def generate_reference(lm, enc, question, max_new_tokens):
+    """transformers' own generate on the same frames, with the video tokens expanded."""
+    before, after = lm.prompt_ids(question)
+    n_video = enc.frames * enc.tokens_per_frame + 1
+    ids = torch.cat([before, torch.full((n_video,), lm.video_token_id), after]).unsqueeze(0)
+    pixels = preprocess_frames(enc.video.frames, lm.frame_spec).unsqueeze(0)
+    out = lm.model.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=max_new_tokens,
+                            do_sample=False, attention_mask=torch.ones_like(ids))
+    tokens = out[0, ids.shape[1]:].tolist()
+    return [t for t in tokens if t not in lm.eos_token_ids][: len(tokens)]
+
+
+@pytest.mark.parametrize("question", [QUESTION, "describe the video.", "which way does the ball move"])
+def test_uncompressed_loop_equals_model_generate(tiny_lm, encoded, question):
+    want = generate_reference(tiny_lm, encoded, question, 16)
+    got = answer(tiny_lm, encoded, question, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=16))
+    assert got.token_ids == want
+    assert len(want) == 16
+
+
+def test_dycoke_with_k0_p0_equals_uncompressed(tiny_lm, encoded):
+    none = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=16))
+    same = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.dycoke, ttm_k=0.0, prune_p=0.0),
+                  SamplingOptions(max_new_tokens=16))
+    assert same.token_ids == none.token_ids
+    assert same.stats["visual_tokens_prefill"] == same.stats["visual_tokens"] == 32
+    assert same.stats["selections"] == 1
+
+
+def test_dycoke_defaults_stats(tiny_lm, encoded):
+    r = answer(tiny_lm, encoded, QUESTION, CompressionOptions(), SamplingOptions(max_new_tokens=8))
+    s = r.stats
+    # 8 frames x 4 tokens, k = 0.7: anchors keep 4, the 6 others floor(0.3 * 4) = 1 each
+    assert (s["visual_tokens"], s["visual_tokens_prefill"]) == (32, 14)
+    assert s["visual_tokens_decode"] == 4  # floor(0.3 * 14)
+    assert s["prefill_retention"] == 14 / 32
+    assert s["overall_retention"] == 4 / 32
+    assert s["prune_layer"] == 2  # the checkpoint's own default (dycoke.json)
+    assert s["tokens_generated"] == len(r.token_ids) == 8
+    assert s["steps"] == 7 and s["selections"] >= 1
+    assert s["flops_ratio_estimate"] > 1.0
+
+
+@pytest.mark.parametrize("method,prefill,decode_", [
+    (Method.fastv, 32, 4), (Method.random, 4, 4), (Method.frames, 4, 4), (Method.none, 32, 32)])
+def test_baselines_use_the_same_budget(tiny_lm, encoded, method, prefill, decode_):
+    r = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=method), SamplingOptions(max_new_tokens=4))
+    assert (r.stats["visual_tokens_prefill"], r.stats["visual_tokens_decode"]) == (prefill, decode_)
+    assert r.method == method.value
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_lm, encoded):
+    opts = SamplingOptions(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7)
+    a = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none), opts)
+    b = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none), opts)
+    greedy = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=12))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != greedy.token_ids
+
+
+def test_prune_layer_is_validated_against_depth(tiny_lm, encoded):
+    from dycoke_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--prune-layer must be in \[1, 3\] for this 4-layer model \(got 4\)"):
+        answer(tiny_lm, encoded, QUESTION, CompressionOptions(prune_layer=4), SamplingOptions())
