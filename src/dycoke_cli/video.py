@@ -23,7 +23,8 @@ Damage
     A packet that fails to decode, or that the decoder silently drops, leaves a hole. A target
     whose nearest frame fell into a hole is not filled with a neighbour: it counts in
     ``info.lost`` (distinct frames, deduplicated like the sampled ones) and nothing is returned
-    for it. A file with no decodable frame at all raises :class:`VideoError`.
+    for it, except that when every target is lost the surviving frame nearest the first one
+    is returned. A file with no decodable frame at all raises :class:`VideoError`.
 
 Rotation
     The display matrix (phone videos) is read from the first decoded frame
@@ -150,7 +151,7 @@ def read_video(
         else:
             _sample_forward(picker, first, frames)
         if not picker.arrays:
-            raise clip.error(f"all {len(picker.lost)} sampled frames are damaged and cannot be decoded")
+            raise clip.error("no decodable video frame (the file is truncated or damaged)")
         info = clip.info(first.frame, requested=num_frames, timestamps=tuple(picker.times),
                          lost=len(picker.lost))
         return Video(frames=np.stack(picker.arrays), info=info)
@@ -244,6 +245,7 @@ class _Picker:
         self.times: list[float] = []
         self.lost: set[float] = set()
         self.last: float | None = None  # time of the last frame picked or lost (dedup)
+        self.stand_in: tuple[float, np.ndarray] | None = None
 
     @property
     def done(self) -> bool:
@@ -273,6 +275,9 @@ class _Picker:
         while not self.done:
             self._settle(self.next_target(), None, None)
             self.j += 1
+        if not self.arrays and self.stand_in is not None:
+            self.times.append(self.stand_in[0])
+            self.arrays.append(self.stand_in[1])
 
     def _settle(self, target: float, time_: float | None, frame: av.VideoFrame | None) -> None:
         # Candidates in time order: prev, holes after it, the frame just decoded.
@@ -292,11 +297,18 @@ class _Picker:
         if self.last is not None and best_time <= self.last:
             return  # already picked (or already lost) for an earlier target
         self.last = best_time
-        if best_frame is None:
-            self.lost.add(best_time)
-        else:
+        if best_frame is not None:
             self.arrays.append(self.convert(best_frame))
             self.times.append(best_time)
+            return
+        self.lost.add(best_time)
+        if not self.arrays and self.stand_in is None:
+            # Kept in case every target is lost: then the frame nearest the first lost one is
+            # returned rather than nothing.
+            frames = [c for c in candidates if c[1] is not None]
+            if frames:
+                near = min(frames, key=lambda c: abs(c[0] - target))
+                self.stand_in = (near[0], self.convert(near[1]))
 
 
 # --------------------------------------------------------------------------------------------
