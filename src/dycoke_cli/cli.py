@@ -107,11 +107,11 @@ def _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, re
         raise UsageError(f"--refresh-threshold must be in [0, 1] (got {refresh})")
 
 
-def _check_video_path(path: Path) -> None:
-    if not path.exists():
-        raise DycokeError(f"{path}: no such file")
-    if path.is_dir():
-        raise DycokeError(f"{path}: is a directory, not a video file")
+def _check_video(path: Path) -> None:
+    """Fail fast on a bad video, before paying for a model load."""
+    from .video import probe_video
+
+    probe_video(path)
 
 
 def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, method, ttm_k, prune_p,
@@ -120,14 +120,15 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
     _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh_threshold)
     if not caption and not question.strip():
         raise UsageError("the question is empty")
-    _check_video_path(video)
+    _check_video(video)
     from .display import make_display
     from .generate import SamplingOptions
-    from .model import load_model
+    from .model import load_model, locate_model
     from .pipeline import CompressionOptions, Method, answer, encode_video
 
-    method_value = Method.none if no_compress else Method(method.value)
     model_name = model or _default_model()
+    locate_model(model_name, allow_pickle)
+    method_value = Method.none if no_compress else Method(method.value)
     compression = CompressionOptions(method=method_value, ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
                                      refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
                                      seed=seed if seed is not None else 0)

@@ -69,8 +69,8 @@ def resolve_model(name: str) -> Path:
         if not path.is_dir():
             raise ModelError(f"{name}: not a model folder (it is a file)")
         return path
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)
-    if looks_like_path or name.count("/") != 1:
+    # A hub id is "owner/name": one slash, no leading "./", "/" or "~".
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or "\\" in name:
         raise ModelError(f"{name}: model folder not found")
     return _resolve_hub_id(name)
 
@@ -116,6 +116,12 @@ def check_folder(folder: Path, allow_pickle: bool) -> dict:
     if not has_safe and not allow_pickle:
         raise ModelError(f"{folder}: only pickle weights (.bin); pass --allow-pickle to load them")
     return cfg
+
+
+def locate_model(name: str, allow_pickle: bool = False) -> tuple[Path, dict]:
+    """Find and check a checkpoint without loading it (cheap: reads config.json only)."""
+    folder = resolve_model(name)
+    return folder, check_folder(folder, allow_pickle)
 
 
 def cpu_supports_bf16() -> bool:
@@ -337,8 +343,7 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False) -> LoadedModel:
     """Resolve, validate and load a video LLM. Raises ModelError / UsageError."""
-    folder = resolve_model(name)
-    cfg = check_folder(folder, allow_pickle)
+    folder, cfg = locate_model(name, allow_pickle)
     dev = pick_device(device)
     adapter = FAMILIES[cfg["model_type"]]
     return adapter.load(name, folder, dev, pick_dtype(dtype, dev), allow_pickle)
