@@ -237,39 +237,47 @@ class LlavaOneVisionAdapter(FamilyAdapter):
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{folder}: cannot load the model ({first})") from None
         model.to(device).eval()
-        config = model.config
-        text = config.text_config
-        if "sliding_attention" in getattr(text, "layer_types", []) or []:
-            raise ModelError(f"{folder}: sliding-window attention layers are not supported")
-        vision = config.vision_config
-        grid = vision.image_size // vision.patch_size
-        if config.vision_feature_select_strategy == "default":
-            # "default" drops a CLS token; SigLIP has none, so the grid is unchanged.
-            pass
-        tokens_per_frame = math.ceil(grid / 2) ** 2  # 2x2 bilinear pooling of the patch grid
         chat_template = _read_chat_template(folder, tokenizer)
         if not chat_template:
             raise ModelError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json)")
         tokenizer.chat_template = chat_template
-        eos = _eos_ids(model, tokenizer)
-        lm = LoadedModel(
+        return self.wrap(model, tokenizer, name=name, path=folder,
+                         frame_spec=FrameSpec.from_pretrained(folder, model.config.vision_config.image_size),
+                         defaults=ModelDefaults.from_folder(folder))
+
+    def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, frame_spec: FrameSpec | None = None,
+             defaults: ModelDefaults | None = None) -> LoadedModel:
+        """Describe an already-built model (the benchmark builds one in memory from a config).
+
+        The text model must use the probing attention: build it with
+        ``attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"}``
+        after ``register_attention()``, or call ``model.set_attn_implementation`` likewise.
+        """
+        config = model.config
+        text = config.text_config
+        if "sliding_attention" in (getattr(text, "layer_types", None) or []):
+            raise ModelError(f"{path or name}: sliding-window attention layers are not supported")
+        vision = config.vision_config
+        grid = vision.image_size // vision.patch_size
+        tokens_per_frame = math.ceil(grid / 2) ** 2  # 2x2 bilinear pooling of the patch grid
+        param = next(model.parameters())
+        return LoadedModel(
             name=name,
-            path=folder,
+            path=Path(path) if path is not None else Path(name),
             family=self.model_type,
             model=model,
             tokenizer=tokenizer,
-            frame_spec=FrameSpec.from_pretrained(folder, vision.image_size),
+            frame_spec=frame_spec or FrameSpec(vision.image_size, vision.image_size, (0.5,) * 3, (0.5,) * 3),
             tokens_per_frame=tokens_per_frame,
             video_token_id=int(config.video_token_id),
             num_layers=int(text.num_hidden_layers),
             hidden_size=int(text.hidden_size),
-            eos_token_ids=eos,
-            defaults=ModelDefaults.from_folder(folder),
-            device=device,
-            dtype=dtype,
+            eos_token_ids=_eos_ids(model, tokenizer),
+            defaults=defaults or ModelDefaults(),
+            device=param.device,
+            dtype=param.dtype,
             adapter=self,
         )
-        return lm
 
     def encode_video(self, lm, pixels):
         """pixels [T, 3, h, w] -> (features [T, N, D], newline [1, D]) in the model's dtype."""
