@@ -22,10 +22,11 @@ class SamplingOptions:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks: fixed decode length)
 
     def to_dict(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed}
+                "top_p": self.top_p, "seed": self.seed, "ignore_eos": self.ignore_eos}
 
 
 @dataclass
@@ -91,7 +92,7 @@ def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
     if opts.temperature > 0:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
-    eos = set(lm.eos_token_ids)
+    eos = set() if opts.ignore_eos else set(lm.eos_token_ids)
     seq = embeds.shape[1]
     embed_tokens = lm.decoder.embed_tokens
     with torch.inference_mode():
