@@ -245,6 +245,146 @@ def caption(
     _run_answer(video, "", caption=True, **{k: v for k, v in locals().items() if k != "video"})
 
 
+MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma-separated methods, first = baseline: none, dycoke, fastv, random, frames.")]
+
+
+def _load_for(model, allow_pickle, device, dtype, quiet):
+    from .model import load_model, locate_model
+
+    name = model or _default_model()
+    locate_model(name, allow_pickle)
+    if not quiet:
+        print("[dycoke] loading model...", file=sys.stderr)
+    return load_model(name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
+
+
+def _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, offload_pruned, seed):
+    from .pipeline import CompressionOptions
+
+    return CompressionOptions(ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
+                              refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
+                              seed=seed if seed is not None else 0)
+
+
+@app.command()
+def compare(
+    video: VideoArg,
+    question: Annotated[Optional[str], typer.Argument(help="Question; without one, captions are compared.", show_default=False)] = None,
+    methods: MethodsOpt = "none,dycoke",
+    model: ModelOpt = None,
+    frames: FramesOpt = None,
+    ttm_k: TtmKOpt = None,
+    prune_p: PrunePOpt = None,
+    prune_layer: PruneLayerOpt = None,
+    refresh_threshold: RefreshOpt = 0.9,
+    offload_pruned: OffloadOpt = False,
+    max_new_tokens: MaxNewOpt = 256,
+    seed: SeedOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    dtype: DtypeOpt = DtypeChoice.auto,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the uncompressed model and the compressed one on the same frames, side by side."""
+    from .evaluate import compare as run_compare, parse_methods
+
+    chosen = parse_methods(methods)
+    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold)
+    if question is not None and not question.strip():
+        raise UsageError("the question is empty")
+    _check_video(video)
+    from .generate import SamplingOptions
+
+    lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
+    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, offload_pruned, seed).resolve(lm)
+    n = frames if frames is not None else lm.defaults.num_frames
+    if not (quiet or json_out):
+        print(f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...", file=sys.stderr)
+    comp = run_compare(lm, video, question, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens))
+    rows = comp.rows()
+    if json_out:
+        typer.echo(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
+                               "model": lm.describe(), "baseline": rows[0]["method"], "methods": rows,
+                               "note": "measured after one warm-up run, methods in the order listed"},
+                              indent=2, default=str))
+        return
+    from rich.console import Console
+
+    from .display import comparison_table
+
+    Console().print(comparison_table(rows, comp.question, comp.frames))
+
+
+@app.command("eval")
+def eval_cmd(
+    qa: Annotated[Path, typer.Argument(help="QA file: JSON lines with video (relative to the file), question, answer, optional kind.", show_default=False)],
+    methods: MethodsOpt = "none,dycoke,fastv,random,frames",
+    model: ModelOpt = None,
+    frames: FramesOpt = None,
+    ttm_k: TtmKOpt = None,
+    prune_p: PrunePOpt = None,
+    prune_layer: PruneLayerOpt = None,
+    refresh_threshold: RefreshOpt = 0.9,
+    max_new_tokens: MaxNewOpt = 32,
+    seed: SeedOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    dtype: DtypeOpt = DtypeChoice.auto,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Accuracy of each method on a QA set (each video encoded once)."""
+    from .evaluate import evaluate, parse_methods, read_qa
+
+    chosen = parse_methods(methods)
+    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold)
+    read_qa(qa)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .display import eval_table
+    from .generate import SamplingOptions
+
+    lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
+    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, False, seed).resolve(lm)
+    n = frames if frames is not None else lm.defaults.num_frames
+    err = Console(stderr=True)
+    with Progress(console=err, disable=quiet or json_out or not err.is_terminal, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        report = evaluate(lm, qa, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens),
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    Console().print(eval_table(report["summary"]))
+
+
+@app.command()
+def toyworld(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write clips/ and qa.jsonl into.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", help="Number of clips.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same clips.")] = 0,
+) -> None:
+    """Write clips of the demo model's toy world and a QA file for `dycoke eval`."""
+    if n < 1:
+        raise UsageError(f"--n must be at least 1 (got {n})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DycokeError(f"{out_dir}: exists and is not a folder")
+    from .toyworld.dataset import write_dataset
+
+    qa = write_dataset(out_dir, n, seed)
+    typer.echo(str(qa))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Benchmark none / dycoke / fastv on the LLaVA-OV-0.5B architecture (random weights); see --help there."""
+    from .bench import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)) or 0)
+
+
 def main() -> None:
     """Console entry point: one-line errors, exit 1 (2 for usage), tracebacks with DYCOKE_DEBUG=1."""
     try:  # typer >= 0.22 vendors its own click

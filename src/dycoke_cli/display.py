@@ -181,3 +181,52 @@ def make_display(quiet: bool, json_mode: bool, model: str, method: str, console:
     if console.is_terminal:
         return LiveDisplay(console, show_answer=stdout_is_terminal, model=model, method=method)
     return PlainDisplay(model=model, method=method)
+
+
+def _num(x, fmt: str, suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def comparison_table(rows: list[dict], question: str, frames: int):
+    """Methods side by side (first = baseline); words that differ from its answer in bold red."""
+    table = Table(title=f"{question}  ({frames} frames; warm-up done, methods run in this order)")
+    table.add_column("", style="dim")
+    for r in rows:
+        table.add_column(r["method"], overflow="fold")
+    def row(label, key, fmt, suffix=""):
+        table.add_row(label, *[_num(r[key], fmt, suffix) for r in rows])
+    answers = []
+    for r in rows:
+        text = Text()
+        changed = set(r["diff"])
+        for i, word in enumerate(r["answer"].split()):
+            text.append(("" if i == 0 else " ") + word, style="bold red" if word in changed else "")
+        answers.append(text)
+    table.add_row("answer", *answers)
+    table.add_row("visual tokens", *[f"{r['visual_tokens_prefill']} prefill / {r['visual_tokens_decode']} decode" for r in rows])
+    table.add_row("retention", *[f"{100 * r['overall_retention']:.1f} %" for r in rows])
+    row("prefill", "prefill_s", ".3f", " s")
+    row("time to first token", "ttft_s", ".3f", " s")
+    row("decode", "decode_tokens_per_s", ".1f", " tok/s")
+    row("LLM total", "llm_total_s", ".3f", " s")
+    table.add_row("peak memory (+)", *[_fmt_bytes(r["peak_memory_above_start_bytes"]) for r in rows])
+    row("speedup (measured)", "speedup", ".2f", "x")
+    row("memory ratio", "memory_ratio", ".2f", "x")
+    row("FLOPs ratio (est.)", "flops_ratio_estimate", ".2f", "x")
+    return table
+
+
+def eval_table(summary: dict):
+    """Accuracy per question kind (rows) and method (columns), then retention and time."""
+    kinds = sorted({k for entry in summary.values() for k in entry.get("by_kind", {})})
+    table = Table(title="accuracy by method")
+    table.add_column("", style="dim")
+    for method in summary:
+        table.add_column(method, justify="right")
+    table.add_row("overall", *[f"{100 * e['accuracy']:.1f} %" for e in summary.values()])
+    for k in kinds:
+        table.add_row(k, *[f"{100 * e['by_kind'][k]:.1f} %" if k in e.get("by_kind", {}) else "" for e in summary.values()])
+    table.add_row("answers", *[str(e["n"]) for e in summary.values()])
+    table.add_row("retention", *[f"{100 * e['mean_retention']:.1f} %" for e in summary.values()])
+    table.add_row("LLM s/answer", *[f"{e['mean_llm_s']:.3f}" for e in summary.values()])
+    return table

@@ -22,6 +22,7 @@ from .compression.pruning import DecodeSelector, PrefillSelector, PrunedKVCache
 from .compression.ttm import kept_per_frame, merged_count, temporal_merge
 from .errors import UsageError
 from .generate import DecodeTimings, SamplingOptions, decode, sync
+from .memory import PeakMemory
 from .preprocess import preprocess_frames
 
 FASTV_LAYER = 2  # FastV prunes after layer K = 2 (its paper's default), using layer K - 1's attention
@@ -254,21 +255,21 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     timings = DecodeTimings()
     if listener:
         listener.stage("prefill")
-    if enc.features.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(enc.features.device)
     first_token_at = None
     t_gen = time.perf_counter()
-    for token in decode(lm, embeds, cache, sampling, selector, timings):
-        if first_token_at is None:
-            first_token_at = time.perf_counter() - t_gen
-            if listener:
-                listener.stage("generating")
-        result.token_ids.append(token)
-        delta = stream.push(token)
-        result.answer = stream.text
-        _update_live(result, timings, selector, first_token_at, t_gen)
-        if listener and delta:
-            listener.token(delta, result)
+    with PeakMemory(lm.device) as memory:
+        for token in decode(lm, embeds, cache, sampling, selector, timings):
+            if first_token_at is None:
+                first_token_at = time.perf_counter() - t_gen
+                if listener:
+                    listener.stage("generating")
+            result.token_ids.append(token)
+            delta = stream.push(token)
+            result.answer = stream.text
+            _update_live(result, timings, selector, first_token_at, t_gen)
+            if listener and delta:
+                listener.token(delta, result)
+    result.stats["peak_memory_above_start_bytes"] = memory.peak_above_start
     tail = stream.finish()
     result.answer = stream.text.strip()
     if listener and tail:

@@ -62,6 +62,14 @@ from .errors import UsageError, VideoError
 # every frame; below it one forward pass is faster than the seeks.
 SEEK_AFTER_S = 60.0
 
+# Frames with more pixels than this are refused (8K UHD is 33 Mpx): such sizes come from
+# damaged headers, and one RGB frame would take gigabytes.
+MAX_PIXELS = 8192 * 8192
+
+# FFmpeg's AVCOL_SPC_UNSPECIFIED and AVCOL_RANGE_UNSPECIFIED.
+_UNSPECIFIED_COLORSPACE = 2
+_UNSPECIFIED_RANGE = 0
+
 # Two times closer than this (seconds) are the same time: frame pts are exact rationals, the
 # targets are floats, and a tie must go to the earlier frame however the float rounds.
 _TIME_EPS = 1e-9
@@ -167,6 +175,7 @@ def _first_frame(clip: _Clip, frames: Iterator[_Decoded]) -> _Decoded:
     for item in frames:
         holes += item.holes
         if item.frame is not None:
+            clip.check_size(item.frame.width, item.frame.height)
             return _Decoded(item.time, item.frame, holes)
     raise clip.error("no decodable video frame (the file is truncated or damaged)")
 
@@ -212,11 +221,22 @@ class _Converter:
         self.interpolation = "AREA" if scale < 1 else "BILINEAR"
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
-        rgb = frame.to_ndarray(width=self.width, height=self.height, format="rgb24",
-                               interpolation=self.interpolation)
+        """RGB ``[H, W, 3]``; raises ``av.FFmpegError`` when swscale cannot convert the frame."""
+        try:
+            rgb = self._rgb(frame)
+        except av.FFmpegError:
+            # Damaged colour metadata (a reserved colour space) makes swscale refuse the frame;
+            # read it as unspecified instead.
+            frame.colorspace = _UNSPECIFIED_COLORSPACE
+            frame.color_range = _UNSPECIFIED_RANGE
+            rgb = self._rgb(frame)
         if self.turns:
             rgb = np.ascontiguousarray(np.rot90(rgb, self.turns))
         return rgb
+
+    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        return frame.to_ndarray(width=self.width, height=self.height, format="rgb24",
+                                interpolation=self.interpolation)
 
 
 @dataclass
@@ -297,18 +317,28 @@ class _Picker:
         if self.last is not None and best_time <= self.last:
             return  # already picked (or already lost) for an earlier target
         self.last = best_time
-        if best_frame is not None:
-            self.arrays.append(self.convert(best_frame))
+        rgb = self._convert(best_frame)
+        if rgb is not None:
+            self.arrays.append(rgb)
             self.times.append(best_time)
             return
         self.lost.add(best_time)
         if not self.arrays and self.stand_in is None:
             # Kept in case every target is lost: then the frame nearest the first lost one is
             # returned rather than nothing.
-            frames = [c for c in candidates if c[1] is not None]
-            if frames:
-                near = min(frames, key=lambda c: abs(c[0] - target))
-                self.stand_in = (near[0], self.convert(near[1]))
+            for c_time, c_frame in sorted(candidates, key=lambda c: abs(c[0] - target)):
+                rgb = self._convert(c_frame)
+                if rgb is not None:
+                    self.stand_in = (c_time, rgb)
+                    break
+
+    def _convert(self, frame: av.VideoFrame | None) -> np.ndarray | None:
+        if frame is None:
+            return None
+        try:
+            return self.convert(frame)
+        except (av.FFmpegError, ValueError):
+            return None  # a frame swscale cannot read is as lost as one the decoder dropped
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +363,9 @@ class _Clip:
                 raise self.error("not a video file (no video stream)")
             defaults = [s for s in videos if s.disposition & av.stream.Disposition.default]
             self.stream = (defaults or videos)[0]
+            if self.stream.codec_context is None:
+                raise self.error("video codec not supported by this FFmpeg build")
+            self.check_size(self.stream.codec_context.width, self.stream.codec_context.height)
             self.video_streams = len(videos)
             self.time_base = self.stream.time_base or Fraction(1, 1000)
             rate = self.stream.average_rate or self.stream.guessed_rate
@@ -362,6 +395,10 @@ class _Clip:
         if any(head[at:at + len(magic)] == magic for at, magic in _VIDEO_MAGIC):
             return self.error("damaged or truncated video file (FFmpeg cannot read it)")
         return self.error("not a video file (FFmpeg cannot read it)")
+
+    def check_size(self, width: int, height: int) -> None:
+        if width * height > MAX_PIXELS:
+            raise self.error(f"{width}x{height} frames are too large (over {MAX_PIXELS / 1e6:.0f} megapixels)")
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
