@@ -5,6 +5,7 @@ long clip."""
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 import time
 import tracemalloc
@@ -146,6 +147,14 @@ def test_file_without_read_permission(tmp_path):
         path.chmod(0o644)
 
 
+def test_absurd_frame_size_is_refused_before_decoding(tmp_path):
+    # a damaged GIF header claiming a 20000 x 5000 screen (one RGB frame would be 300 MB)
+    data = bytearray(write_clip(tmp_path / "tiny.gif", n_frames=3, size=(16, 16)).read_bytes())
+    data[6:10] = struct.pack("<HH", 20000, 5000)
+    (tmp_path / "huge.gif").write_bytes(bytes(data))
+    expect_error(tmp_path / "huge.gif", "20000x5000 frames are too large (over 67 megapixels)")
+
+
 def test_timeout(tmp_path):
     path = write_clip(tmp_path / "clip.mp4", n_frames=40)
     expect_error(path, "reading took longer than 1e-06 s (timeout)", timeout_s=1e-6)
@@ -212,12 +221,13 @@ def seeds(tmp_path_factory) -> dict[str, bytes]:
 
 def _mutate(data: st.DataObject, seed: bytes) -> bytes:
     out = bytearray(seed)
-    kind = data.draw(st.sampled_from(["truncate", "flip", "splice", "mixed"]))
+    kind = data.draw(st.sampled_from(["truncate", "flip", "header", "splice", "mixed"]))
     if kind in ("truncate", "mixed"):
         out = out[: data.draw(st.integers(1, len(out)))]
-    if kind in ("flip", "mixed"):
-        for _ in range(data.draw(st.integers(1, 8))):
-            at = data.draw(st.integers(0, len(out) - 1))
+    if kind in ("flip", "header", "mixed"):  # header: many flips where sizes and codecs live
+        region = min(len(out), 600) if kind == "header" else len(out)
+        for _ in range(data.draw(st.integers(1, 40 if kind == "header" else 8))):
+            at = data.draw(st.integers(0, region - 1))
             out[at] = data.draw(st.integers(0, 255))
     if kind == "splice":  # drop or repeat a run of bytes
         a = data.draw(st.integers(0, len(out) - 1))
