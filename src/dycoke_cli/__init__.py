@@ -1,3 +1,37 @@
-"""dycoke-cli: ask questions about videos with a video LLM, made fast by DyCoke."""
+"""dycoke-cli: ask questions about videos with a video LLM, made fast by DyCoke.
+
+The Python API (torch and transformers are imported on first use)::
+
+    from dycoke_cli import load_model, ask, CompressionOptions, SamplingOptions
+    lm = load_model("demo")
+    result = ask(lm, "clip.mp4", "what color is the cup?")
+"""
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_model": "model",
+    "ask": "pipeline",
+    "answer": "pipeline",
+    "encode_video": "pipeline",
+    "CompressionOptions": "pipeline",
+    "Method": "pipeline",
+    "Result": "pipeline",
+    "SamplingOptions": "generate",
+    "temporal_merge": "compression.ttm",
+    "DecodeSelector": "compression.pruning",
+    "PrunedKVCache": "compression.pruning",
+    "read_video": "video",
+    "compare": "evaluate",
+    "evaluate": "evaluate",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'dycoke_cli' has no attribute {name!r}")
