@@ -135,3 +135,79 @@ def test_python_dash_m(tiny_model_dir):
     out = subprocess.run([sys.executable, "-m", "dycoke_cli", "--version"], capture_output=True, text=True,
                          env={**os.environ}, check=True).stdout
     assert out == f"dycoke {__version__}\n"
+
+
+def test_caption_uses_the_checkpoint_prompt(tiny_model_dir, clip_path, capsys, monkeypatch):
+    code, out, err = run_cli(["caption", str(clip_path), "--model", str(tiny_model_dir), "--json", "--max-new-tokens", "5",
+                              "--prune-p", "0.5"], capsys, monkeypatch)
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["options"]["question"] == "Describe this video in detail."
+    assert payload["options"]["prune_p"] == 0.5
+    assert payload["stats"]["visual_tokens_decode"] == 7  # floor(0.5 * 14)
+
+
+def test_compare_runs_both_on_the_same_frames(tiny_model_dir, clip_path, capsys, monkeypatch):
+    code, out, err = run_cli(["compare", str(clip_path), "what color is the cup?", "--model", str(tiny_model_dir),
+                              "--methods", "none,dycoke,fastv", "--max-new-tokens", "6", "--json"], capsys, monkeypatch)
+    assert code == 0 and err == ""
+    payload = json.loads(out)
+    rows = payload["methods"]
+    assert [r["method"] for r in rows] == ["none", "dycoke", "fastv"]
+    assert payload["baseline"] == "none" and payload["frames"] == 8
+    assert [(r["visual_tokens_prefill"], r["visual_tokens_decode"]) for r in rows] == [(32, 32), (14, 4), (32, 4)]
+    base = rows[0]["llm_total_s"]
+    for r in rows:
+        assert r["answer"] and r["tokens_generated"] >= 1
+        assert r["speedup"] == pytest.approx(base / r["llm_total_s"])
+    assert rows[0]["speedup"] == 1.0 and rows[0]["diff"] == []
+
+
+def test_compare_table_on_stdout(tiny_model_dir, clip_path, capsys, monkeypatch):
+    code, out, err = run_cli(["compare", str(clip_path), "--model", str(tiny_model_dir), "--max-new-tokens", "3"],
+                             capsys, monkeypatch)
+    assert code == 0
+    assert "speedup (measured)" in out and "none" in out and "dycoke" in out
+    assert err == "[dycoke] loading model...\n[dycoke] comparing none, dycoke on 8 frames...\n"
+
+
+def test_compare_rejects_unknown_method(clip_path, capsys, monkeypatch):
+    assert run_cli(["compare", str(clip_path), "--methods", "none,fast"], capsys, monkeypatch) == (
+        2, "", "dycoke: error: --methods: unknown method 'fast' (choose from dycoke, fastv, random, frames, none)\n")
+
+
+def test_eval_scores_and_reports_items(tmp_path, tiny_model_dir, clip_path, capsys, monkeypatch):
+    shutil.copy(clip_path, tmp_path / "a.mp4")
+    lines = [{"video": "a.mp4", "question": "what color is the cup?", "answer": "red", "kind": "color"},
+             {"video": "a.mp4", "question": "describe the video.", "answer": "a red cup stays still", "kind": "caption"}]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    code, out, err = run_cli(["eval", str(qa), "--model", str(tiny_model_dir), "--methods", "none,dycoke",
+                              "--max-new-tokens", "4", "--json"], capsys, monkeypatch)
+    assert code == 0
+    report = json.loads(out)
+    assert [(i["method"], i["question"]) for i in report["items"]] == [
+        ("none", lines[0]["question"]), ("none", lines[1]["question"]),
+        ("dycoke", lines[0]["question"]), ("dycoke", lines[1]["question"])]
+    for method in ("none", "dycoke"):
+        items = [i for i in report["items"] if i["method"] == method]
+        summary = report["summary"][method]
+        assert summary["n"] == 2
+        assert summary["accuracy"] == sum(i["correct"] for i in items) / 2
+        assert set(summary["by_kind"]) == {"color", "caption"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "qa.jsonl"]
+
+
+def test_eval_bad_line(tmp_path, capsys, monkeypatch):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"video": "a.mp4", "question": "q"}\n')
+    assert run_cli(["eval", str(qa)], capsys, monkeypatch) == (
+        1, "", f"dycoke: error: {qa}:1: not a QA line (KeyError: needs video, question, answer)\n")
+
+
+def test_toyworld_writes_clips_and_qa(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["toyworld", str(tmp_path / "w"), "--n", "2", "--seed", "5"], capsys, monkeypatch)
+    assert (code, out) == (0, f"{tmp_path / 'w' / 'qa.jsonl'}\n")
+    lines = [json.loads(x) for x in (tmp_path / "w" / "qa.jsonl").read_text().splitlines()]
+    assert {x["video"] for x in lines} == {"clips/0000.mp4", "clips/0001.mp4"}
+    assert all((tmp_path / "w" / x["video"]).is_file() for x in lines)

@@ -48,7 +48,7 @@ def _pct(x) -> str:
 def render(state: LiveState):
     """The live panel for one state: stage line with a bar, then a two-column table of figures."""
     s = state.stats
-    head = Text.assemble(("dycoke ", "bold"), (state.method or "", "cyan"), "  ", (state.stage, "yellow"))
+    head = Text.assemble((state.method or "dycoke", "bold cyan"), " · ", (state.stage, "yellow"))
     parts: list = [head]
     if state.total:
         bar = Table.grid(padding=(0, 1))
@@ -200,7 +200,8 @@ def comparison_table(rows: list[dict], question: str, frames: int):
         text = Text()
         changed = set(r["diff"])
         for i, word in enumerate(r["answer"].split()):
-            text.append(("" if i == 0 else " ") + word, style="bold red" if word in changed else "")
+            text.append("" if i == 0 else " ")
+            text.append(word, style="bold red" if word in changed else "")
         answers.append(text)
     table.add_row("answer", *answers)
     table.add_row("visual tokens", *[f"{r['visual_tokens_prefill']} prefill / {r['visual_tokens_decode']} decode" for r in rows])

@@ -1,0 +1,71 @@
+import io
+
+from rich.console import Console
+
+from dycoke_cli.display import LiveState, PlainDisplay, comparison_table, render, summary_line
+
+STATS = {
+    "visual_tokens": 6272, "visual_tokens_prefill": 2968, "prefill_retention": 2968 / 6272,
+    "visual_tokens_decode": 890, "prune_layer": 3, "selections": 4, "refreshes": 3, "recalled": 120,
+    "tokens_generated": 17, "decode_tokens_per_s": 7.25, "ttft_s": 9.5, "peak_memory_bytes": 3 * 1024**3,
+    "flops_ratio_estimate": 2.31,
+}
+
+
+def render_text(renderable, width=80):
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None, legacy_windows=False).print(renderable)
+    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
+
+
+def test_render_snapshot():
+    state = LiveState(stage="generating", model="demo", method="dycoke", stats=STATS)
+    assert render_text(render(state)) == (
+        "dycoke · generating\n"
+        "visual tokens        6272 -> 2968 after TTM/selection\n"
+        "prefill retention    47.3 %\n"
+        "decode retention     890/2968 visual KV entries (layers >= 3)\n"
+        "refreshes / recalls  3 / 120\n"
+        "tokens               17  (7.2 tok/s)\n"
+        "time to first token  9.50 s\n"
+        "peak memory          3.0 GB\n"
+        "speedup (est.)       2.31x LLM FLOPs vs uncompressed\n"
+    )
+
+
+def test_render_progress_stage():
+    text = render_text(render(LiveState(stage="encoding", done=8, total=32, method="none")))
+    assert text.splitlines()[0] == "none · encoding"
+    assert text.splitlines()[1].endswith(" 8/32")
+
+
+def test_plain_fallback_lines():
+    buf = io.StringIO()
+    d = PlainDisplay(stream=buf, model="demo", method="dycoke")
+    d.stage("decoding frames")
+    d.stage("encoding", 0, 8)
+    d.stage("encoding", 4, 8)  # same stage: no new line
+    d.stage("prefill")
+    d.finish(STATS)
+    assert buf.getvalue() == (
+        "[dycoke] decoding frames...\n[dycoke] encoding...\n[dycoke] prefill...\n" + summary_line(STATS) + "\n"
+    )
+    assert summary_line(STATS) == (
+        "[dycoke] visual tokens 6272 -> 2968 (prefill 47.3 %, decode 890); refreshes 3, recalled 120; "
+        "17 tokens at 7.2 tok/s; ttft 9.50 s; est. speedup 2.31x"
+    )
+
+
+def test_comparison_table_marks_changed_words():
+    rows = []
+    for method, answer_text in (("none", "a red cup moves left"), ("dycoke", "a red ball moves left")):
+        rows.append({"method": method, "answer": answer_text, "diff": ["ball"] if method == "dycoke" else [],
+                     "visual_tokens_prefill": 128, "visual_tokens_decode": 18, "overall_retention": 0.14,
+                     "prefill_s": 0.5, "ttft_s": 0.6, "decode_tokens_per_s": 10.0, "llm_total_s": 1.0,
+                     "peak_memory_above_start_bytes": 1024, "speedup": 1.0, "memory_ratio": 1.0,
+                     "flops_ratio_estimate": 1.0})
+    buf = io.StringIO()
+    Console(file=buf, width=100, force_terminal=True, color_system="standard").print(comparison_table(rows, "q", 8))
+    out = buf.getvalue()
+    assert "\x1b[1;31mball\x1b[0m" in out  # bold red
+    assert "\x1b[1;31mcup" not in out

@@ -1,0 +1,33 @@
+import pytest
+
+from dycoke_cli.evaluate import is_correct, normalize, parse_methods, word_diff
+from dycoke_cli.errors import UsageError
+from dycoke_cli.pipeline import Method
+
+
+@pytest.mark.parametrize("prediction,reference,ok", [
+    ("Red.", "red", True),
+    ("the red cup", "red", True),  # articles are stripped; "red" is the first content word
+    ("a cup that is red", "red", False),
+    ("left", "left", True),
+    ("A red cup moves left.", "a red cup moves left", True),
+    ("a red cup moves left and turns blue", "a red cup moves left", False),
+    ("", "red", False),
+])
+def test_is_correct(prediction, reference, ok):
+    assert is_correct(prediction, reference) is ok
+
+
+def test_normalize():
+    assert normalize("The RED cup, an apple!") == ["red", "cup", "apple"]
+
+
+def test_word_diff():
+    assert word_diff("a red cup moves left", "a red ball moves left") == [
+        ("a", False), ("red", False), ("ball", True), ("moves", False), ("left", False)]
+
+
+def test_parse_methods():
+    assert parse_methods("none, dycoke,fastv") == [Method.none, Method.dycoke, Method.fastv]
+    with pytest.raises(UsageError, match="listed twice"):
+        parse_methods("none,none")
