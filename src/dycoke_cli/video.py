@@ -1,9 +1,9 @@
 """Read a video file into a few RGB frames sampled uniformly by presentation time (PyAV only).
 
 Sampling rule
-    The clip spans ``[start, end)`` where ``start`` is the presentation time of its first
-    frame (the first packet, even if it is damaged) and ``end`` is the stream's start plus its duration (stream duration, else
-    the container's, else measured by demuxing every packet). That span is cut into
+    The clip spans ``[start, end)``: ``start`` is the presentation time of its first frame
+    (its first packet, even if damaged); ``end`` is where the stored duration ends (stream
+    duration, else the container's, else measured by demuxing every packet). That span is cut into
     ``num_frames`` equal segments and the target times are their centres:
     ``start + (k + 0.5) * span / num_frames`` for ``k = 0 .. num_frames - 1``. Each target takes
     the decoded frame whose presentation time (``frame.pts * time_base``) is nearest to it, ties
@@ -15,9 +15,11 @@ Sampling rule
 How
     Clips up to ``SEEK_AFTER_S`` long are decoded in one forward pass that keeps only the frame
     nearest each target. Longer clips seek (backward, to the keyframe before each target) and
-    decode forward to the target; when seeking would land at or before the point already decoded
-    (targets closer together than keyframes), decoding just continues forward instead. Only the
-    sampled frames are held, converted to RGB (and downscaled) as they are picked.
+    decode forward to the target; when the next target is closer than the keyframe distance
+    seen so far, decoding just continues (so rare keyframes degrade to one forward pass, not to
+    a re-decode per target). Only the sampled frames are held, converted to RGB (and
+    downscaled) as they are picked. A stored duration that is too short (some MPEG-PS files
+    estimate it from the bit rate) leaves the frames after it unsampled.
 
 Damage
     A packet that fails to decode, or that the decoder silently drops, leaves a hole. A target
@@ -154,10 +156,7 @@ def read_video(
         span = max(end - start, 0.0) if end is not None else 0.0
         convert = _Converter(first.frame, max_side)
         picker = _Picker(start, span, num_frames, convert)
-        if span > SEEK_AFTER_S:
-            _sample_seeking(clip, picker, first, frames)
-        else:
-            _sample_forward(picker, first, frames)
+        _sample(clip, picker, first, frames, seek=span > SEEK_AFTER_S)
         if not picker.arrays:
             raise clip.error("no decodable video frame (the file is truncated or damaged)")
         info = clip.info(first.frame, requested=num_frames, timestamps=tuple(picker.times),
@@ -180,17 +179,12 @@ def _first_frame(clip: _Clip, frames: Iterator[_Decoded]) -> _Decoded:
     raise clip.error("no decodable video frame (the file is truncated or damaged)")
 
 
-def _sample_forward(picker: _Picker, first: _Decoded, frames: Iterator[_Decoded]) -> None:
-    item = first
-    while item is not None and not picker.done:
-        picker.feed(item)
-        item = next(frames, None)
-    picker.finish()
-
-
-def _sample_seeking(clip: _Clip, picker: _Picker, first: _Decoded, frames: Iterator[_Decoded]) -> None:
+def _sample(clip: _Clip, picker: _Picker, first: _Decoded, frames: Iterator[_Decoded],
+            seek: bool) -> None:
+    """Feed decoded frames to the picker; with ``seek``, jump ahead to far targets."""
     # How far before a target a backward seek lands (the keyframe distance), learnt from the
-    # seeks made so far: seek only when the next target is farther ahead than that.
+    # seeks made so far: seek only when the next target is farther ahead than that, otherwise
+    # decoding on is cheaper (and is all that is left when keyframes are rare).
     keyframe_gap = 0.0
     landing_for: float | None = None  # target of the seek just made, until its first frame
     item: _Decoded | None = first
@@ -200,11 +194,13 @@ def _sample_seeking(clip: _Clip, picker: _Picker, first: _Decoded, frames: Itera
             landing_for = None
         picker.feed(item)
         target = picker.next_target()
-        if (target is not None and item.frame is not None
-                and target - item.time > keyframe_gap + _TIME_EPS and clip.seek(target)):
-            picker.forget_position()
-            landing_for = target
-            frames = clip.frames()
+        if (seek and target is not None and item.frame is not None
+                and target - item.time > keyframe_gap + _TIME_EPS):
+            seek = clip.seek(target)  # a file that cannot seek is read on
+            if seek:
+                picker.forget_position()
+                landing_for = target
+                frames = clip.frames()
         item = next(frames, None)
     picker.finish()
 
@@ -497,7 +493,8 @@ class _Clip:
         track = True
         last_time: float | None = None
         for packet in self._packets():
-            if packet is not None and packet.size and packet.pts is not None:
+            if (packet is not None and packet.size and packet.pts is not None
+                    and not packet.is_discard):  # discarded by an edit list: no frame expected
                 pending.add(packet.pts)
             try:  # None, or the demuxer's final empty packet, flushes the decoder
                 decoded = packet.decode() if packet is not None else self.stream.decode(None)
