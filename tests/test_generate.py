@@ -79,3 +79,18 @@ def test_prune_layer_is_validated_against_depth(tiny_lm, encoded):
 
     with pytest.raises(UsageError, match=r"--prune-layer must be in \[1, 3\] for this 4-layer model \(got 4\)"):
         answer(tiny_lm, encoded, QUESTION, CompressionOptions(prune_layer=4), SamplingOptions())
+
+
+def test_kv_bytes_held(tiny_lm, encoded):
+    r = answer(tiny_lm, encoded, QUESTION, CompressionOptions(offload_pruned=True), SamplingOptions(max_new_tokens=8))
+    s = r.stats
+    seq, fed = s["prefill_tokens"], s["tokens_generated"] - 1  # the last token is never fed back
+    per_token_layer = 2 * 2 * 16 * 4  # k and v, 2 KV heads, head_dim 16, fp32
+    full_layers, pruned_layers = 2, 2  # prune_layer 2 of 4
+    assert s["kv_bytes"] == {
+        "working": per_token_layer * (full_layers * (seq + fed) + pruned_layers * (seq - 14 + 4 + fed)),
+        "store": per_token_layer * pruned_layers * 14,
+        "store_on_host": True,
+        "device_total": per_token_layer * (full_layers * (seq + fed) + pruned_layers * (seq - 14 + 4 + fed)),
+        "saved_on_device": 0,  # a CPU run: nothing to take off an accelerator
+    }

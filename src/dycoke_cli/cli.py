@@ -186,10 +186,7 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
     elif stream_stdout:
         sys.stdout.write("\n")
     else:
-        typer.echo(result.answer)
-        from .display import summary_line
-
-        print(summary_line(result.stats), file=sys.stderr)
+        typer.echo(result.answer)  # the live panel showed it while streaming; now the real stdout
 
 
 @app.command()

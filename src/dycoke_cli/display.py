@@ -73,6 +73,11 @@ def render(state: LiveState):
         table.add_row("tokens", f"{s['tokens_generated']}  ({rate_txt})")
     if s.get("ttft_s") is not None:
         table.add_row("time to first token", f"{s['ttft_s']:.2f} s")
+    kv = s.get("kv_bytes")
+    if kv:
+        where = "host" if kv.get("store_on_host") else "same device"
+        extra = f" + {_fmt_bytes(kv['store'])} pruned-entry store ({where})" if kv.get("store") else ""
+        table.add_row("KV cache", f"{_fmt_bytes(kv['working'])} attended{extra}")
     if s.get("peak_memory_bytes") is not None:
         table.add_row("peak memory", _fmt_bytes(s["peak_memory_bytes"]))
     if s.get("flops_ratio_estimate") is not None:
@@ -137,6 +142,8 @@ def summary_line(s: dict) -> str:
     parts.append(f"{s.get('tokens_generated', 0)} tokens" + (f" at {rate:.1f} tok/s" if rate else ""))
     if s.get("ttft_s") is not None:
         parts.append(f"ttft {s['ttft_s']:.2f} s")
+    if s.get("kv_bytes"):
+        parts.append(f"KV {_fmt_bytes(s['kv_bytes']['working'])} attended")
     if s.get("flops_ratio_estimate") is not None:
         parts.append(f"est. speedup {s['flops_ratio_estimate']:.2f}x")
     return "; ".join(parts)
@@ -170,6 +177,10 @@ class LiveDisplay(_Base):
 
     def close(self) -> None:
         self.live.stop()
+        if self.state.answer is not None and self.state.stage == "done":
+            # The transient panel is gone: leave the final figures (the answer follows on stdout).
+            self.state.answer = None
+            self.console.print(render(self.state))
 
 
 def make_display(quiet: bool, json_mode: bool, model: str, method: str, console: Console | None = None,

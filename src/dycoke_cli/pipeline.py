@@ -266,7 +266,7 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
             result.token_ids.append(token)
             delta = stream.push(token)
             result.answer = stream.text
-            _update_live(result, timings, selector, first_token_at, t_gen)
+            _update_live(lm, result, timings, selector, first_token_at, t_gen, plan, seq)
             if listener and delta:
                 listener.token(delta, result)
     result.stats["peak_memory_above_start_bytes"] = memory.peak_above_start
@@ -295,9 +295,11 @@ def _base_stats(enc, plan, total_visual, seq, opts) -> dict:
     }
 
 
-def _update_live(result, timings, selector, ttft, t_gen) -> None:
+def _update_live(lm, result, timings, selector, ttft, t_gen, plan, seq) -> None:
     s = result.stats
     s["tokens_generated"] = len(result.token_ids)
+    s["peak_memory_bytes"] = peak_memory(lm.device)
+    s["flops_estimate"], s["flops_ratio_estimate"] = _flops(lm, plan, seq, s["visual_tokens"], len(result.token_ids))
     s["ttft_s"] = ttft
     elapsed = time.perf_counter() - t_gen
     s["elapsed_s"] = elapsed
@@ -332,13 +334,18 @@ def _final_stats(lm, result, enc, plan, selector, cache, timings, ttft, gen_s, m
     })
     if isinstance(selector, DecodeSelector):
         s.update(selector.stats.to_dict())
+    s["flops_estimate"], s["flops_ratio_estimate"] = _flops(lm, plan, seq, total_visual, generated)
+
+
+def _flops(lm, plan: Plan, seq: int, total_visual: int, generated: int) -> tuple[float, float]:
+    """Estimated LLM FLOPs of this answer and the uncompressed run's / this one's (see flops.py)."""
     shape = LMShape.from_config(lm.model.config.text_config)
+    m = int(plan.tokens.shape[0])
     full_seq = seq - m + total_visual
     base = answer_flops(shape, [full_seq] * shape.layers, [full_seq + 1] * shape.layers, max(generated, 1))
     prefill, ctx = _token_profile(shape.layers, seq, m, plan)
     mine = answer_flops(shape, prefill, ctx, max(generated, 1))
-    s["flops_estimate"] = mine
-    s["flops_ratio_estimate"] = base / mine
+    return mine, base / mine
 
 
 def _token_profile(layers: int, seq: int, m: int, plan: Plan) -> tuple[list[int], list[int]]:

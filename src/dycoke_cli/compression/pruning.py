@@ -294,9 +294,12 @@ class PrunedKVCache(Cache):
         working = sum(layer.held_bytes() for layer in self.layers)
         store = sum(layer.store_bytes() for layer in self.layers if isinstance(layer, _PrunedLayer))
         offloaded = any(getattr(layer, "offload", False) for layer in self.layers)
+        on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.layers)
         return {
             "working": working,
             "store": store,
             "store_on_host": offloaded,
             "device_total": working + (0 if offloaded else store),
+            # what --offload-pruned took off the accelerator (on a CPU the store is host memory anyway)
+            "saved_on_device": store if offloaded and on_accelerator else 0,
         }
