@@ -211,3 +211,26 @@ def test_toyworld_writes_clips_and_qa(tmp_path, capsys, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "w" / "qa.jsonl").read_text().splitlines()]
     assert {x["video"] for x in lines} == {"clips/0000.mp4", "clips/0001.mp4"}
     assert all((tmp_path / "w" / x["video"]).is_file() for x in lines)
+
+
+def test_question_beyond_the_context_is_refused_with_numbers(tmp_path, clip_path, capsys, monkeypatch):
+    from dycoke_cli.tinymodel import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
+
+    tok = build_word_tokenizer(["what", "color", "is", "the", "cup", "?"])
+    spec = TinySpec(max_position_embeddings=64)
+    folder = save_checkpoint(build_llava_onevision(tok, spec), tok, tmp_path / "short", dycoke_defaults={"num_frames": 8})
+    long_question = " ".join(["what color is the cup"] * 20) + "?"
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    code, out, err = run_cli(["ask", str(clip_path), long_question, "--model", str(folder), "--no-compress", "--quiet"],
+                             capsys, monkeypatch)
+    assert (code, out) == (2, "")
+    # "<|im_start|> user" before the video, 32 visual + the newline token, then 100 question
+    # words, "?" and "<|im_end|> <|im_start|> assistant": 2 + 33 + 104 = 139
+    assert err == ("dycoke: error: the prompt needs 139 tokens (32 visual, 107 text) but the model's context is 64; "
+                   "shorten the question or use fewer --frames\n")
+    # a short question fits; generation is cut to what the context leaves
+    code, out, err = run_cli(["ask", str(clip_path), "what color is the cup?", "--model", str(folder), "--no-compress",
+                              "--json", "--max-new-tokens", "500"], capsys, monkeypatch)
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["stats"]["tokens_generated"] <= 64 - payload["stats"]["prefill_tokens"]

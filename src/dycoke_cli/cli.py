@@ -160,6 +160,10 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
         enc = encode_video(lm, video, n, Listener())
         result = answer(lm, enc, question, compression, sampling, Listener())
         result.stats["video"] = enc.video.info.to_dict()
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is translated here
+        if _is_oom(exc):
+            raise DycokeError(_oom_advice(frames if frames is not None else None, ttm_k)) from None
+        raise
     except KeyboardInterrupt:
         display.close()
         if stream_stdout and streamed:
@@ -187,6 +191,24 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
         sys.stdout.write("\n")
     else:
         typer.echo(result.answer)  # the live panel showed it while streaming; now the real stdout
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _oom_advice(frames: int | None, ttm_k: float | None) -> str:
+    fewer = f"--frames {max(1, frames // 2)}" if frames else "fewer --frames (e.g. --frames 16)"
+    k = ttm_k if ttm_k is not None else 0.7
+    higher = f"--ttm-k {min(0.9, round(k + 0.15, 2))}"
+    return f"out of memory; settings that need less: {fewer}, {higher}, or --dtype bfloat16"
 
 
 @app.command()

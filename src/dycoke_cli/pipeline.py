@@ -240,6 +240,7 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     plan = plan_tokens(enc, opts)
     merge_s = time.perf_counter() - t_start
     embeds, span = build_embeds(lm, question, plan.tokens, enc.newline)
+    sampling = _fit_context(lm, embeds.shape[1], span, sampling)
     selector = None
     if plan.selector == "dycoke":
         selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold)
@@ -277,6 +278,26 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     gen_s = time.perf_counter() - t_gen
     _final_stats(lm, result, enc, plan, selector, cache, timings, first_token_at, gen_s, merge_s, seq, span)
     return result
+
+
+def context_length(lm) -> int | None:
+    return getattr(lm.model.config.text_config, "max_position_embeddings", None)
+
+
+def _fit_context(lm, seq: int, span: tuple[int, int], sampling: SamplingOptions) -> SamplingOptions:
+    """Refuse a prompt longer than the model's context; shorten generation to what fits."""
+    limit = context_length(lm)
+    if limit is None:
+        return sampling
+    visual = span[1] - span[0]
+    if seq >= limit:
+        raise UsageError(
+            f"the prompt needs {seq} tokens ({visual} visual, {seq - visual} text) but the model's context is "
+            f"{limit}; shorten the question or use fewer --frames"
+        )
+    if seq + sampling.max_new_tokens > limit:
+        return replace(sampling, max_new_tokens=limit - seq)
+    return sampling
 
 
 def _base_stats(enc, plan, total_visual, seq, opts) -> dict:
