@@ -118,3 +118,19 @@ def test_keep_everything_gives_exactly_the_uncompressed_tokens(tiny_lm):
     pruned = list(decode(tiny_lm, embeds, PrunedKVCache(tiny_lm.num_layers, seq + 13, sel), opts, sel))
     assert pruned == plain
     assert len(plain) > 0
+
+
+def test_balanced_topk_keeps_every_frame_in_view():
+    from dycoke_cli.compression.pruning import balanced_topk
+
+    frame_of = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    r = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 0.3, 0.2, 0.1])  # frame 2 barely attended
+    assert balanced_topk(r, 3, frame_of, 0.0).tolist() == [0, 1, 2]  # plain top-k drops frames 1 and 2
+    assert balanced_topk(r, 3, frame_of, 1.0).tolist() == [0, 3, 6]  # one per frame
+    assert balanced_topk(r, 6, frame_of, 0.5).tolist() == [0, 1, 2, 3, 4, 6]  # 1 each, then the best 3 left
+
+
+def test_selector_with_coverage():
+    sel = DecodeSelector(layer=1, span=(0, 6), keep=2, frame_of=torch.tensor([0, 0, 0, 1, 1, 1]), coverage=1.0)
+    sel.observe_row(torch.tensor([5.0, 4.0, 3.0, 0.1, 0.3, 0.2]))
+    assert sel.selection.tolist() == [0, 4]

@@ -66,6 +66,7 @@ TtmKOpt = Annotated[Optional[float], typer.Option("--ttm-k", help="TTM: fraction
 PrunePOpt = Annotated[Optional[float], typer.Option("--prune-p", help="Decode pruning: fraction of visual KV entries pruned, in [0, 1) [default: model's, 0.7].", show_default=False)]
 PruneLayerOpt = Annotated[Optional[int], typer.Option("--prune-layer", help="First layer L whose attention is pruned (layer L-1 is probed) [default: model's, 3].", show_default=False)]
 RefreshOpt = Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")]
+CoverageOpt = Annotated[float, typer.Option("--frame-coverage", help="Share of the decode budget spread evenly over frames, in [0, 1]; 0 = the paper's top-k (not in the paper).")]
 NoCompressOpt = Annotated[bool, typer.Option("--no-compress", help="Same as --method none.")]
 OffloadOpt = Annotated[bool, typer.Option("--offload-pruned", help="Keep pruned KV entries in host memory instead of on the accelerator.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")]
@@ -89,7 +90,7 @@ def _root(
     """Ask questions about videos with a video LLM, made fast by DyCoke token compression."""
 
 
-def _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh) -> None:
+def _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh, coverage=0.0) -> None:
     """Range checks that need no model (exit 2, one line)."""
     if frames is not None and frames < 1:
         raise UsageError(f"--frames must be at least 1 (got {frames})")
@@ -105,6 +106,8 @@ def _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, re
         raise UsageError(f"--prune-p must be in [0, 1) (got {prune_p})")
     if not 0 <= refresh <= 1:
         raise UsageError(f"--refresh-threshold must be in [0, 1] (got {refresh})")
+    if not 0 <= coverage <= 1:
+        raise UsageError(f"--frame-coverage must be in [0, 1] (got {coverage})")
 
 
 def _check_video(path: Path) -> None:
@@ -115,9 +118,9 @@ def _check_video(path: Path) -> None:
 
 
 def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, method, ttm_k, prune_p,
-                prune_layer, refresh_threshold, no_compress, offload_pruned, max_new_tokens, temperature,
+                prune_layer, refresh_threshold, frame_coverage, no_compress, offload_pruned, max_new_tokens, temperature,
                 top_p, seed, json_out, quiet, caption=False) -> None:
-    _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh_threshold)
+    _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh_threshold, frame_coverage)
     if not caption and not question.strip():
         raise UsageError("the question is empty")
     _check_video(video)
@@ -131,7 +134,7 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
     method_value = Method.none if no_compress else Method(method.value)
     compression = CompressionOptions(method=method_value, ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
                                      refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
-                                     seed=seed if seed is not None else 0)
+                                     seed=seed if seed is not None else 0, frame_coverage=frame_coverage)
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     stdout_tty = sys.stdout.isatty()
     display = make_display(quiet, json_out, model_name, method_value.value, stdout_is_terminal=stdout_tty)
@@ -222,6 +225,7 @@ def ask(
     prune_p: PrunePOpt = None,
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
+    frame_coverage: CoverageOpt = 0.0,
     no_compress: NoCompressOpt = False,
     offload_pruned: OffloadOpt = False,
     max_new_tokens: MaxNewOpt = 256,
@@ -248,6 +252,7 @@ def caption(
     prune_p: PrunePOpt = None,
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
+    frame_coverage: CoverageOpt = 0.0,
     no_compress: NoCompressOpt = False,
     offload_pruned: OffloadOpt = False,
     max_new_tokens: MaxNewOpt = 256,
@@ -277,12 +282,12 @@ def _load_for(model, allow_pickle, device, dtype, quiet):
     return load_model(name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
 
 
-def _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, offload_pruned, seed):
+def _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, offload_pruned, seed):
     from .pipeline import CompressionOptions
 
     return CompressionOptions(ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
                               refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
-                              seed=seed if seed is not None else 0)
+                              seed=seed if seed is not None else 0, frame_coverage=frame_coverage)
 
 
 @app.command()
@@ -296,6 +301,7 @@ def compare(
     prune_p: PrunePOpt = None,
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
+    frame_coverage: CoverageOpt = 0.0,
     offload_pruned: OffloadOpt = False,
     max_new_tokens: MaxNewOpt = 256,
     seed: SeedOpt = None,
@@ -309,14 +315,14 @@ def compare(
     from .evaluate import compare as run_compare, parse_methods
 
     chosen = parse_methods(methods)
-    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold)
+    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold, frame_coverage)
     if question is not None and not question.strip():
         raise UsageError("the question is empty")
     _check_video(video)
     from .generate import SamplingOptions
 
     lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
-    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, offload_pruned, seed).resolve(lm)
+    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, offload_pruned, seed).resolve(lm)
     n = frames if frames is not None else lm.defaults.num_frames
     if not (quiet or json_out):
         print(f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...", file=sys.stderr)
@@ -345,6 +351,7 @@ def eval_cmd(
     prune_p: PrunePOpt = None,
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
+    frame_coverage: CoverageOpt = 0.0,
     max_new_tokens: MaxNewOpt = 32,
     seed: SeedOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
@@ -357,7 +364,7 @@ def eval_cmd(
     from .evaluate import evaluate, parse_methods, read_qa
 
     chosen = parse_methods(methods)
-    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold)
+    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold, frame_coverage)
     read_qa(qa)
     from rich.console import Console
     from rich.progress import Progress
@@ -366,7 +373,7 @@ def eval_cmd(
     from .generate import SamplingOptions
 
     lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
-    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, False, seed).resolve(lm)
+    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, False, seed).resolve(lm)
     n = frames if frames is not None else lm.defaults.num_frames
     err = Console(stderr=True)
     with Progress(console=err, disable=quiet or json_out or not err.is_terminal, transient=True) as bar:

@@ -10,7 +10,7 @@ import difflib
 import json
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import DycokeError, UsageError
@@ -109,9 +109,7 @@ def compare(lm, video_path, question: str | None, methods: list[Method], frames:
     for method in methods:
         if listener:
             listener.stage(f"running {method.value}")
-        opts = CompressionOptions(method=method, ttm_k=base.ttm_k, prune_p=base.prune_p, prune_layer=base.prune_layer,
-                                  refresh_threshold=base.refresh_threshold, offload_pruned=base.offload_pruned,
-                                  seed=base.seed)
+        opts = replace(base, method=method)
         comp.results.append(answer(lm, enc, question, opts, sampling))
     return comp
 
@@ -153,9 +151,7 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: Compre
     for video, group in by_video.items():
         enc = encode_video(lm, qa_path.parent / video, frames)
         for method in methods:
-            opts = CompressionOptions(method=method, ttm_k=base.ttm_k, prune_p=base.prune_p,
-                                      prune_layer=base.prune_layer, refresh_threshold=base.refresh_threshold,
-                                      seed=base.seed)
+            opts = replace(base, method=method)
             for item in group:
                 r = answer(lm, enc, item.question, opts, sampling)
                 t = r.stats["timings_s"]

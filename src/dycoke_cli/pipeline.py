@@ -48,6 +48,7 @@ class CompressionOptions:
     refresh_threshold: float = 0.9
     offload_pruned: bool = False
     seed: int = 0  # for the random baseline
+    frame_coverage: float = 0.0  # share of the decode budget spread over frames (0 = the paper's top-k)
 
     def resolve(self, lm) -> "CompressionOptions":
         """Fill defaults from the checkpoint and validate against its depth; UsageError if off."""
@@ -63,6 +64,8 @@ class CompressionOptions:
             raise UsageError(f"--ttm-k must be in [0, 1) (got {opts.ttm_k})")
         if not 0.0 <= opts.prune_p < 1.0:
             raise UsageError(f"--prune-p must be in [0, 1) (got {opts.prune_p})")
+        if not 0.0 <= opts.frame_coverage <= 1.0:
+            raise UsageError(f"--frame-coverage must be in [0, 1] (got {opts.frame_coverage})")
         if not 0.0 <= opts.refresh_threshold <= 1.0:
             raise UsageError(f"--refresh-threshold must be in [0, 1] (got {opts.refresh_threshold})")
         if not 1 <= opts.prune_layer <= lm.num_layers - 1:
@@ -243,7 +246,8 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     sampling = _fit_context(lm, embeds.shape[1], span, sampling)
     selector = None
     if plan.selector == "dycoke":
-        selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold)
+        selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold,
+                                  frame_of=plan.index // enc.tokens_per_frame, coverage=opts.frame_coverage)
     elif plan.selector == "fastv":
         selector = PrefillSelector(plan.prune_from, span, plan.keep)
     seq = embeds.shape[1]

@@ -63,6 +63,31 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float)
     return scores.softmax(dim=-1).mean(dim=(0, 1))
 
 
+def balanced_topk(row: torch.Tensor, keep: int, frame_of: torch.Tensor, coverage: float) -> torch.Tensor:
+    """Top-``keep`` positions of ``row`` with a share reserved for every frame.
+
+    ``coverage`` of the budget is spread evenly: each frame first gets its
+    ``floor(coverage * keep / frames)`` highest-attention positions; the rest of the budget goes
+    to the highest remaining positions overall. ``coverage = 0`` is plain top-k (the paper's
+    rule). Not in the paper: plain top-k by one token's attention can drop whole frames at the
+    step that decides whether the answer goes on (NOTES section 5); this keeps every frame in
+    view. Returns ascending positions [keep].
+    """
+    frames = torch.unique(frame_of)
+    per_frame = int(coverage * keep // len(frames))
+    chosen = torch.zeros_like(row, dtype=torch.bool)
+    if per_frame > 0:
+        for f in frames.tolist():
+            where = torch.nonzero(frame_of == f).flatten()
+            best = torch.topk(row[where], min(per_frame, len(where)), sorted=False).indices
+            chosen[where[best]] = True
+    rest = keep - int(chosen.sum())
+    if rest > 0:
+        remaining = row.masked_fill(chosen, float("-inf"))
+        chosen[torch.topk(remaining, rest, sorted=False).indices] = True
+    return torch.nonzero(chosen).flatten()
+
+
 @dataclass
 class SelectorStats:
     steps: int = 0  # decoding steps observed
@@ -91,9 +116,14 @@ class DecodeSelector:
         threshold: refresh when cos(current row, reference row) < threshold.
     """
 
-    def __init__(self, layer: int, span: tuple[int, int], keep: int, threshold: float = 0.9):
+    def __init__(self, layer: int, span: tuple[int, int], keep: int, threshold: float = 0.9,
+                 frame_of: torch.Tensor | None = None, coverage: float = 0.0):
         if layer < 1:
             raise ValueError("the pruning layer must be >= 1 (layer L - 1 is probed)")
+        if coverage > 0 and frame_of is None:
+            raise ValueError("coverage needs frame_of (the frame of each visual position)")
+        self.frame_of = frame_of
+        self.coverage = coverage
         self.layer = layer - 1  # the probed layer; read by the attention function
         self.prune_from = layer
         self.start, self.end = span
@@ -127,8 +157,10 @@ class DecodeSelector:
         self._select(row)
 
     def _select(self, row: torch.Tensor) -> None:
-        top = torch.topk(row, self.keep, sorted=False).indices
-        new = torch.sort(top).values
+        if self.coverage > 0:
+            new = balanced_topk(row, self.keep, self.frame_of.to(row.device), self.coverage)
+        else:
+            new = torch.sort(torch.topk(row, self.keep, sorted=False).indices).values
         if self.selection is not None:
             self.stats.recalled += int((~torch.isin(new, self.selection)).sum())
         self.selection = new
