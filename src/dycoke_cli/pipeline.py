@@ -127,7 +127,7 @@ class Result:
     stats: dict = field(default_factory=dict)
 
 
-def visual_budget(total: int, frames: int, per_frame: int, k: float, p: float) -> int:
+def visual_budget(frames: int, per_frame: int, k: float, p: float) -> int:
     """Visual tokens DyCoke's pruned layers attend to: TTM's count times (1 - P).
     The static baselines get exactly this many."""
     merged = merged_count(frames, per_frame, k)
@@ -165,14 +165,13 @@ def plan_tokens(enc: EncodedVideo, opts: CompressionOptions) -> Plan:
     t, n = enc.frames, enc.tokens_per_frame
     flat = enc.features.reshape(t * n, -1)
     everything = torch.arange(t * n, device=flat.device)
-    budget = visual_budget(t * n, t, n, opts.ttm_k, opts.prune_p)
+    budget = visual_budget(t, n, opts.ttm_k, opts.prune_p)
     method = Method(opts.method)
     if method == Method.none:
         return Plan(flat, everything, None, t * n, None)
     if method == Method.dycoke:
         tokens, index = temporal_merge(enc.features, opts.ttm_k)
-        keep = kept_per_frame(len(index), opts.prune_p) if opts.prune_p > 0 else len(index)
-        return Plan(tokens, index, "dycoke", max(keep, 1), opts.prune_layer)
+        return Plan(tokens, index, "dycoke", budget, opts.prune_layer)
     if method == Method.fastv:
         return Plan(flat, everything, "fastv", budget, FASTV_LAYER)
     if method == Method.random:
