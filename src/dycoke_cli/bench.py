@@ -1,0 +1,735 @@
+"""Benchmark: where the time and memory go, uncompressed vs DyCoke vs FastV, side by side.
+
+Builds the LLaVA-OneVision-0.5B architecture (SigLIP so400m-patch14-384 with the 26 layers
+LLaVA-OV uses + Qwen2-0.5B) from a config written here, with random weights: the arithmetic
+and the memory traffic are those of the real checkpoint, only the answers are gibberish. For
+each frame count it encodes a synthetic clip once (the vision tower is shared by every
+method), then answers the same question with ``none``, ``dycoke`` (the paper's defaults) and
+``fastv`` (same visual budget), forcing a fixed number of decoded tokens so the methods are
+comparable, and finally times ``model.generate`` on the uncompressed inputs against our loop.
+
+Memory: "peak above the loaded model" is measured per method in this one process. On Linux
+the kernel's resident-set high-water mark is reset before each method (``/proc/self/clear_refs``
+``5``) after freeing the allocator's cached pages (``malloc_trim``), so the peak is exact
+(kernel-tracked, no sampling gap) and not inflated by an earlier method. Where that file is
+not writable a 1 ms RSS-sampling thread is used instead; on CUDA, the allocator's peak.
+
+Outputs: a Markdown table on stdout (progress on stderr), a JSON file and a PNG of the stage
+times stacked per method and frame count (drawn with Pillow, no matplotlib needed).
+
+    python benchmarks/bench_compression.py --frames 8,16,32 --json bench.json --plot bench.png
+    dycoke bench --quick        # scaled-down model, well under a minute: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+METHODS = ("none", "dycoke", "fastv")
+QUESTION = "describe the video in detail ."
+WORDS = "describe the video in detail . what happens which color moves left right".split()
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Sizes of the LLaVA-OneVision to build (random weights)."""
+
+    name: str
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    image_size: int
+    patch_size: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+    vocab: int
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = True  # Qwen2-0.5B ties its input and output embeddings
+    max_position_embeddings: int = 32768
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return math.ceil(self.image_size // self.patch_size / 2) ** 2
+
+
+# llava-onevision-qwen2-0.5b-ov: SigLIP so400m-patch14-384 (27 layers, LLaVA-OV reads layer -1 of
+# the first 26, so 26 are built), 27x27 patches pooled 2x2 to 14x14 = 196 tokens per frame;
+# Qwen2-0.5B: hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151936, rope 1e6.
+FULL = Arch("llava-onevision-qwen2-0.5b architecture, random weights",
+            vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304,
+            image_size=384, patch_size=14,
+            text_hidden=896, text_layers=24, text_heads=14, text_kv_heads=2, text_intermediate=4864,
+            vocab=151936)
+# A scaled-down model with the same structure (4 decoder layers so pruning from layer 3 and
+# FastV at layer 2 both apply): the whole benchmark runs in seconds. For CI smoke tests.
+QUICK = Arch("quick: scaled-down LLaVA-OneVision, random weights",
+             vision_hidden=64, vision_layers=2, vision_heads=2, vision_intermediate=128,
+             image_size=112, patch_size=14,
+             text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=128,
+             vocab=2048, max_position_embeddings=8192)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(arch: Arch, dtype, device, seed: int = 0):
+    """A LoadedModel of ``arch`` with random weights, built directly in ``dtype``."""
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from .compression.pruning import ATTENTION_NAME, register_attention
+    from .model import LlavaOneVisionAdapter, ModelDefaults, _quiet_transformers
+    from .tinymodel import IMAGE, VIDEO, build_word_tokenizer
+
+    register_attention()
+    _quiet_transformers()
+    tok = build_word_tokenizer(WORDS)
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": arch.vision_hidden,
+            "intermediate_size": arch.vision_intermediate,
+            "num_hidden_layers": arch.vision_layers,
+            "num_attention_heads": arch.vision_heads,
+            "image_size": arch.image_size,
+            "patch_size": arch.patch_size,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "vision_use_head": False,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": arch.vocab,
+            "hidden_size": arch.text_hidden,
+            "intermediate_size": arch.text_intermediate,
+            "num_hidden_layers": arch.text_layers,
+            "num_attention_heads": arch.text_heads,
+            "num_key_value_heads": arch.text_kv_heads,
+            "max_position_embeddings": arch.max_position_embeddings,
+            "rope_parameters": {"rope_type": "default", "rope_theta": arch.rope_theta},
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": arch.tie_word_embeddings,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": None,
+        },
+        image_token_index=tok.convert_tokens_to_ids(IMAGE),
+        video_token_index=tok.convert_tokens_to_ids(VIDEO),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[arch.image_size, arch.image_size]],
+        tie_word_embeddings=arch.tie_word_embeddings,
+    )
+    config.eos_token_id = tok.eos_token_id
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(
+        config, dtype=dtype,
+        attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
+    )
+    model.to(device).eval()
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
+    return LlavaOneVisionAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults())
+
+
+def synthetic_frames(n: int, size: int, seed: int = 0):
+    """uint8 [n, size, size, 3]: a textured background and a disc drifting across it, so that
+    neighbouring frames are similar but not equal (what TTM sees in real clips)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    background = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx + 4 * yy)], -1) * 200
+    background += rng.normal(0, 8, background.shape)
+    frames = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        cx, cy = 0.2 + 0.6 * i / max(n - 1, 1), 0.5 + 0.25 * math.sin(i / 3)
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < 0.015
+        img = background.copy()
+        img[disc] = (230, 40, 40)
+        frames[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
+def stand_in_video(frames, requested: int):
+    from .video import Video, VideoInfo
+
+    t, h, w = frames.shape[:3]
+    info = VideoInfo(path="<synthetic>", container="synthetic", codec="rawvideo", width=w, height=h,
+                     duration=t / 4.0, fps=4.0, frame_count=t, stream_index=0, video_streams=1, rotation=0,
+                     requested=requested, timestamps=tuple(i / 4.0 for i in range(t)))
+    return Video(frames, info)
+
+
+def encode_prefixes(lm, frames, counts: list[int]):
+    """Encode ``max(counts)`` frames once, in chunks that end at every count; return the features
+    and, for each count, the vision-tower seconds of its first ``count`` frames."""
+    import torch
+
+    from .generate import sync
+    from .pipeline import ENCODE_CHUNK
+    from .preprocess import preprocess_frames
+
+    total = max(counts)
+    pixels = preprocess_frames(frames[:total], lm.frame_spec)
+    cuts = sorted(set(range(0, total, ENCODE_CHUNK)) | set(counts) | {total})
+    feats, ends, secs, newline = [], [], [], None
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        t0 = time.perf_counter()
+        f, newline = lm.encode_video(pixels[a:b])
+        sync(lm.device)
+        secs.append(time.perf_counter() - t0)
+        ends.append(b)
+        feats.append(f)
+    features = torch.cat(feats)
+    per_count = {c: sum(s for s, e in zip(secs, ends) if e <= c) for c in counts}
+    return features, newline, per_count
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int | None:
+    return _status_kb("VmRSS")
+
+
+class PeakMemory:
+    """Peak bytes above the level at ``start()``: CUDA allocator peak, else resident set size."""
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", "") == "cuda"
+        self.device = device
+        self.method = "cuda-allocator" if self.cuda else self._cpu_method()
+        self.base = 0
+        self._thread = None
+        self._peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _cpu_method() -> str:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            if _status_kb("VmHWM") is not None:
+                return "rss-high-water-mark"
+        except OSError:
+            pass
+        return "rss-sampling-1ms" if current_rss() is not None else "unavailable"
+
+    def start(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        _malloc_trim()
+        if self.method == "rss-high-water-mark":
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.base = current_rss()
+        elif self.method == "rss-sampling-1ms":
+            self.base = self._peak = current_rss()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, current_rss() or 0)
+
+    def stop(self) -> int | None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        if self.method == "rss-high-water-mark":
+            return max(0, _status_kb("VmHWM") - self.base)
+        if self.method == "rss-sampling-1ms":
+            self._stop.set()
+            self._thread.join()
+            return max(0, max(self._peak, current_rss() or 0) - self.base)
+        return None
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_method(lm, enc, method: str, tokens: int, vision_s: float, mem: PeakMemory) -> dict:
+    """Answer once with ``method``; forced to 1 + ``tokens`` tokens (the first comes from the
+    prefill, then ``tokens`` timed decoding steps)."""
+    import torch
+
+    from .generate import SamplingOptions
+    from .pipeline import CompressionOptions, Method, answer
+
+    sampling = SamplingOptions(max_new_tokens=tokens + 1, ignore_eos=True)
+    mem.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    r = answer(lm, enc, QUESTION, CompressionOptions(method=Method(method)), sampling)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    peak = mem.stop()
+    s = r.stats
+    t = s["timings_s"]
+    kv = s["kv_bytes"]
+    llm = t["merge"] + t["prefill"] + t["decode"]
+    return {
+        "frames": enc.frames,
+        "method": method,
+        "visual_tokens": s["visual_tokens"],
+        "visual_tokens_prefill": s["visual_tokens_prefill"],
+        "visual_tokens_decode": s["visual_tokens_decode"],
+        "prefill_tokens": s["prefill_tokens"],
+        "tokens_generated": s["tokens_generated"],
+        "decode_steps": s["tokens_generated"] - 1,
+        "vision_s": vision_s,
+        "merge_s": t["merge"],
+        "prefill_s": t["prefill"],
+        "decode_s": t["decode"],
+        "decode_ms_median": s["decode_ms_per_token_median"],
+        "llm_s": llm,
+        "ttft_llm_s": t["merge"] + s["ttft_s"],
+        "ttft_s": vision_s + t["merge"] + s["ttft_s"],
+        "answer_wall_s": wall,
+        "cpu_util": cpu / wall / torch.get_num_threads() if wall > 0 else None,
+        "total_s": vision_s + wall,
+        "peak_bytes": peak,
+        "kv_bytes": kv["device_total"],
+        "kv_attended_bytes": kv["working"],
+        "kv_store_bytes": kv["store"],
+        "flops_ratio_estimate": s["flops_ratio_estimate"],
+        "selections": s.get("selections"),
+        "refreshes": s.get("refreshes"),
+        "token_ids": r.token_ids,
+    }
+
+
+def time_generate(lm, enc, tokens: int) -> dict:
+    """transformers' ``model.generate`` on the uncompressed inputs (same embeddings, same number
+    of tokens, EOS suppressed): building the embeddings + generate, wall clock."""
+    import torch
+
+    from .generate import sync
+    from .pipeline import build_embeds
+
+    n = tokens + 1
+    t0 = time.perf_counter()
+    embeds, _ = build_embeds(lm, QUESTION, enc.features.reshape(-1, enc.features.shape[-1]), enc.newline)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    with torch.inference_mode():
+        out = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    sync(lm.device)
+    wall = time.perf_counter() - t0
+    ids = out[0].tolist()
+    return {"generate_s": wall, "token_ids": ids[-n:] if len(ids) >= n else ids}
+
+
+def add_ratios(runs: list[dict]) -> None:
+    """Ratios against ``none`` at the same frame count: > 1 means the method is faster / smaller."""
+    base = {r["frames"]: r for r in runs if r["method"] == "none"}
+
+    def ratio(a, b):
+        return (a / b) if (a is not None and b) else None
+
+    for r in runs:
+        b = base.get(r["frames"])
+        if b is None:
+            continue
+        r["ratios"] = {
+            "llm_speedup": ratio(b["llm_s"], r["llm_s"]),
+            "decode_speedup": ratio(b["decode_ms_median"], r["decode_ms_median"]),
+            "prefill_speedup": ratio(b["prefill_s"], r["prefill_s"]),
+            "ttft_speedup": ratio(b["ttft_s"], r["ttft_s"]),
+            "total_speedup": ratio(b["total_s"], r["total_s"]),
+            "memory_reduction": ratio(b["peak_bytes"], r["peak_bytes"]),
+            "kv_reduction": ratio(b["kv_bytes"], r["kv_bytes"]),
+        }
+
+
+TARGETS = (
+    # (key, what, method, ratio field or "loop_vs_generate", threshold, direction)
+    ("llm_stage", "LLM stage (prefill + decode) speedup, DyCoke vs none", "dycoke", "llm_speedup", 2.0, ">="),
+    ("decode_step", "decode step speedup with pruning, DyCoke vs none", "dycoke", "decode_speedup", 1.4, ">="),
+    ("loop_vs_generate", "our uncompressed loop / model.generate (time)", "none", "loop_over_generate", 1.05, "<="),
+    ("peak_memory", "peak memory above the model, none / DyCoke", "dycoke", "memory_reduction", 1.8, ">="),
+)
+
+
+def evaluate_targets(runs: list[dict], generate: list[dict]) -> list[dict]:
+    """The issue's targets, at the largest frame count measured (32 by default)."""
+    if not runs:
+        return []
+    frames = max(r["frames"] for r in runs)
+    out = []
+    for key, what, method, field, threshold, direction in TARGETS:
+        if field == "loop_over_generate":
+            g = next((g for g in generate if g["frames"] == frames), None)
+            value = g["loop_over_generate"] if g else None
+        else:
+            r = next((r for r in runs if r["frames"] == frames and r["method"] == method), None)
+            value = r["ratios"][field] if r and "ratios" in r else None
+        met = None if value is None else (value >= threshold if direction == ">=" else value <= threshold)
+        out.append({"key": key, "what": what, "frames": frames, "measured": value,
+                    "target": f"{direction} {threshold}", "met": met})
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info(device, dtype, threads: int) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_end": _loadavg(),
+    }
+    if getattr(device, "type", "") == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _f(x, fmt="{:.2f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def _mb(x):
+    return _f(None if x is None else x / 2**20, "{:.0f}")
+
+
+def _x(x):
+    return _f(x, "{:.2f}x")
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"### dycoke bench: {report['config']['arch']['name']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['device']}, {m['dtype']}; "
+        f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. "
+        f"One run; {report['config']['tokens']} decoding steps after the first token (EOS ignored). "
+        f"Ratios are against `none` at the same frame count (> 1: faster / smaller).",
+        "",
+        "| frames | method | visual tokens prefill → decode | vision s | prefill s | decode ms/token | "
+        "LLM s | TTFT s | total s | peak MB | KV MB | LLM × | decode × | TTFT × | total × | memory × |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        q = r.get("ratios", {})
+        lines.append(
+            f"| {r['frames']} | {r['method']} | {r['visual_tokens_prefill']} → {r['visual_tokens_decode']} | "
+            f"{_f(r['vision_s'])} | {_f(r['prefill_s'])} | {_f(r['decode_ms_median'], '{:.1f}')} | "
+            f"{_f(r['llm_s'])} | {_f(r['ttft_s'])} | {_f(r['total_s'])} | {_mb(r['peak_bytes'])} | "
+            f"{_f(r['kv_bytes'] / 2**20, '{:.1f}')} | {_x(q.get('llm_speedup'))} | {_x(q.get('decode_speedup'))} | "
+            f"{_x(q.get('ttft_speedup'))} | {_x(q.get('total_speedup'))} | {_x(q.get('memory_reduction'))} |"
+        )
+    lines += [
+        "",
+        "vision: SigLIP + projector + pooling, shared by all methods (encoded once). LLM = TTM + prefill + decode. "
+        "TTFT and total include the vision tower. peak MB: resident memory above the loaded model and the encoded "
+        f"video during the answer ({report['memory_method']}). KV MB: cache bytes held at the end "
+        "(DyCoke: attended working buffers + the store of pruned entries).",
+        "",
+        "| frames | our loop s | model.generate s | loop / generate | same tokens |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for g in report["generate"]:
+        lines.append(f"| {g['frames']} | {_f(g['loop_s'])} | {_f(g['generate_s'])} | "
+                     f"{_f(g['loop_over_generate'], '{:.3f}')} | {'yes' if g['same_tokens'] else 'no'} |")
+    utils = [r["cpu_util"] for r in report["runs"] if r.get("cpu_util") is not None]
+    if utils:
+        lines += ["", f"CPU utilisation during the answers (process CPU time / wall / threads): "
+                      f"{min(utils):.2f} to {max(utils):.2f}; load average at start {m.get('loadavg_start')}, "
+                      f"at end {m.get('loadavg_end')}."]
+        if min(utils) < 0.8:
+            lines.append("**Warning: the machine was busy (utilisation below 0.8): timings are inflated and noisy.**")
+    if report["targets"]:
+        lines += ["", "| target (at %d frames) | measured | wanted | met |" % report["targets"][0]["frames"],
+                  "|---|---:|---:|---|"]
+        for t in report["targets"]:
+            met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            lines.append(f"| {t['what']} | {_f(t['measured'], '{:.3f}')} | {t['target']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+STAGE_COLOURS = (("vision_s", "vision tower", (150, 150, 150)), ("merge_s", "TTM", (120, 80, 170)),
+                 ("prefill_s", "LLM prefill", (60, 110, 200)), ("decode_s", "decode", (235, 140, 40)))
+
+
+def draw_plot(report: dict, path: str | os.PathLike) -> None:
+    """Stacked bars (vision, TTM, prefill, decode seconds) per method, grouped by frame count."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    runs = report["runs"]
+    frames = sorted({r["frames"] for r in runs})
+    width, height = 980, 560
+    left, right, top, bottom = 80, 200, 60, 80
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=14)
+        small = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        font = small = ImageFont.load_default()
+    m = report["machine"]
+    d.text((left, 12), f"Stage times per answer ({report['config']['tokens'] + 1} tokens), "
+           f"{m['dtype']}, {m['threads']} threads", fill="black", font=font)
+    d.text((left, 32), f"{m['cpu']} | {m['date']}", fill=(90, 90, 90), font=small)
+    vmax = max((sum(r[k] for k, _, _ in STAGE_COLOURS) for r in runs), default=1.0) or 1.0
+    step = _nice_step(vmax / 6)
+    vmax = math.ceil(vmax / step) * step
+    plot_h = height - top - bottom
+    plot_w = width - left - right
+
+    def y_of(v):
+        return top + plot_h - plot_h * v / vmax
+
+    tick = 0.0
+    while tick <= vmax + 1e-9:
+        y = y_of(tick)
+        d.line([(left, y), (left + plot_w, y)], fill=(225, 225, 225))
+        d.text((left - 8, y), f"{tick:g}", fill="black", font=small, anchor="rm")
+        tick += step
+    d.text((16, top + plot_h / 2), "s", fill="black", font=font, anchor="mm")
+    group_w = plot_w / max(len(frames), 1)
+    bar_w = group_w / (len(METHODS) + 1)
+    for gi, fcount in enumerate(frames):
+        gx = left + gi * group_w + bar_w / 2
+        for mi, method in enumerate(METHODS):
+            r = next((r for r in runs if r["frames"] == fcount and r["method"] == method), None)
+            if r is None:
+                continue
+            x0, x1 = gx + mi * bar_w + 2, gx + (mi + 1) * bar_w - 2
+            acc = 0.0
+            for key, _, colour in STAGE_COLOURS:
+                v = r[key]
+                if v > 0:
+                    d.rectangle([x0, y_of(acc + v), x1, y_of(acc)], fill=colour)
+                acc += v
+            d.text(((x0 + x1) / 2, y_of(acc) - 4), f"{acc:.1f}", fill="black", font=small, anchor="mb")
+            d.text(((x0 + x1) / 2, top + plot_h + 6), method, fill="black", font=small, anchor="mt")
+        d.text((gx + len(METHODS) * bar_w / 2, top + plot_h + 28), f"{fcount} frames", fill="black", font=font,
+               anchor="mt")
+    d.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    lx, ly = left + plot_w + 24, top + 10
+    for _, label, colour in reversed(STAGE_COLOURS):
+        d.rectangle([lx, ly, lx + 16, ly + 16], fill=colour)
+        d.text((lx + 24, ly + 8), label, fill="black", font=font, anchor="lm")
+        ly += 28
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def _nice_step(raw: float) -> float:
+    if raw <= 0:
+        return 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dycoke bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", default="8,16,32", help="comma-separated frame counts (default 8,16,32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on CUDA, else fp32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    p.add_argument("--tokens", type=int, default=32, help="decoding steps timed after the first token (>= 1)")
+    p.add_argument("--quick", action="store_true", help="scaled-down model: a smoke test in seconds")
+    p.add_argument("--json", default="dycoke-bench.json", help="where to write the JSON ('' to skip)")
+    p.add_argument("--plot", default="dycoke-bench.png", help="where to write the PNG ('' to skip)")
+    p.add_argument("--no-generate", action="store_true", help="skip timing model.generate")
+    args = p.parse_args(argv)
+    try:
+        args.frame_counts = sorted({int(x) for x in args.frames.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--frames: expected comma-separated integers (got {args.frames!r})")
+    if not args.frame_counts or min(args.frame_counts) < 1:
+        p.error("--frames: frame counts must be >= 1")
+    if args.tokens < 1:
+        p.error("--tokens must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def run(args, log=lambda msg: None) -> dict:
+    import torch
+
+    from .model import pick_device, pick_dtype
+    from .pipeline import EncodedVideo
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    arch = QUICK if args.quick else FULL
+    mem = PeakMemory(device)
+
+    load_start = _loadavg()
+    rss0 = current_rss()
+    t0 = time.perf_counter()
+    lm = build_model(arch, dtype, device)
+    build_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in lm.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    log(f"built {arch.name}: {params / 1e6:.0f} M parameters, {weight_bytes / 2**20:.0f} MB {dtype} "
+        f"in {build_s:.1f} s")
+
+    counts = args.frame_counts
+    frames = synthetic_frames(max(counts), arch.image_size)
+    # Warm-up (not timed): first calls create kernels and fault in library pages.
+    with torch.inference_mode():
+        warm = frames[:4]
+        features, newline, _ = encode_prefixes(lm, warm, [len(warm)])
+    warm_enc = EncodedVideo(stand_in_video(warm, len(warm)), features, newline, 0.0, 0.0)
+    for method in METHODS:
+        run_method(lm, warm_enc, method, 2, 0.0, mem)
+    if not args.no_generate:
+        time_generate(lm, warm_enc, 2)
+    log(f"warm-up done ({time.perf_counter() - t_start:.0f} s)")
+
+    t0 = time.perf_counter()
+    features, newline, vision_s = encode_prefixes(lm, frames, counts)
+    log(f"vision tower: {max(counts)} frames in {time.perf_counter() - t0:.1f} s")
+    rss_loaded = current_rss()
+
+    runs, generate = [], []
+    for count in counts:
+        enc = EncodedVideo(stand_in_video(frames[:count], count), features[:count], newline, 0.0, vision_s[count])
+        for method in METHODS:
+            r = run_method(lm, enc, method, args.tokens, vision_s[count], mem)
+            runs.append(r)
+            log(f"{count:3d} frames  {method:7s} prefill {r['prefill_s']:7.2f} s  decode "
+                f"{r['decode_ms_median']:7.1f} ms/token  peak {(r['peak_bytes'] or 0) / 2**20:6.0f} MB")
+        if not args.no_generate:
+            g = time_generate(lm, enc, args.tokens)
+            ours = next(r for r in runs if r["frames"] == count and r["method"] == "none")
+            g.update({"frames": count, "loop_s": ours["answer_wall_s"],
+                      "loop_over_generate": ours["answer_wall_s"] / g["generate_s"],
+                      "same_tokens": g["token_ids"] == ours["token_ids"]})
+            generate.append(g)
+            log(f"{count:3d} frames  model.generate {g['generate_s']:.2f} s vs our loop {g['loop_s']:.2f} s")
+
+    add_ratios(runs)
+    report = {
+        "machine": {**machine_info(device, dtype, args.threads), "loadavg_start": load_start},
+        "config": {
+            "arch": asdict(arch),
+            "quick": bool(args.quick),
+            "frames": counts,
+            "tokens": args.tokens,
+            "question": QUESTION,
+            "methods": list(METHODS),
+            "defaults": {"ttm_k": lm.defaults.ttm_k, "prune_p": lm.defaults.prune_p,
+                         "prune_layer": lm.defaults.prune_layer, "refresh_threshold": 0.9, "fastv_layer": 2},
+        },
+        "model": {"parameters": params, "weight_bytes": weight_bytes, "build_s": build_s,
+                  "rss_before_build_bytes": rss0, "rss_loaded_bytes": rss_loaded,
+                  "tokens_per_frame": lm.tokens_per_frame},
+        "memory_method": mem.method,
+        "runs": runs,
+        "generate": generate,
+    }
+    report["targets"] = evaluate_targets(runs, generate)
+    report["wall_s"] = time.perf_counter() - t_start
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    report = run(args, log)
+    sys.stdout.write(markdown(report))
+    sys.stdout.flush()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    if args.plot:
+        draw_plot(report, args.plot)
+        log(f"wrote {args.plot}")
+    log(f"done in {report['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
