@@ -403,9 +403,9 @@ def toyworld(
     typer.echo(str(qa))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context) -> None:
-    """Benchmark none / dycoke / fastv on the LLaVA-OV-0.5B architecture (random weights); see --help there."""
+    """Benchmark none / dycoke / fastv on the LLaVA-OV-0.5B architecture (random weights). `dycoke bench --help` for flags."""
     from .bench import main as bench_main
 
     raise typer.Exit(bench_main(list(ctx.args)) or 0)
