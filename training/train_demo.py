@@ -149,6 +149,35 @@ def make_batch(step: int, args, packer: Packer, fspec: FrameSpec, grid: int):
     return torch.stack(pix), aux, torch.tensor(ids), torch.tensor(labels)
 
 
+def make_frame_batch(step: int, args, fspec: FrameSpec, grid: int):
+    """Vision pre-training batch: independent single frames (a clip each, at a random time),
+    most JPEG-compressed (4:2:0 chroma, like h264), with the per-frame aux targets."""
+    from PIL import Image
+
+    rng = np.random.default_rng([args.seed, 10**6 + step])
+    frames, masks, shape, color, xy = [], [], [], [], []
+    for _ in range(args.pretrain_batch):
+        spec = sample_spec(rng, variety=True)
+        t = float(rng.uniform(0, spec.duration))
+        f, m = render_frames(spec, [t], with_masks=True)
+        if rng.random() < 0.75:
+            b = io.BytesIO()
+            Image.fromarray(f[0]).save(b, "JPEG", quality=int(rng.integers(25, 95)))
+            b.seek(0)
+            f = np.asarray(Image.open(b).convert("RGB"))[None]
+        frames.append(f[0])
+        masks.append(m[0])
+        shape.append(SHAPES.index(spec.shape))
+        color.append(COLORS.index(spec.colors[spec.color_index_at(t)]))
+        cx, cy = spec.center_at(t)
+        xy.append((cx / WIDTH * 2 - 1, cy / HEIGHT * 2 - 1))
+    pix = preprocess_frames(np.stack(frames), fspec)
+    cov = np.stack([np.asarray(Image.fromarray(m).resize((grid, grid), Image.BOX), dtype=np.float32) for m in masks]) / 255.0
+    aux = {"shape": torch.tensor(shape), "color": torch.tensor(color), "xy": torch.tensor(xy, dtype=torch.float32),
+           "cov": torch.from_numpy(cov.reshape(len(frames), -1))}
+    return pix, aux
+
+
 def make_heldout(n: int, seed: int, args, packer: Packer, fspec: FrameSpec, folder: Path):
     """Held-out clips written as real h264 mp4 and read back at segment centres, with every
     applicable question in canonical wording plus one "cup"/"colour" variant of each."""
@@ -209,27 +238,65 @@ def build(args):
     grid = math.ceil(args.image_size // args.patch / 2)
     per_frame = grid * grid
     packer = Packer(tokenizer, args.frames * per_frame + 1)
-    aux_head = torch.nn.Linear(args.text_hidden, len(SHAPES) + len(COLORS) + 2 + 1)  # training only
+    init_for_scratch(model, args.seed)
+    # Training-only probe on the projected, pooled video tokens (never saved with the model).
+    torch.manual_seed(args.seed + 1)
+    aux_head = torch.nn.Sequential(torch.nn.LayerNorm(args.text_hidden),
+                                   torch.nn.Linear(args.text_hidden, len(SHAPES) + len(COLORS) + 2 + 1))
     return tokenizer, model, fspec, grid, packer, aux_head
 
 
-def aux_loss(head, feats, aux):
-    """feats [N, T, n, D]: every token predicts the frame's shape, colour and object centre,
-    and whether the object covers its own cell."""
+def init_for_scratch(model, seed: int) -> None:
+    """LLaVA-OV's initialisation assumes pretrained parts. From scratch it leaves the video
+    tokens nearly identical (projector weights of std 0.02 shrink them to ~0.01 per dimension,
+    and the vision tower's residual stream is swamped by its own branches), and nothing
+    spatial is learned in thousands of steps. So: default (fan-in) init for the projector,
+    residual branches of the vision tower scaled by 0.1 (each layer starts near identity),
+    and position embeddings large enough to read (std 0.5)."""
+    torch.manual_seed(seed + 2)
+    core = model.model
+    with torch.no_grad():
+        core.multi_modal_projector.linear_1.reset_parameters()
+        core.multi_modal_projector.linear_2.reset_parameters()
+        vt = core.vision_tower
+        for layer in vt.encoder.layers:
+            layer.self_attn.out_proj.weight.mul_(0.1)
+            layer.mlp.fc2.weight.mul_(0.1)
+        vt.embeddings.position_embedding.weight.normal_(0, 0.5)
+
+
+def aux_loss(head, feats, aux, background_weight: float = 0.1):
+    """feats [N, T, n, D]: each token predicts the frame's shape, colour and object centre
+    (weighted towards the tokens the object covers: a local task the vision tower learns
+    fast; background tokens get ``background_weight``), and whether the object covers its
+    own cell."""
     out = head(feats)
     ns, nc = len(SHAPES), len(COLORS)
-    n = feats.shape[2]
-    shape_l = F.cross_entropy(out[..., :ns].reshape(-1, ns), aux["shape"][:, :, None].expand(-1, -1, n).reshape(-1))
-    color_l = F.cross_entropy(out[..., ns:ns + nc].reshape(-1, nc), aux["color"][:, :, None].expand(-1, -1, n).reshape(-1))
-    xy_l = F.mse_loss(out[..., ns + nc:ns + nc + 2], aux["xy"][:, :, None, :].expand(-1, -1, n, -1))
+    n = feats.shape[-2]
+    w = background_weight + (aux["cov"] > 0.08).float()  # [..., n]
+    w = w / w.sum()
+    shape_t = aux["shape"][..., None].expand(*aux["shape"].shape, n).reshape(-1)
+    color_t = aux["color"][..., None].expand(*aux["color"].shape, n).reshape(-1)
+    shape_l = (F.cross_entropy(out[..., :ns].reshape(-1, ns), shape_t, reduction="none") * w.reshape(-1)).sum()
+    color_l = (F.cross_entropy(out[..., ns:ns + nc].reshape(-1, nc), color_t, reduction="none") * w.reshape(-1)).sum()
+    xy_l = (((out[..., ns + nc:ns + nc + 2] - aux["xy"][..., None, :]) ** 2).sum(-1) * w).sum()
     cov_l = F.binary_cross_entropy_with_logits(out[..., -1], aux["cov"])
-    return shape_l + color_l + 4 * xy_l + cov_l, (shape_l.item(), color_l.item(), xy_l.item(), cov_l.item())
+    with torch.no_grad():
+        obj = aux["cov"].reshape(-1) > 0.08
+        acc = (out[..., :ns].reshape(-1, ns).argmax(-1) == shape_t)[obj].float().mean().item()
+    return shape_l + color_l + 2 * xy_l + cov_l, (shape_l.item(), color_l.item(), xy_l.item(), cov_l.item(), acc)
 
 
 def lr_at(step: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    p = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    """Phase 1 (vision pre-training): warm-up then constant. Phase 2 (joint): warm-up again
+    (the language model is fresh) then cosine to 5 %."""
+    if step < args.pretrain_steps:
+        return args.lr * min(1.0, (step + 1) / 30)
+    s = step - args.pretrain_steps
+    n = args.steps - args.pretrain_steps
+    if s < args.warmup:
+        return args.lr * (s + 1) / args.warmup
+    p = min(1.0, (s - args.warmup) / max(1, n - args.warmup))
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -259,6 +326,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--aux-weight", type=float, default=1.0)
+    ap.add_argument("--pretrain-steps", type=int, default=800, help="vision pre-training steps (counted in --steps)")
+    ap.add_argument("--pretrain-batch", type=int, default=128, help="independent frames per pre-training step")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--heldout", type=int, default=60)
@@ -315,24 +384,36 @@ def main(argv=None):
             ts = time.time()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args)
-            pix, aux, ids, labels = make_batch(step, args, packer, fspec, grid)
-            td = time.time() - ts
-            logits, feats = packed_logits(model, packer, pix, ids, return_features=True)
-            targets = branch_targets(labels)
-            lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-            al, parts = aux_loss(aux_head, feats, aux)
-            loss = lm + args.aux_weight * al
+            if step < args.pretrain_steps:  # phase 1: vision tower + projector + probe only
+                pix, aux = make_frame_batch(step, args, fspec, grid)
+                td = time.time() - ts
+                feats = model.model.get_video_features(
+                    pix[:, None], vision_feature_layer=model.config.vision_feature_layer,
+                    vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output[:, :-1]
+                al, parts = aux_loss(aux_head, feats, aux)
+                lm = torch.zeros(())
+                loss = al
+            else:
+                pix, aux, ids, labels = make_batch(step, args, packer, fspec, grid)
+                td = time.time() - ts
+                logits, feats = packed_logits(model, packer, pix, ids, return_features=True)
+                targets = branch_targets(labels)
+                lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+                al, parts = aux_loss(aux_head, feats, aux)
+                loss = lm + args.aux_weight * al
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            ema = lm.item() if ema is None else 0.95 * ema + 0.05 * lm.item()
+            if step > args.pretrain_steps:
+                ema = lm.item() if ema is None else 0.95 * ema + 0.05 * lm.item()
             if step % 10 == 0 or step == 1:
-                print(f"step {step:5d} lm {lm.item():.4f} (ema {ema:.4f}) aux shape {parts[0]:.3f} colour {parts[1]:.3f} "
-                      f"xy {parts[2]:.4f} cov {parts[3]:.3f} lr {lr_at(step - 1, args):.2e} "
+                phase = "vision" if step <= args.pretrain_steps else "joint"
+                print(f"step {step:5d} [{phase}] lm {lm.item():.4f} (ema {(ema or 0):.4f}) aux shape {parts[0]:.3f} "
+                      f"(acc {parts[4]:.2f}) colour {parts[1]:.3f} xy {parts[2]:.4f} cov {parts[3]:.3f} lr {lr_at(step - 1, args):.2e} "
                       f"{time.time() - ts:.2f}s/step (data {td:.2f}s) elapsed {(time.time() - t0) / 60:.1f} min", flush=True)
-            if step % args.eval_every == 0 or step == args.steps:
+            if step > args.pretrain_steps and ((step - args.pretrain_steps) % args.eval_every == 0 or step == args.steps):
                 res = evaluate(model, packer, heldout)
                 res["step"] = step
                 history.append(res)
@@ -349,7 +430,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     save(last)
-    if step % args.eval_every:  # evaluate the final weights too
+    if step > args.pretrain_steps and (step - args.pretrain_steps) % args.eval_every:  # the final weights too
         res = evaluate(model, packer, heldout)
         res["step"] = step
         history.append(res)
