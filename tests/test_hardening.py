@@ -7,9 +7,6 @@ to the video. No mocks, except one documented knob for the decode timeout (the C
 
 Slow parts are subprocesses (Ctrl-C, out of memory, the hour-long clip): about 20 s of the
 file's ~35 s on two busy cores. ``pytest -s`` prints what they measured.
-
-Four strict xfails mark product gaps found here (readable check, stream/loss reporting, OOM in
-`compare`); each starts failing, to be un-marked, once the product is fixed.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import pytest
 from clips import write_audio, write_clip, write_image
 from test_cli import run_cli
 
-from dycoke_cli import video as video_mod
 
 MP4 = "mov,mp4,m4a,3gp,3g2,mj2"
 MKV = "matroska,webm"
@@ -224,8 +220,6 @@ def _cli_as_nobody(args: list[str]) -> dict:
     return json.loads(data)
 
 
-@pytest.mark.xfail(strict=True, reason="typer's Path argument checks readability first (click.Path(readable=True)): "
-                                       "exit 2 and click's usage message instead of exit 1 and video.py's")
 def test_file_without_read_permission(tiny_model_dir, capsys, monkeypatch):
     # A folder everyone may enter (pytest's tmp_path is private to root), a file no one may read.
     # Today: (2, "", "dycoke: error: Invalid value for 'video': path '...' is not readable. (see
@@ -273,36 +267,37 @@ def test_corrupt_packets_are_decoded_around(corrupt, frames, lost, sampled, tmp_
     assert not damaged & {round(t, 3) for t in video["timestamps"]}
 
 
-# The issue asks the tool to "say which" stream it took and "say how many were lost"; only
-# --json tells. Strict xfails: they start passing (and fail) once stderr says it.
-@pytest.mark.xfail(strict=True, reason="plain stderr does not say which of several video streams was read")
+# The issue asks the tool to "say which" stream it took and "say how many were lost".
 def test_plain_output_says_which_stream(tmp_path, tiny_model_dir, capsys, monkeypatch):
     path = write_clip(tmp_path / "two.mp4", n_frames=20, default_stream=1,
                       extra_streams=[dict(n_frames=10, size=(32, 32), index_offset=100)])
     code, out, err = ask(path, tiny_model_dir, capsys, monkeypatch, args=["--max-new-tokens", "2", "--frames", "8"])
     assert code == 0
-    assert any("stream" in line and "1" in line for line in err.splitlines()), err
+    assert err.splitlines()[-1].endswith("; read video stream 1 of 2 video streams"), err
 
 
-@pytest.mark.xfail(strict=True, reason="plain stderr does not say how many sampled frames were lost to damage")
 def test_plain_output_says_how_many_frames_were_lost(tmp_path, tiny_model_dir, capsys, monkeypatch):
     path = write_clip(tmp_path / "hurt.mp4", n_frames=40, gop=1, corrupt=[10, 11])
     code, out, err = ask(path, tiny_model_dir, capsys, monkeypatch, args=["--max-new-tokens", "2", "--frames", "40"])
     assert code == 0
-    assert any("lost" in line and "2" in line for line in err.splitlines()), err
+    assert err.splitlines()[-1].endswith("; 2 sampled frame(s) lost to damage"), err
 
 
 # -- 7. decode timeout -----------------------------------------------------------------------
 
 
 def test_decode_timeout_is_a_one_line_error(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    # The CLI has no flag or variable for the budget (read_video's timeout_s=60 default, used by
-    # pipeline.encode_video); lower that default. probe_video keeps its own, so the file passes
-    # the early check and the timeout hits while the pipeline samples frames, after model load.
-    monkeypatch.setitem(video_mod.read_video.__kwdefaults__, "timeout_s", 1e-6)
+    # DYCOKE_DECODE_TIMEOUT is the per-file budget of the early probe and of the sampling pass.
+    monkeypatch.setenv("DYCOKE_DECODE_TIMEOUT", "1e-6")
     path = write_clip(tmp_path / "clip.mp4", n_frames=40)
     assert ask(path, tiny_model_dir, capsys, monkeypatch) == (
         1, "", f"dycoke: error: {path}: reading took longer than 1e-06 s (timeout)\n")
+
+
+def test_decode_timeout_must_be_a_positive_number(clip_path, capsys, monkeypatch):
+    monkeypatch.setenv("DYCOKE_DECODE_TIMEOUT", "soon")
+    assert ask(clip_path, "unused-model", capsys, monkeypatch) == (
+        2, "", "dycoke: error: DYCOKE_DECODE_TIMEOUT must be a number of seconds (got 'soon')\n")
 
 
 # -- 4. Ctrl-C during generation -------------------------------------------------------------
@@ -426,8 +421,6 @@ def test_out_of_memory_is_reported_with_settings_that_need_less(oom_runs):
                                       "--ttm-k 0.85, or --dtype bfloat16\n"]
 
 
-@pytest.mark.xfail(strict=True, reason="compare/eval do not translate torch's out-of-memory RuntimeError "
-                                       "(cli.main only catches MemoryError): a traceback")
 def test_out_of_memory_in_compare_is_one_line(oom_runs):
     code, out, err, _ = oom_runs[2]
     assert not str(code).startswith("uncaught"), code  # today: uncaught RuntimeError: ... can't allocate memory

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -55,7 +56,8 @@ def _default_model() -> str:
     return os.environ.get("DYCOKE_MODEL") or DEFAULT_MODEL
 
 
-VideoArg = Annotated[Path, typer.Argument(help="Video file (anything FFmpeg reads).", show_default=False)]
+# readable=False: our own reader reports unreadable files (one line, exit 1), not click's usage error.
+VideoArg = Annotated[Path, typer.Argument(help="Video file (anything FFmpeg reads).", show_default=False, readable=False)]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder, Hugging Face id, or 'demo'. Default: $DYCOKE_MODEL or llava-hf/llava-onevision-qwen2-0.5b-ov-hf.", show_default=False)]
 FramesOpt = Annotated[Optional[int], typer.Option("--frames", "-f", help="Frames to sample uniformly by time [default: the model's, 32 for LLaVA-OV].", show_default=False)]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")]
@@ -110,11 +112,23 @@ def _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, re
         raise UsageError(f"--frame-coverage must be in [0, 1] (got {coverage})")
 
 
+def _decode_timeout() -> float:
+    """Seconds one file may take to decode (DYCOKE_DECODE_TIMEOUT, default 60)."""
+    raw = os.environ.get("DYCOKE_DECODE_TIMEOUT", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"DYCOKE_DECODE_TIMEOUT must be a number of seconds (got {raw!r})") from None
+    if value <= 0:
+        raise UsageError(f"DYCOKE_DECODE_TIMEOUT must be positive (got {raw})")
+    return value
+
+
 def _check_video(path: Path) -> None:
     """Fail fast on a bad video, before paying for a model load."""
     from .video import probe_video
 
-    probe_video(path)
+    probe_video(path, timeout_s=_decode_timeout())
 
 
 def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, method, ttm_k, prune_p,
@@ -141,11 +155,14 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
     streamed = []
     stream_stdout = not json_out and getattr(display.state, "answer", None) is None
 
+    _partial_ids: list[int] = []
+
     class Listener:
         def stage(self, name, done=0, total=0):
             display.stage(name, done, total)
 
         def token(self, text, result):
+            _partial_ids[:] = result.token_ids
             display.token(text, result)
             if stream_stdout:
                 sys.stdout.write(text)
@@ -153,23 +170,25 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
                 streamed.append(text)
 
     result = None
+    settings = _RunSettings(frames, ttm_k, method_value.value, None if dtype.value == "auto" else f"torch.{dtype.value}")
     try:
-        display.stage("loading model")
-        lm = load_model(model_name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
-        if caption:
-            question = lm.defaults.caption_prompt
-        compression = compression.resolve(lm)
-        n = frames if frames is not None else lm.defaults.num_frames
-        enc = encode_video(lm, video, n, Listener())
-        result = answer(lm, enc, question, compression, sampling, Listener())
-        result.stats["video"] = enc.video.info.to_dict()
-    except Exception as exc:  # noqa: BLE001 - only out-of-memory is translated here
-        if _is_oom(exc):
-            raise DycokeError(_oom_advice(frames if frames is not None else None, ttm_k)) from None
-        raise
+        with _oom_guard(settings):
+            display.stage("loading model")
+            lm = load_model(model_name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
+            if caption:
+                question = lm.defaults.caption_prompt
+            compression = compression.resolve(lm)
+            n = frames if frames is not None else lm.defaults.num_frames
+            settings.update_from(lm, n, compression)
+            enc = encode_video(lm, video, n, Listener(), timeout_s=_decode_timeout())
+            result = answer(lm, enc, question, compression, sampling, Listener())
+            result.stats["video"] = enc.video.info.to_dict()
     except KeyboardInterrupt:
         display.close()
-        if stream_stdout and streamed:
+        if json_out:
+            partial = lm.tokenizer.decode(_partial_ids, skip_special_tokens=True).strip() if _partial_ids else ""
+            sys.stdout.write(json.dumps({"answer": partial, "interrupted": True}) + "\n")
+        elif stream_stdout and streamed:
             sys.stdout.write("\n")
         elif display.state.answer:
             sys.stdout.write(display.state.answer + "\n")
@@ -196,6 +215,28 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
         typer.echo(result.answer)  # the live panel showed it while streaming; now the real stdout
 
 
+class _RunSettings:
+    """What a run uses, filled in as it becomes known, for out-of-memory advice."""
+
+    def __init__(self, frames=None, ttm_k=None, method=None, dtype=None):
+        self.frames, self.ttm_k, self.method, self.dtype = frames, ttm_k, method, dtype
+
+    def update_from(self, lm, frames: int, compression) -> None:
+        self.frames, self.ttm_k = frames, compression.ttm_k
+        self.method, self.dtype = getattr(compression.method, "value", compression.method), str(lm.dtype)
+
+
+@contextmanager
+def _oom_guard(settings: _RunSettings):
+    """Turn an out-of-memory failure (host or GPU) into one line with settings that need less."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - everything else propagates unchanged
+        if _is_oom(exc):
+            raise DycokeError(_oom_advice(settings)) from None
+        raise
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -207,11 +248,22 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _oom_advice(frames: int | None, ttm_k: float | None) -> str:
-    fewer = f"--frames {max(1, frames // 2)}" if frames else "fewer --frames (e.g. --frames 16)"
-    k = ttm_k if ttm_k is not None else 0.7
-    higher = f"--ttm-k {min(0.9, round(k + 0.15, 2))}"
-    return f"out of memory; settings that need less: {fewer}, {higher}, or --dtype bfloat16"
+def _oom_advice(s: _RunSettings) -> str:
+    tips = []
+    if s.frames is None:
+        tips.append("fewer --frames")
+    elif s.frames > 1:
+        tips.append(f"--frames {s.frames // 2}")
+    if s.method in (None, "dycoke") and (s.ttm_k is None or s.ttm_k < 0.9):
+        tips.append(f"--ttm-k {min(0.9, round((s.ttm_k if s.ttm_k is not None else 0.7) + 0.15, 2))}")
+    elif s.method in ("none", "random", "frames", "fastv"):
+        tips.append("--method dycoke")
+    if s.dtype in (None, "torch.float32"):
+        tips.append("--dtype bfloat16")
+    if not tips:
+        return "out of memory even at the smallest settings; try a machine with more memory"
+    listed = tips[0] if len(tips) == 1 else ", ".join(tips[:-1]) + f"{',' if len(tips) > 2 else ''} or {tips[-1]}"
+    return f"out of memory; settings that need less: {listed}"
 
 
 @app.command()
@@ -326,7 +378,11 @@ def compare(
     n = frames if frames is not None else lm.defaults.num_frames
     if not (quiet or json_out):
         print(f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...", file=sys.stderr)
-    comp = run_compare(lm, video, question, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens))
+    settings = _RunSettings()
+    settings.update_from(lm, n, base)
+    with _oom_guard(settings):
+        comp = run_compare(lm, video, question, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens),
+                           timeout_s=_decode_timeout())
     rows = comp.rows()
     if json_out:
         typer.echo(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
@@ -343,7 +399,7 @@ def compare(
 
 @app.command("eval")
 def eval_cmd(
-    qa: Annotated[Path, typer.Argument(help="QA file: JSON lines with video (relative to the file), question, answer, optional kind.", show_default=False)],
+    qa: Annotated[Path, typer.Argument(help="QA file: JSON lines with video (relative to the file), question, answer, optional kind.", show_default=False, readable=False)],
     methods: MethodsOpt = "none,dycoke,fastv,random,frames",
     model: ModelOpt = None,
     frames: FramesOpt = None,
@@ -378,8 +434,12 @@ def eval_cmd(
     err = Console(stderr=True)
     with Progress(console=err, disable=quiet or json_out or not err.is_terminal, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
-        report = evaluate(lm, qa, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens),
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+        settings = _RunSettings()
+        settings.update_from(lm, n, base)
+        with _oom_guard(settings):
+            report = evaluate(lm, qa, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens),
+                              progress=lambda done, total: bar.update(task, completed=done, total=total),
+                              timeout_s=_decode_timeout())
     if json_out:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -441,10 +501,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("dycoke: interrupted", file=sys.stderr)
         code = 130
-    except MemoryError:
-        if debug:
+    except Exception as exc:  # noqa: BLE001 - a last net for out-of-memory outside the guarded runs
+        if debug or not _is_oom(exc):
             raise
-        print("dycoke: error: out of memory; try fewer --frames or a higher --ttm-k", file=sys.stderr)
+        print(f"dycoke: error: {_oom_advice(_RunSettings())}", file=sys.stderr)
         code = 1
     except BrokenPipeError:
         code = 0

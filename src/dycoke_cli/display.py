@@ -82,6 +82,8 @@ def render(state: LiveState):
         table.add_row("peak memory", _fmt_bytes(s["peak_memory_bytes"]))
     if s.get("flops_ratio_estimate") is not None:
         table.add_row("speedup (est.)", f"{s['flops_ratio_estimate']:.2f}x LLM FLOPs vs uncompressed")
+    for note in video_notes(s):
+        table.add_row("note", note)
     parts.append(table)
     if state.answer is not None:
         parts.append(Text.assemble(("answer: ", "bold"), state.answer))
@@ -133,6 +135,19 @@ class PlainDisplay(_Base):
         print(summary_line(self.state.stats), file=self.stream, flush=True)
 
 
+def video_notes(s: dict) -> list[str]:
+    """What the reader had to decide or work around: which stream, frames lost, fewer frames."""
+    video = s.get("video") or {}
+    notes = []
+    if video.get("video_streams", 1) > 1:
+        notes.append(f"read video stream {video['stream_index']} of {video['video_streams']} video streams")
+    if video.get("lost"):
+        notes.append(f"{video['lost']} sampled frame(s) lost to damage")
+    if video and video.get("sampled", 0) + video.get("lost", 0) < video.get("requested", 0):
+        notes.append(f"the clip has only {video['sampled']} distinct frames ({video['requested']} asked)")
+    return notes
+
+
 def summary_line(s: dict) -> str:
     parts = [f"[dycoke] visual tokens {s.get('visual_tokens')} -> {s.get('visual_tokens_prefill')}"
              f" (prefill {_pct(s.get('prefill_retention'))}, decode {s.get('visual_tokens_decode')})"]
@@ -146,7 +161,7 @@ def summary_line(s: dict) -> str:
         parts.append(f"KV {_fmt_bytes(s['kv_bytes']['working'])} attended")
     if s.get("flops_ratio_estimate") is not None:
         parts.append(f"est. speedup {s['flops_ratio_estimate']:.2f}x")
-    return "; ".join(parts)
+    return "; ".join(parts + video_notes(s))
 
 
 class LiveDisplay(_Base):

@@ -99,10 +99,10 @@ class Comparison:
 
 
 def compare(lm, video_path, question: str | None, methods: list[Method], frames: int,
-            base: CompressionOptions, sampling: SamplingOptions, listener=None) -> Comparison:
+            base: CompressionOptions, sampling: SamplingOptions, listener=None, timeout_s: float = 60.0) -> Comparison:
     """Run every method on the same encoded frames; the first is the baseline of the ratios."""
     question = question or lm.defaults.caption_prompt
-    enc = encode_video(lm, video_path, frames, listener)
+    enc = encode_video(lm, video_path, frames, listener, timeout_s=timeout_s)
     # Warm-up: one short untimed run so the first timed method pays no one-off costs.
     answer(lm, enc, question, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=2))
     comp = Comparison(question, enc.frames)
@@ -140,7 +140,7 @@ def read_qa(path: Path) -> list[EvalItem]:
 
 
 def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: CompressionOptions,
-             sampling: SamplingOptions, progress=None) -> dict:
+             sampling: SamplingOptions, progress=None, timeout_s: float = 60.0) -> dict:
     """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``."""
     items = read_qa(qa_path)
     by_video: dict[str, list[EvalItem]] = {}
@@ -149,7 +149,7 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: Compre
     records = []
     done, total = 0, len(items) * len(methods)
     for video, group in by_video.items():
-        enc = encode_video(lm, qa_path.parent / video, frames)
+        enc = encode_video(lm, qa_path.parent / video, frames, timeout_s=timeout_s)
         for method in methods:
             opts = replace(base, method=method)
             for item in group:

@@ -134,7 +134,8 @@ def visual_budget(frames: int, per_frame: int, k: float, p: float) -> int:
     return max(1, kept_per_frame(merged, p)) if p > 0 else merged
 
 
-def encode_video(lm, path: str | os.PathLike, num_frames: int, listener: Listener | None = None) -> EncodedVideo:
+def encode_video(lm, path: str | os.PathLike, num_frames: int, listener: Listener | None = None,
+                 timeout_s: float = 60.0) -> EncodedVideo:
     """Decode ``num_frames`` frames by time and run the vision tower once over them."""
     from .video import read_video
 
@@ -142,7 +143,7 @@ def encode_video(lm, path: str | os.PathLike, num_frames: int, listener: Listene
         listener.stage("decoding frames")
     t0 = time.perf_counter()
     spec = lm.frame_spec
-    video = read_video(path, num_frames, max_side=2 * max(spec.height, spec.width))
+    video = read_video(path, num_frames, max_side=2 * max(spec.height, spec.width), timeout_s=timeout_s)
     decode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     pixels = preprocess_frames(video.frames, spec)
@@ -222,9 +223,17 @@ class TextStream:
 
 
 def peak_memory(device) -> int | None:
-    """Peak bytes: allocator peak on CUDA, process max RSS on CPU."""
+    """Peak bytes: allocator peak on CUDA, the process's own resident high-water mark on CPU
+    (VmHWM; ru_maxrss would also count the parent's size at spawn on Linux)."""
     if getattr(device, "type", "") == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 
