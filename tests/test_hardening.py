@@ -480,3 +480,23 @@ def test_hour_long_clip_in_bounded_time_and_memory(tmp_path, tiny_model_dir):
     assert stats["timings_s"]["decode_video"] < 10, stats  # about 0.05-0.1 s: 32 seeks, not 3,600 decodes
     assert peak_rss < 2 * 2**30, peak_rss  # about 400 MiB, nearly all of it torch and transformers
     assert snapshot(folder) == before
+
+
+def test_ctrl_c_with_json_prints_the_partial_answer_as_json(tiny_model_dir, clip_path):
+    cmd = [sys.executable, "-m", "dycoke_cli", "ask", str(clip_path), QUESTION, "--model", str(tiny_model_dir),
+           "--max-new-tokens", "100000", "--no-compress", "--dtype", "float32", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(6)  # model load is ~2 s here; generation never ends on its own
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert stderr.decode() == "dycoke: interrupted\n"
+    payload = json.loads(stdout)
+    assert payload["interrupted"] is True and set(payload) == {"answer", "interrupted"}
+    assert isinstance(payload["answer"], str)

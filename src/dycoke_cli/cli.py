@@ -131,6 +131,25 @@ def _check_video(path: Path) -> None:
     probe_video(path, timeout_s=_decode_timeout())
 
 
+class _CliListener:
+    """Feeds the display; streams the answer to stdout unless the live panel shows it."""
+
+    def __init__(self, display, stream_stdout: bool):
+        self.display = display
+        self.stream_stdout = stream_stdout
+        self.text = ""  # the answer so far, for an interrupted run
+
+    def stage(self, name: str, done: int = 0, total: int = 0) -> None:
+        self.display.stage(name, done, total)
+
+    def token(self, text: str, result) -> None:
+        self.text = result.answer
+        self.display.token(text, result)
+        if self.stream_stdout:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+
 def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, method, ttm_k, prune_p,
                 prune_layer, refresh_threshold, frame_coverage, no_compress, offload_pruned, max_new_tokens, temperature,
                 top_p, seed, json_out, quiet, caption=False) -> None:
@@ -150,25 +169,8 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
                                      refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
                                      seed=seed if seed is not None else 0, frame_coverage=frame_coverage)
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    stdout_tty = sys.stdout.isatty()
-    display = make_display(quiet, json_out, model_name, method_value.value, stdout_is_terminal=stdout_tty)
-    streamed = []
-    stream_stdout = not json_out and getattr(display.state, "answer", None) is None
-
-    _partial_ids: list[int] = []
-
-    class Listener:
-        def stage(self, name, done=0, total=0):
-            display.stage(name, done, total)
-
-        def token(self, text, result):
-            _partial_ids[:] = result.token_ids
-            display.token(text, result)
-            if stream_stdout:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                streamed.append(text)
-
+    display = make_display(quiet, json_out, model_name, method_value.value, stdout_is_terminal=sys.stdout.isatty())
+    listener = _CliListener(display, stream_stdout=not json_out and display.state.answer is None)
     result = None
     settings = _RunSettings(frames, ttm_k, method_value.value, None if dtype.value == "auto" else f"torch.{dtype.value}")
     try:
@@ -180,18 +182,16 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
             compression = compression.resolve(lm)
             n = frames if frames is not None else lm.defaults.num_frames
             settings.update_from(lm, n, compression)
-            enc = encode_video(lm, video, n, Listener(), timeout_s=_decode_timeout())
-            result = answer(lm, enc, question, compression, sampling, Listener())
+            enc = encode_video(lm, video, n, listener, timeout_s=_decode_timeout())
+            result = answer(lm, enc, question, compression, sampling, listener)
             result.stats["video"] = enc.video.info.to_dict()
     except KeyboardInterrupt:
         display.close()
         if json_out:
-            partial = lm.tokenizer.decode(_partial_ids, skip_special_tokens=True).strip() if _partial_ids else ""
-            sys.stdout.write(json.dumps({"answer": partial, "interrupted": True}) + "\n")
-        elif stream_stdout and streamed:
-            sys.stdout.write("\n")
-        elif display.state.answer:
-            sys.stdout.write(display.state.answer + "\n")
+            sys.stdout.write(json.dumps({"answer": listener.text.strip(), "interrupted": True}) + "\n")
+        elif listener.text:
+            # streamed already: end the line; shown only in the panel: print it now
+            sys.stdout.write("\n" if listener.stream_stdout else listener.text + "\n")
         sys.stdout.flush()
         print("dycoke: interrupted", file=sys.stderr)
         raise typer.Exit(130)
@@ -209,7 +209,7 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
             "stats": result.stats,
         }
         typer.echo(json.dumps(payload, indent=2, default=str))
-    elif stream_stdout:
+    elif listener.stream_stdout:
         sys.stdout.write("\n")
     else:
         typer.echo(result.answer)  # the live panel showed it while streaming; now the real stdout
