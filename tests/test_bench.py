@@ -120,3 +120,18 @@ def test_bad_arguments_exit_with_usage_error():
         with pytest.raises(SystemExit) as exc:
             bench.parse_args(argv)
         assert exc.value.code == 2
+
+
+def test_packed_decode_attention_is_the_same_arithmetic():
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 14, 1, 64), torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    original = F.scaled_dot_product_attention
+    with bench.decode_attention("packed"):
+        assert F.scaled_dot_product_attention is not original
+        got = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert F.scaled_dot_product_attention is original
+    torch.testing.assert_close(got, want)

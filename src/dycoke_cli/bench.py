@@ -24,6 +24,7 @@ times stacked per method and frame count (drawn with Pillow, no matplotlib neede
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime as _dt
 import gc
@@ -201,6 +202,35 @@ def encode_prefixes(lm, frames, counts: list[int]):
     features = torch.cat(feats)
     per_count = {c: sum(s for s, e in zip(secs, ends) if e <= c) for c in counts}
     return features, newline, per_count
+
+
+@contextlib.contextmanager
+def decode_attention(kind: str):
+    """``stock``: torch's SDPA as transformers calls it. ``packed``: a what-if for single-query
+    steps with grouped-query attention: the query heads sharing a KV head are passed as that KV
+    head's queries ([1, H, 1, d] -> [1, KVH, H/KVH, d]), the same arithmetic without the
+    ``enable_gqa`` path, which on CPU is many times slower per decoding step at long contexts."""
+    import torch.nn.functional as F
+
+    if kind == "stock":
+        yield
+        return
+    original = F.scaled_dot_product_attention
+
+    def packed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if enable_gqa and query.shape[2] == 1 and attn_mask is None and key.shape[1] != query.shape[1]:
+            b, h, _, d = query.shape
+            kvh = key.shape[1]
+            out = original(query.reshape(b, kvh, h // kvh, d), key, value, dropout_p=dropout_p, scale=scale)
+            return out.reshape(b, h, 1, d)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = packed
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 # ----------------------------------------------------------------------------- memory
@@ -475,7 +505,9 @@ def markdown(report: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['device']}, {m['dtype']}; "
         f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. "
         f"One run; {report['config']['tokens']} decoding steps after the first token (EOS ignored). "
-        f"Ratios are against `none` at the same frame count (> 1: faster / smaller).",
+        f"Ratios are against `none` at the same frame count (> 1: faster / smaller)."
+        + (" **What-if run: single-query GQA attention packed per KV head (`--decode-attention packed`).**"
+           if report["config"].get("decode_attention") == "packed" else ""),
         "",
         "| frames | method | visual tokens prefill → decode | vision s | prefill s | decode ms/token | "
         "LLM s | TTFT s | total s | peak MB | KV MB | LLM × | decode × | TTFT × | total × | memory × |",
@@ -557,7 +589,7 @@ def draw_plot(report: dict, path: str | os.PathLike) -> None:
         d.line([(left, y), (left + plot_w, y)], fill=(225, 225, 225))
         d.text((left - 8, y), f"{tick:g}", fill="black", font=small, anchor="rm")
         tick += step
-    d.text((16, top + plot_h / 2), "s", fill="black", font=font, anchor="mm")
+    d.text((left - 8, top - 10), "seconds", fill="black", font=small, anchor="rb")
     group_w = plot_w / max(len(frames), 1)
     bar_w = group_w / (len(METHODS) + 1)
     for gi, fcount in enumerate(frames):
@@ -613,6 +645,9 @@ def parse_args(argv):
     p.add_argument("--json", default="dycoke-bench.json", help="where to write the JSON ('' to skip)")
     p.add_argument("--plot", default="dycoke-bench.png", help="where to write the PNG ('' to skip)")
     p.add_argument("--no-generate", action="store_true", help="skip timing model.generate")
+    p.add_argument("--decode-attention", default="stock", choices=["stock", "packed"],
+                   help="what-if: 'packed' runs single-query GQA attention as KV-head-grouped queries "
+                        "(same arithmetic, a faster CPU kernel); default: stock")
     args = p.parse_args(argv)
     try:
         args.frame_counts = sorted({int(x) for x in args.frames.split(",") if x.strip()})
@@ -694,6 +729,7 @@ def run(args, log=lambda msg: None) -> dict:
             "frames": counts,
             "tokens": args.tokens,
             "question": QUESTION,
+            "decode_attention": args.decode_attention,
             "methods": list(METHODS),
             "defaults": {"ttm_k": lm.defaults.ttm_k, "prune_p": lm.defaults.prune_p,
                          "prune_layer": lm.defaults.prune_layer, "refresh_threshold": 0.9, "fastv_layer": 2},
@@ -717,7 +753,8 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    report = run(args, log)
+    with decode_attention(args.decode_attention):
+        report = run(args, log)
     sys.stdout.write(markdown(report))
     sys.stdout.flush()
     if args.json:
