@@ -128,8 +128,8 @@ def branches_for(spec, packer: Packer, k: int, rng: np.random.Generator):
     """k question branches: every applicable kind once (colour-change clips have no plain
     colour question), the rest drawn at random, each in a random wording."""
     kinds = [kd for kd in KINDS if not (kd == "color" and spec.changes)]
-    while len(kinds) < k:
-        kinds.append(kinds[rng.integers(len(kinds))])
+    while len(kinds) < k:  # the caption is the hardest kind: it gets the spare slot
+        kinds.append("caption")
     kinds = kinds[:k]
     ids, labels = zip(*(packer.branch(question_variant(kd, spec, rng), answer_for(spec, kd)) for kd in kinds))
     return list(ids), list(labels), kinds
@@ -287,6 +287,18 @@ def aux_loss(head, feats, aux, background_weight: float = 0.1):
     return shape_l + color_l + 2 * xy_l + cov_l, (shape_l.item(), color_l.item(), xy_l.item(), cov_l.item(), acc)
 
 
+def lm_loss(logits, targets, decision_ids: torch.Tensor, decision_weight: float) -> torch.Tensor:
+    """Cross-entropy over the answer tokens and EOS. The caption's "moves"/"stays" token
+    decides, before any direction word, whether the object moves at all; it is one token in
+    a dozen per clip and was the caption's main error (the model wrote "moves still"), so
+    it weighs ``decision_weight``."""
+    flat_t = targets.reshape(-1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_t, ignore_index=-100, reduction="none")
+    w = (flat_t != -100).float()
+    w = torch.where(torch.isin(flat_t, decision_ids), w * decision_weight, w)
+    return (ce * w).sum() / w.sum()
+
+
 def lr_at(step: int, args) -> float:
     """Phase 1 (vision pre-training): warm-up then constant. Phase 2 (joint): warm-up again
     (the language model is fresh) then cosine to 5 %."""
@@ -326,6 +338,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--aux-weight", type=float, default=1.0)
+    ap.add_argument("--decision-weight", type=float, default=5.0, help="loss weight of the caption's moves/stays token")
     ap.add_argument("--pretrain-steps", type=int, default=800, help="vision pre-training steps (counted in --steps)")
     ap.add_argument("--pretrain-batch", type=int, default=128, help="independent frames per pre-training step")
     ap.add_argument("--eval-every", type=int, default=200)
@@ -366,6 +379,7 @@ def main(argv=None):
         print(f"packed forward vs model(): max |diff| = {diff:.2e}", flush=True)
         assert diff < 1e-4, diff
     model.train()
+    decision_ids = torch.tensor(tokenizer.convert_tokens_to_ids(["moves", "stays"]))
 
     t_h = time.time()
     heldout = make_heldout(args.heldout, args.heldout_seed, args, packer, fspec, args.ckpt_dir / "heldout_clips")
@@ -398,7 +412,7 @@ def main(argv=None):
                 td = time.time() - ts
                 logits, feats = packed_logits(model, packer, pix, ids, return_features=True)
                 targets = branch_targets(labels)
-                lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+                lm = lm_loss(logits, targets, decision_ids, args.decision_weight)
                 al, parts = aux_loss(aux_head, feats, aux)
                 loss = lm + args.aux_weight * al
             opt.zero_grad(set_to_none=True)
