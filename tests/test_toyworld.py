@@ -173,3 +173,52 @@ def test_write_dataset_lines(tmp_path):
     # Same seed, same set.
     qa2 = write_dataset(tmp_path / "ds2", 6, seed=11)
     assert qa2.read_text() == qa.read_text()
+
+
+def test_demo_model_answers_the_sample_clips():
+    """The shipped demo model, loaded with plain transformers, answers every question about
+    the shipped sample clips (decoded from h264 by segment centres) correctly."""
+    pytest.importorskip("av")
+    torch = pytest.importorskip("torch")
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    from dycoke_cli.preprocess import FrameSpec, preprocess_frames
+
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "src" / "dycoke_cli" / "demo_model"
+    samples = root / "sample_videos"
+    if not (folder / "model.safetensors").is_file() or not (samples / "qa.jsonl").is_file():
+        pytest.skip("demo model or sample clips not present")
+    try:
+        from dycoke_cli.video import read_video
+    except ImportError:
+        pytest.skip("dycoke_cli.video not available")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    defaults = json.loads((folder / "dycoke.json").read_text())
+    cfg = model.config.vision_config
+    fspec = FrameSpec.from_pretrained(folder, cfg.image_size)
+    per_frame = (-(-(cfg.image_size // cfg.patch_size) // 2)) ** 2
+    video = tok.convert_tokens_to_ids("<video>")
+    rows = [json.loads(line) for line in (samples / "qa.jsonl").read_text().splitlines()]
+    pix = {}
+    wrong = []
+    for r in rows:
+        if r["video"] not in pix:
+            frames = read_video(str(samples / r["video"]), defaults["num_frames"]).frames
+            pix[r["video"]] = preprocess_frames(np.asarray(frames), fspec)[None]
+        p = pix[r["video"]]
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": r["question"]}]}],
+            add_generation_prompt=True, tokenize=False)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        i = ids.index(video)
+        ids = ids[:i] + [video] * (p.shape[1] * per_frame + 1) + ids[i + 1:]
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=p, max_new_tokens=12, do_sample=False)
+        got = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        if got != r["answer"]:
+            wrong.append((r["video"], r["question"], r["answer"], got))
+    assert not wrong, wrong
