@@ -94,3 +94,26 @@ def test_kv_bytes_held(tiny_lm, encoded):
         "device_total": per_token_layer * (full_layers * (seq + fed) + pruned_layers * (seq - 14 + 4 + fed)),
         "saved_on_device": 0,  # a CPU run: nothing to take off an accelerator
     }
+
+
+def test_original_positions_keep_each_token_where_it_was(tiny_lm, encoded):
+    from dycoke_cli.pipeline import build_embeds, plan_tokens, prefill_positions
+
+    plan = plan_tokens(encoded, CompressionOptions().resolve(tiny_lm))
+    embeds, span = build_embeds(tiny_lm, QUESTION, plan.tokens, encoded.newline)
+    # "<|im_start|> user" | 14 kept of 32 visual | newline, 6 question tokens, 3 closing tokens
+    assert (span, embeds.shape[1]) == ((2, 16), 26)
+    positions = prefill_positions(span, plan, 32, 26, "original")
+    assert positions.tolist() == [0, 1, *(2 + i for i in plan.index.tolist()), *range(34, 44)]
+    assert prefill_positions(span, plan, 32, 26, "contiguous") is None
+    full = plan_tokens(encoded, CompressionOptions(method=Method.none).resolve(tiny_lm))
+    assert prefill_positions((2, 34), full, 32, 44, "original") is None
+
+
+def test_original_positions_change_the_answer_only_when_tokens_were_dropped(tiny_lm, encoded):
+    opts = SamplingOptions(max_new_tokens=10)
+    plain = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none), opts)
+    same = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none, positions="original"), opts)
+    assert same.token_ids == plain.token_ids
+    with pytest.raises(Exception, match=r"--positions must be one of contiguous, original \(got 'sideways'\)"):
+        answer(tiny_lm, encoded, QUESTION, CompressionOptions(positions="sideways"), opts)

@@ -69,6 +69,12 @@ PrunePOpt = Annotated[Optional[float], typer.Option("--prune-p", help="Decode pr
 PruneLayerOpt = Annotated[Optional[int], typer.Option("--prune-layer", help="First layer L whose attention is pruned (layer L-1 is probed) [default: model's, 3].", show_default=False)]
 RefreshOpt = Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")]
 CoverageOpt = Annotated[float, typer.Option("--frame-coverage", help="Share of the decode budget spread evenly over frames, in [0, 1]; 0 = the paper's top-k (not in the paper).")]
+class PositionsChoice(str, Enum):
+    contiguous = "contiguous"
+    original = "original"
+
+
+PositionsOpt = Annotated[Optional[PositionsChoice], typer.Option("--positions", help="Position ids of kept visual tokens: contiguous (the paper) or original (as in the full video) [default: the model's, contiguous].", show_default=False)]
 NoCompressOpt = Annotated[bool, typer.Option("--no-compress", help="Same as --method none.")]
 OffloadOpt = Annotated[bool, typer.Option("--offload-pruned", help="Keep pruned KV entries in host memory instead of on the accelerator.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")]
@@ -151,7 +157,7 @@ class _CliListener:
 
 
 def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, method, ttm_k, prune_p,
-                prune_layer, refresh_threshold, frame_coverage, no_compress, offload_pruned, max_new_tokens, temperature,
+                prune_layer, refresh_threshold, frame_coverage, positions, no_compress, offload_pruned, max_new_tokens, temperature,
                 top_p, seed, json_out, quiet, caption=False) -> None:
     _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh_threshold, frame_coverage)
     if not caption and not question.strip():
@@ -167,7 +173,8 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
     method_value = Method.none if no_compress else Method(method.value)
     compression = CompressionOptions(method=method_value, ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
                                      refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
-                                     seed=seed if seed is not None else 0, frame_coverage=frame_coverage)
+                                     seed=seed if seed is not None else 0, frame_coverage=frame_coverage,
+                                     positions=positions.value if positions else None)
     sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     display = make_display(quiet, json_out, model_name, method_value.value, stdout_is_terminal=sys.stdout.isatty())
     listener = _CliListener(display, stream_stdout=not json_out and display.state.answer is None)
@@ -278,6 +285,7 @@ def ask(
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
     frame_coverage: CoverageOpt = 0.0,
+    positions: PositionsOpt = None,
     no_compress: NoCompressOpt = False,
     offload_pruned: OffloadOpt = False,
     max_new_tokens: MaxNewOpt = 256,
@@ -305,6 +313,7 @@ def caption(
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
     frame_coverage: CoverageOpt = 0.0,
+    positions: PositionsOpt = None,
     no_compress: NoCompressOpt = False,
     offload_pruned: OffloadOpt = False,
     max_new_tokens: MaxNewOpt = 256,
@@ -334,12 +343,13 @@ def _load_for(model, allow_pickle, device, dtype, quiet):
     return load_model(name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
 
 
-def _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, offload_pruned, seed):
+def _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, positions, offload_pruned, seed):
     from .pipeline import CompressionOptions
 
     return CompressionOptions(ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
                               refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
-                              seed=seed if seed is not None else 0, frame_coverage=frame_coverage)
+                              seed=seed if seed is not None else 0, frame_coverage=frame_coverage,
+                              positions=positions.value if positions else None)
 
 
 @app.command()
@@ -354,6 +364,7 @@ def compare(
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
     frame_coverage: CoverageOpt = 0.0,
+    positions: PositionsOpt = None,
     offload_pruned: OffloadOpt = False,
     max_new_tokens: MaxNewOpt = 256,
     seed: SeedOpt = None,
@@ -374,7 +385,7 @@ def compare(
     from .generate import SamplingOptions
 
     lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
-    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, offload_pruned, seed).resolve(lm)
+    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, positions, offload_pruned, seed).resolve(lm)
     n = frames if frames is not None else lm.defaults.num_frames
     if not (quiet or json_out):
         print(f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...", file=sys.stderr)
@@ -408,6 +419,7 @@ def eval_cmd(
     prune_layer: PruneLayerOpt = None,
     refresh_threshold: RefreshOpt = 0.9,
     frame_coverage: CoverageOpt = 0.0,
+    positions: PositionsOpt = None,
     max_new_tokens: MaxNewOpt = 32,
     seed: SeedOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
@@ -429,7 +441,7 @@ def eval_cmd(
     from .generate import SamplingOptions
 
     lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
-    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, False, seed).resolve(lm)
+    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, positions, False, seed).resolve(lm)
     n = frames if frames is not None else lm.defaults.num_frames
     err = Console(stderr=True)
     with Progress(console=err, disable=quiet or json_out or not err.is_terminal, transient=True) as bar:

@@ -82,10 +82,11 @@ def choose_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.G
 
 
 def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
-           timings: DecodeTimings | None = None) -> Iterator[int]:
+           timings: DecodeTimings | None = None, positions: torch.Tensor | None = None) -> Iterator[int]:
     """Prefill ``embeds`` [1, S, D], then yield token ids one by one until EOS or the limit.
 
-    The EOS token itself is not yielded.
+    ``positions`` [S] are the prefill's position ids (default ``0..S-1``); generated tokens
+    continue after the last one. The EOS token itself is not yielded.
     """
     timings = timings if timings is not None else DecodeTimings()
     generator = None
@@ -97,7 +98,10 @@ def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
     embed_tokens = lm.decoder.embed_tokens
     with torch.inference_mode():
         t0 = time.perf_counter()
-        positions = torch.arange(seq, device=embeds.device).unsqueeze(0)
+        if positions is None:
+            positions = torch.arange(seq, device=embeds.device)
+        positions = positions.to(embeds.device).unsqueeze(0)
+        next_position = int(positions[0, -1]) + 1
         logits = run_layers(lm, embeds, positions, cache, probe)
         token = choose_token(logits.cpu(), opts, generator)
         sync(embeds.device)
@@ -109,7 +113,7 @@ def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
             if step + 1 == opts.max_new_tokens:
                 return
             t0 = time.perf_counter()
-            pos = torch.tensor([[seq + step]], device=embeds.device)
+            pos = torch.tensor([[next_position + step]], device=embeds.device)
             x = embed_tokens(torch.tensor([[token]], device=embeds.device))
             logits = run_layers(lm, x, pos, cache, probe)
             token = choose_token(logits.cpu() if generator is not None else logits, opts, generator)

@@ -28,7 +28,7 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", 
 
 # The paper's settings for real LLaVA-OneVision checkpoints (NOTES section 1); a checkpoint
 # may override them with a dycoke.json of its own (the demo model does).
-PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0.7}
+PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0.7, "positions": "contiguous"}
 CAPTION_PROMPT = "Describe this video in detail."
 
 
@@ -38,6 +38,7 @@ class ModelDefaults:
     prune_layer: int = 3
     ttm_k: float = 0.7
     prune_p: float = 0.7
+    positions: str = "contiguous"  # position ids of kept visual tokens (pipeline.POSITION_MODES)
     caption_prompt: str = CAPTION_PROMPT
 
     @classmethod

@@ -29,6 +29,9 @@ FASTV_LAYER = 2  # FastV prunes after layer K = 2 (its paper's default), using l
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
 
 
+POSITION_MODES = ("contiguous", "original")
+
+
 class Method(str, Enum):
     dycoke = "dycoke"
     fastv = "fastv"
@@ -49,6 +52,10 @@ class CompressionOptions:
     offload_pruned: bool = False
     seed: int = 0  # for the random baseline
     frame_coverage: float = 0.0  # share of the decode budget spread over frames (0 = the paper's top-k)
+    # Position ids of the kept visual tokens: "contiguous" (the paper: merged tokens are
+    # renumbered) or "original" (each keeps the position it had in the full video, so the text
+    # after the video sits where it would without compression). None: the checkpoint's default.
+    positions: str | None = None
 
     def resolve(self, lm) -> "CompressionOptions":
         """Fill defaults from the checkpoint and validate against its depth; UsageError if off."""
@@ -59,7 +66,10 @@ class CompressionOptions:
             ttm_k=d.ttm_k if self.ttm_k is None else self.ttm_k,
             prune_p=d.prune_p if self.prune_p is None else self.prune_p,
             prune_layer=d.prune_layer if self.prune_layer is None else self.prune_layer,
+            positions=d.positions if self.positions is None else self.positions,
         )
+        if opts.positions not in POSITION_MODES:
+            raise UsageError(f"--positions must be one of {', '.join(POSITION_MODES)} (got {opts.positions!r})")
         if not 0.0 <= opts.ttm_k < 1.0:
             raise UsageError(f"--ttm-k must be in [0, 1) (got {opts.ttm_k})")
         if not 0.0 <= opts.prune_p < 1.0:
@@ -251,19 +261,21 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     plan = plan_tokens(enc, opts)
     merge_s = time.perf_counter() - t_start
     embeds, span = build_embeds(lm, question, plan.tokens, enc.newline)
-    sampling = _fit_context(lm, embeds.shape[1], span, sampling)
+    seq = embeds.shape[1]
+    total_visual = enc.frames * enc.tokens_per_frame
+    positions = prefill_positions(span, plan, total_visual, seq, opts.positions)
+    extent = seq if positions is None else int(positions[-1]) + 1
+    sampling = _fit_context(lm, extent, span, sampling)
     selector = None
     if plan.selector == "dycoke":
         selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold,
                                   frame_of=plan.index // enc.tokens_per_frame, coverage=opts.frame_coverage)
     elif plan.selector == "fastv":
         selector = PrefillSelector(plan.prune_from, span, plan.keep)
-    seq = embeds.shape[1]
     cache = PrunedKVCache(lm.num_layers, seq + sampling.max_new_tokens + 1,
                           selector if isinstance(selector, DecodeSelector) else None, opts.offload_pruned)
     stream = TextStream(lm.tokenizer)
     result = Result("", [], method.value, {**opts.to_dict(), **sampling.to_dict()})
-    total_visual = enc.frames * enc.tokens_per_frame
     result.stats = _base_stats(enc, plan, total_visual, seq, opts)
     timings = DecodeTimings()
     if listener:
@@ -271,7 +283,7 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     first_token_at = None
     t_gen = time.perf_counter()
     with PeakMemory(lm.device) as memory:
-        for token in decode(lm, embeds, cache, sampling, selector, timings):
+        for token in decode(lm, embeds, cache, sampling, selector, timings, positions):
             if first_token_at is None:
                 first_token_at = time.perf_counter() - t_gen
                 if listener:
@@ -292,12 +304,25 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     return result
 
 
+def prefill_positions(span: tuple[int, int], plan: Plan, total_visual: int, seq: int,
+                      mode: str) -> torch.Tensor | None:
+    """Position ids of the prefill: None (contiguous 0..S-1) or, in "original" mode, the text
+    before the video, each kept visual token at ``start + its flat index``, and everything after
+    the video shifted as if no token had been dropped."""
+    if mode == "contiguous" or plan.tokens.shape[0] == total_visual:
+        return None
+    start, end = span
+    after = torch.arange(start + total_visual, start + total_visual + seq - end)
+    return torch.cat([torch.arange(start), plan.index.cpu() + start, after])
+
+
 def context_length(lm) -> int | None:
     return getattr(lm.model.config.text_config, "max_position_embeddings", None)
 
 
 def _fit_context(lm, seq: int, span: tuple[int, int], sampling: SamplingOptions) -> SamplingOptions:
-    """Refuse a prompt longer than the model's context; shorten generation to what fits."""
+    """Refuse a prompt longer than the model's context; shorten generation to what fits.
+    ``seq`` is the prompt's extent in positions (its length, or more with original positions)."""
     limit = context_length(lm)
     if limit is None:
         return sampling
