@@ -81,23 +81,30 @@ class Packer:
         pad = self.B - len(ids)
         return ids + [self.pad] * pad, labels + [-100] * pad
 
-    def layout(self, k: int):
-        """4D bool mask [1, 1, L, L] and position ids [1, L] for a prefix plus k branches."""
-        L = self.P + k * self.B
+    def layout(self, k: int, prefix_len: int | None = None):
+        """4D bool mask [1, 1, L, L] and position ids [1, L] for a prefix plus k branches
+        (``prefix_len``: a prefix shortened by token compression)."""
+        P = self.P if prefix_len is None else prefix_len
+        return self._layout(k, P)
+
+    def _layout(self, k: int, P: int):
+        self_P = P
+        L = self_P + k * self.B
         mask = torch.zeros(L, L, dtype=torch.bool)
-        mask[: self.P, : self.P] = torch.tril(torch.ones(self.P, self.P, dtype=torch.bool))
+        mask[: self_P, : self_P] = torch.tril(torch.ones(self_P, self_P, dtype=torch.bool))
         tri = torch.tril(torch.ones(self.B, self.B, dtype=torch.bool))
         pos = torch.empty(L, dtype=torch.long)
-        pos[: self.P] = torch.arange(self.P)
+        pos[: self_P] = torch.arange(self_P)
         for j in range(k):
-            s = self.P + j * self.B
-            mask[s: s + self.B, : self.P] = True
+            s = self_P + j * self.B
+            mask[s: s + self.B, : self_P] = True
             mask[s: s + self.B, s: s + self.B] = tri
-            pos[s: s + self.B] = torch.arange(self.P, self.P + self.B)
+            pos[s: s + self.B] = torch.arange(self_P, self_P + self.B)
         return mask[None, None], pos[None]
 
 
-def packed_logits(model, packer: Packer, pixel_values, branch_ids, return_features: bool = False):
+def packed_logits(model, packer: Packer, pixel_values, branch_ids, return_features: bool = False,
+                  ttm_k: float | None = None):
     """pixel_values [N, T, 3, h, w]; branch_ids long [N, k, B]. Returns logits [N, k, B, vocab]
     for the branch positions (logit at position i predicts token i+1 of the branch; the
     first answer token is predicted from the last question position), and optionally the
@@ -107,16 +114,23 @@ def packed_logits(model, packer: Packer, pixel_values, branch_ids, return_featur
     out = core.get_video_features(pixel_values, vision_feature_layer=model.config.vision_feature_layer,
                                   vision_feature_select_strategy=model.config.vision_feature_select_strategy)
     feats = out.pooler_output  # [N, V, D] (frames * tokens + newline)
+    T = pixel_values.shape[1]
+    per_frame = feats[:, :-1].reshape(N, T, -1, feats.shape[-1])
+    video = feats
+    if ttm_k:  # DyCoke's TTM, as the product applies it: kept tokens packed, positions contiguous
+        from dycoke_cli.compression.ttm import temporal_merge
+
+        kept = torch.stack([temporal_merge(per_frame[i], ttm_k)[0] for i in range(N)])
+        video = torch.cat([kept, feats[:, -1:]], dim=1)
     emb = core.get_input_embeddings()
     head = emb(torch.tensor(packer.head)).unsqueeze(0).expand(N, -1, -1)
     branches = emb(branch_ids.view(N, k * B))
-    x = torch.cat([head, feats.to(head.dtype), branches], dim=1)
-    mask, pos = packer.layout(k)
+    x = torch.cat([head, video.to(head.dtype), branches], dim=1)
+    P = len(packer.head) + video.shape[1]
+    mask, pos = packer.layout(k, P)
     h = core.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos.expand(N, -1)).last_hidden_state
-    logits = model.lm_head(h[:, packer.P - 0:, :]).view(N, k, B, -1)
+    logits = model.lm_head(h[:, P:, :]).view(N, k, B, -1)
     if return_features:
-        T = pixel_values.shape[1]
-        per_frame = feats[:, :-1].reshape(N, T, -1, feats.shape[-1])
         return logits, per_frame
     return logits
 

@@ -204,12 +204,12 @@ def make_heldout(n: int, seed: int, args, packer: Packer, fspec: FrameSpec, fold
 
 
 @torch.no_grad()
-def evaluate(model, packer: Packer, heldout) -> dict:
+def evaluate(model, packer: Packer, heldout, ttm_k: float | None = None) -> dict:
     model.eval()
     pix, ids, labels, kinds = heldout
     hits: dict[str, list[int]] = {}
     for p, i, l, kd in zip(pix, ids, labels, kinds):
-        logits = packed_logits(model, packer, p[None], torch.tensor([i]))
+        logits = packed_logits(model, packer, p[None], torch.tensor([i]), ttm_k=ttm_k)
         ok = exact_match(logits, branch_targets(torch.tensor([l])))[0]
         for kind, good in zip(kd, ok.tolist()):
             hits.setdefault(kind, []).append(int(good))
@@ -338,6 +338,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--aux-weight", type=float, default=1.0)
+    ap.add_argument("--ttm-p", type=float, default=0.0,
+                    help="fraction of joint steps whose video tokens go through DyCoke's TTM (random K)")
     ap.add_argument("--decision-weight", type=float, default=5.0, help="loss weight of the caption's moves/stays token")
     ap.add_argument("--pretrain-steps", type=int, default=800, help="vision pre-training steps (counted in --steps)")
     ap.add_argument("--pretrain-batch", type=int, default=128, help="independent frames per pre-training step")
@@ -410,7 +412,11 @@ def main(argv=None):
             else:
                 pix, aux, ids, labels = make_batch(step, args, packer, fspec, grid)
                 td = time.time() - ts
-                logits, feats = packed_logits(model, packer, pix, ids, return_features=True)
+                ttm_k = None
+                r = np.random.default_rng([args.seed, 7, step]).random()
+                if r < args.ttm_p:  # train on what DyCoke's TTM leaves, too
+                    ttm_k = float(np.random.default_rng([args.seed, 8, step]).choice([0.5, 0.6, 0.7, 0.7, 0.8]))
+                logits, feats = packed_logits(model, packer, pix, ids, return_features=True, ttm_k=ttm_k)
                 targets = branch_targets(labels)
                 lm = lm_loss(logits, targets, decision_ids, args.decision_weight)
                 al, parts = aux_loss(aux_head, feats, aux)
@@ -432,6 +438,9 @@ def main(argv=None):
                 res["step"] = step
                 history.append(res)
                 print("EVAL step %d: " % step + " ".join(f"{k} {v:.3f}" for k, v in res.items() if k != "step"), flush=True)
+                if args.ttm_p:
+                    rt = evaluate(model, packer, heldout, ttm_k=0.7)
+                    print("  with TTM K=0.7: " + " ".join(f"{k} {v:.3f}" for k, v in rt.items()), flush=True)
                 if (res["min_kind"], res["overall"]) >= (best["min_kind"], best["overall"]):
                     best = res
                     save(best_path)
