@@ -464,6 +464,65 @@ def evaluate_targets(runs: list[dict], generate: list[dict]) -> list[dict]:
     return out
 
 
+def memory_pass_subprocess(args, arch: Arch, counts, per_frame: int, hidden: int, log) -> dict | None:
+    """Run ``_memory_child`` in a fresh interpreter; {"frames/method": peak bytes} or None."""
+    import subprocess
+
+    cfg = {"quick": bool(args.quick), "dtype": args.dtype, "device": args.device, "threads": args.threads,
+           "counts": list(counts), "per_frame": per_frame, "hidden": hidden}
+    code = "import json, sys; from dycoke_cli.bench import _memory_child; _memory_child(json.loads(sys.argv[1]))"
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
+                             env=env, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"memory pass failed ({type(exc).__name__}); keeping the peaks of the timed runs")
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
+        log(f"memory pass failed (exit {out.returncode}: {tail}); keeping the peaks of the timed runs")
+        return None
+    return json.loads(lines[-1])
+
+
+def _memory_child(cfg: dict) -> None:
+    """Child of memory_pass_subprocess: pin the allocator first, build the model, warm up, then one
+    answer per (frame count, method) on random visual tokens of the real shape (TTM keeps a fixed
+    number of tokens per frame, so the memory is that of real features), peaks as JSON on stdout."""
+    pinned = pin_malloc()
+    import torch
+
+    from .model import pick_device, pick_dtype
+    from .pipeline import EncodedVideo
+
+    torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    lm = build_model(QUICK if cfg["quick"] else FULL, dtype, device)
+    mem = PeakMemory(device)
+    g = torch.Generator().manual_seed(0)
+    top = max(cfg["counts"])
+    feats = (torch.randn(top, cfg["per_frame"], cfg["hidden"], generator=g) * 0.5).to(device, dtype)
+    newline = torch.randn(1, cfg["hidden"], generator=g).to(device, dtype)
+
+    def enc(count):
+        return EncodedVideo(stand_in_video(synthetic_frames(count, 8), count), feats[:count], newline, 0.0, 0.0)
+
+    warm = enc(min(4, top))
+    for method in METHODS:
+        run_method(lm, warm, method, 1, 0.0, mem)
+    peaks = {}
+    for count in cfg["counts"]:
+        e = enc(count)
+        for method in METHODS:
+            peaks[f"{count}/{method}"] = run_method(lm, e, method, MEMORY_PASS_TOKENS, 0.0, mem)["peak_bytes"]
+    peaks["pinned"] = pinned
+    print(json.dumps(peaks), flush=True)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -739,22 +798,22 @@ def run(args, log=lambda msg: None) -> dict:
             generate.append(g)
             log(f"{count:3d} frames  model.generate {g['generate_s']:.2f} s vs our loop {g['loop_s']:.2f} s")
 
-    # Memory pass: the timings above ran with the allocator as users get it; the peaks are taken
-    # again here with glibc's allocator pinned (see pin_malloc), each method run once more with a
-    # short decode (the peak is in the prefill; DyCoke's first selection happens at step 1).
+    # Memory pass: the timings above ran with the allocator as users get it, in a process that has
+    # already run the vision tower, model.generate and other methods, whose heap state moved a
+    # method's RSS peak by up to 1.5x. The peaks are taken again in a fresh process (as a
+    # `dycoke ask` is), with glibc's allocator pinned from its start (see pin_malloc).
     memory_method = mem.method + " (allocator as is, during the timed runs)"
-    if not mem.cuda and mem.method != "unavailable" and pin_malloc():
-        memory_method = (f"{mem.method}, separate pass with glibc's mmap threshold pinned to "
-                         f"{PINNED_MMAP_THRESHOLD // 1024} KiB; {MEMORY_PASS_TOKENS} decoding steps")
-        for count in counts:
-            enc = EncodedVideo(stand_in_video(frames[:count], count), features[:count], newline, 0.0,
-                               vision_s[count])
-            for method in METHODS:
-                m = run_method(lm, enc, method, MEMORY_PASS_TOKENS, vision_s[count], mem)
-                r = next(r for r in runs if r["frames"] == count and r["method"] == method)
-                r["peak_bytes"] = m["peak_bytes"]
-                log(f"{count:3d} frames  {method:7s} peak {(m['peak_bytes'] or 0) / 2**20:6.0f} MB "
-                    f"(allocator pinned; {(r['peak_bytes_default_allocator'] or 0) / 2**20:.0f} MB as is)")
+    if not mem.cuda and mem.method != "unavailable":
+        log("memory pass in a fresh process ...")
+        peaks = memory_pass_subprocess(args, arch, counts, lm.tokens_per_frame, lm.hidden_size, log)
+        if peaks is not None:
+            memory_method = (f"{mem.method}, fresh process, glibc's mmap threshold pinned to "
+                             f"{PINNED_MMAP_THRESHOLD // 1024} KiB, {MEMORY_PASS_TOKENS} decoding steps")
+            for r in runs:
+                r["peak_bytes"] = peaks.get(f"{r['frames']}/{r['method']}")
+                log(f"{r['frames']:3d} frames  {r['method']:7s} peak {(r['peak_bytes'] or 0) / 2**20:6.0f} MB "
+                    f"(fresh process, allocator pinned; {(r['peak_bytes_default_allocator'] or 0) / 2**20:.0f} "
+                    f"MB in the timed run)")
 
     add_ratios(runs)
     report = {
