@@ -8,7 +8,7 @@ benchmark (full-size architecture, random weights). Nothing here downloads anyth
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .preprocess import FrameSpec
@@ -148,10 +148,3 @@ def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None
         (folder / "dycoke.json").write_text(json.dumps(dycoke_defaults, indent=2) + "\n")
     return folder
 
-
-def frame_spec_for(spec: TinySpec) -> FrameSpec:
-    return FrameSpec(spec.image_size, spec.image_size, spec.mean, spec.std)
-
-
-def spec_dict(spec: TinySpec) -> dict:
-    return asdict(spec)
