@@ -349,7 +349,7 @@ class _Clip:
         self.deadline, self.timeout_s = deadline, timeout_s
         _check_file(self.path)
         try:
-            self.container = av.open(self.path, metadata_errors="replace")
+            self.container = _open_container(self.path)
         except (av.FFmpegError, OSError, ValueError) as e:
             raise self._open_error(e) from None
         try:
@@ -363,7 +363,7 @@ class _Clip:
                 raise self.error("video codec not supported by this FFmpeg build")
             self.check_size(self.stream.codec_context.width, self.stream.codec_context.height)
             self.video_streams = len(videos)
-            self.time_base = self.stream.time_base or Fraction(1, 1000)
+            self.time_base = _fraction(self.stream.time_base) or Fraction(1, 1000)
             rate = self.stream.average_rate or self.stream.guessed_rate
             self.frame_step = float(1 / rate) if rate else 1 / 25  # for frames without pts
             self._timing_cache: tuple[float | None, float | None] | None = None
@@ -430,7 +430,7 @@ class _Clip:
         first = end = None
         count = 0
         try:
-            with av.open(self.path, metadata_errors="replace") as c:
+            with _open_container(self.path) as c:
                 for packet in c.demux(c.streams[self.stream.index]):
                     self.check_time()
                     if packet.size == 0:
@@ -534,6 +534,27 @@ class _Clip:
                 yield None
                 return
             yield packet
+
+
+def _open_container(source: str) -> av.container.InputContainer:
+    """``av.open`` for reading, one call for PyAV 14 to 19.
+
+    PyAV up to 18 decodes metadata strictly unless told ``metadata_errors="replace"`` (a tag in
+    another encoding than UTF-8 would fail the open); PyAV 19 removed the argument, and decodes
+    with ``surrogateescape``, which never fails. So it is passed, and left out where refused.
+    """
+    try:
+        return av.open(source, "r", metadata_errors="replace")
+    except TypeError as e:
+        if "metadata_errors" not in str(e):
+            raise
+    return av.open(source, "r")
+
+
+def _fraction(rational) -> Fraction | None:
+    """A stream's time base as a Fraction (PyAV 19 returns its own ``AVRational``, falsy when
+    unset; older PyAV a Fraction or None)."""
+    return Fraction(rational.numerator, rational.denominator) if rational else None
 
 
 def _rotation(frame: av.VideoFrame) -> int:
