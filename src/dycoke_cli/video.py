@@ -47,6 +47,7 @@ file is only read, never written.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -75,6 +76,10 @@ _UNSPECIFIED_RANGE = 0
 # Two times closer than this (seconds) are the same time: frame pts are exact rationals, the
 # targets are floats, and a tie must go to the earlier frame however the float rounds.
 _TIME_EPS = 1e-9
+
+# The protocol whitelist FFmpeg gets: no protocol is named so (FFmpeg reads the file through
+# the file object it is given, and opens nothing else).
+_NO_PROTOCOL = "none"
 
 # File signatures of containers we know, to tell "damaged video" from "not a video".
 _VIDEO_MAGIC = (
@@ -347,11 +352,13 @@ class _Clip:
     def __init__(self, path: str | os.PathLike, deadline: float, timeout_s: float):
         self.path = os.fsdecode(path)
         self.deadline, self.timeout_s = deadline, timeout_s
-        _check_file(self.path)
+        self.file = _open_file(self.path)
         try:
-            self.container = _open_container(self.path)
+            self.container = _open_container(self.file)
         except (av.FFmpegError, OSError, ValueError) as e:
-            raise self._open_error(e) from None
+            error = self._open_error(e)
+            self.file.close()
+            raise error from None
         try:
             videos = [s for s in self.container.streams.video
                       if not s.disposition & av.stream.Disposition.attached_pic]
@@ -368,14 +375,18 @@ class _Clip:
             self.frame_step = float(1 / rate) if rate else 1 / 25  # for frames without pts
             self._timing_cache: tuple[float | None, float | None] | None = None
         except BaseException:
-            self.container.close()
+            self.close()
             raise
 
     def __enter__(self) -> _Clip:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.container.close()
+        self.file.close()  # PyAV leaves a file object it was given open
 
     def error(self, problem: str) -> VideoError:
         return VideoError(f"{self.path}: {problem}")
@@ -384,8 +395,8 @@ class _Clip:
         if isinstance(e, PermissionError):
             return self.error("permission denied")
         try:
-            with open(self.path, "rb") as f:
-                head = f.read(12)
+            self.file.seek(0)
+            head = self.file.read(12)
         except OSError:
             head = b""
         if any(head[at:at + len(magic)] == magic for at, magic in _VIDEO_MAGIC):
@@ -430,7 +441,7 @@ class _Clip:
         first = end = None
         count = 0
         try:
-            with _open_container(self.path) as c:
+            with _open_file(self.path) as f, _open_container(f) as c:
                 for packet in c.demux(c.streams[self.stream.index]):
                     self.check_time()
                     if packet.size == 0:
@@ -441,8 +452,8 @@ class _Clip:
                         t_end = t + float((packet.duration or 0) * self.time_base)
                         first = t if first is None else min(first, t)
                         end = t_end if end is None else max(end, t_end)
-        except (av.FFmpegError, OSError):
-            pass  # keep what was read before the damage
+        except (av.FFmpegError, OSError, VideoError):
+            pass  # keep what was read before the damage (or the file vanished meanwhile)
         if end is None:  # no timestamps: count frames at the nominal rate
             return 0.0, (count * self.frame_step if count else None)
         return first, end
@@ -536,19 +547,26 @@ class _Clip:
             yield packet
 
 
-def _open_container(source: str) -> av.container.InputContainer:
-    """``av.open`` for reading, one call for PyAV 14 to 19.
+def _open_container(file: io.RawIOBase) -> av.container.InputContainer:
+    """``av.open`` for reading an open file, one call for PyAV 14 to 19.
+
+    FFmpeg gets a file object, never a name: a name is a URL to FFmpeg, and it would read
+    ``concat:a.mp4|b.mp4`` as two other files, ``file:x`` as ``x``, ``pic%d.png`` as
+    ``pic1.png``. With the protocol whitelist empty, a demuxer that opens the files a playlist
+    names (ffconcat, HLS) cannot either: such a file is not a video itself.
 
     PyAV up to 18 decodes metadata strictly unless told ``metadata_errors="replace"`` (a tag in
     another encoding than UTF-8 would fail the open); PyAV 19 removed the argument, and decodes
     with ``surrogateescape``, which never fails. So it is passed, and left out where refused.
     """
+    options = {"protocol_whitelist": _NO_PROTOCOL}
     try:
-        return av.open(source, "r", metadata_errors="replace")
+        return av.open(file, "r", container_options=options, metadata_errors="replace")
     except TypeError as e:
         if "metadata_errors" not in str(e):
             raise
-    return av.open(source, "r")
+    file.seek(0)
+    return av.open(file, "r", container_options=options)
 
 
 def _fraction(rational) -> Fraction | None:
@@ -572,28 +590,35 @@ def _deadline(timeout_s: float) -> float:
     return time.monotonic() + timeout_s
 
 
-def _check_file(path: str) -> None:
-    """Reject what FFmpeg should never be handed: it could hang on a FIFO or a device."""
+def _open_file(path: str) -> io.FileIO:
+    """The file, open for reading; what FFmpeg should never be handed (it could hang on a FIFO
+    or a device) or cannot read is a VideoError. Opened without blocking (a FIFO would wait for
+    a writer), then checked: the file checked is the file read."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
+        file = open(path, "rb", buffering=0, opener=_open_nonblocking)
+    except (FileNotFoundError, NotADirectoryError):
         raise VideoError(f"{path}: no such file") from None
-    except NotADirectoryError:
-        raise VideoError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise VideoError(f"{path}: is a directory, not a video file") from None
     except PermissionError:
         raise VideoError(f"{path}: permission denied") from None
     except (OSError, ValueError) as e:
         raise VideoError(f"{path}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+    problem = _file_problem(os.fstat(file.fileno()))
+    if problem:
+        file.close()
+        raise VideoError(f"{path}: {problem}")
+    os.set_blocking(file.fileno(), True)
+    return file
+
+
+def _file_problem(st: os.stat_result) -> str | None:
     if stat.S_ISDIR(st.st_mode):
-        raise VideoError(f"{path}: is a directory, not a video file")
+        return "is a directory, not a video file"
     if not stat.S_ISREG(st.st_mode):
-        raise VideoError(f"{path}: not a regular file")
-    if st.st_size == 0:
-        raise VideoError(f"{path}: empty file")
-    try:
-        with open(path, "rb"):
-            pass
-    except PermissionError:
-        raise VideoError(f"{path}: permission denied") from None
-    except OSError as e:
-        raise VideoError(f"{path}: cannot open ({e.strerror or e})") from None
+        return "not a regular file"
+    return None if st.st_size else "empty file"
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)

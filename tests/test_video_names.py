@@ -1,0 +1,122 @@
+"""read_video reads the file it is given, all of it, on the right timeline.
+
+- Names: a file whose name FFmpeg would parse (a protocol prefix, an option, an image-sequence
+  pattern) is read as that very file. Each case sits next to decoys, clips with other frame
+  indices under the names FFmpeg would read instead, so a misread shows in the frames.
+
+Clips come from tests/clips.py (frame ``i`` shows the index ``i``), built in tmp_path; no mocks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from clips import frame_index_of, pattern_frame, write_clip, write_image
+
+from dycoke_cli.errors import VideoError
+from dycoke_cli.video import Video, probe_video, read_video
+
+MP4 = "mov,mp4,m4a,3gp,3g2,mj2"
+
+
+def indices(v: Video) -> list[int]:
+    return [frame_index_of(f) for f in v.frames]
+
+
+def offset_clip(path, offset: int, n_frames: int = 20, **kwargs):
+    """A clip whose frame ``i`` shows index ``offset + i``."""
+    return write_clip(path, n_frames=n_frames,
+                      color_fn=lambda i, w, h: pattern_frame(offset + i, w, h), **kwargs)
+
+
+# -- names FFmpeg would parse ----------------------------------------------------------------
+
+# The decoys FFmpeg reads for these names: clip.mp4 (indices 100..), a.mp4 (200..) and b.mp4
+# (300..), 20 frames each. The file named so is a copy of a clip with 30 frames showing
+# 0..29: read as named, 4 targets (0.375 + 0.75 k s at 10 fps) give 4, 11, 19, 26.
+TRICKY_NAMES = [
+    "file:clip.mp4",  # the file protocol: would read clip.mp4
+    "subfile,,start,0,end,0,,:clip.mp4",  # a byte range of clip.mp4
+    "concat:a.mp4|b.mp4",  # a.mp4 then b.mp4
+    "cache:clip.mp4", "async:clip.mp4", "crypto:clip.mp4", "pipe:0", "pipe:", "data:,x",
+    "http:clip.mp4", "tcp:clip.mp4",
+    "-i", "-", "--frames", "-y.mp4",  # options to the ffmpeg tool
+    "q?x=1.mp4", "h#frag.mp4", "sp ace.mp4", " lead.mp4", "new\nline.mp4", "tab\t.mp4",
+    "ünïcødé.mp4", "日本語.mp4", "pic%d.mp4", "pic%03d.mp4", "glob*?[x]{y}.mp4", "100%.mp4",
+]
+
+
+@pytest.fixture
+def decoys(tmp_path, monkeypatch):
+    offset_clip(tmp_path / "clip.mp4", 100)
+    offset_clip(tmp_path / "a.mp4", 200)
+    offset_clip(tmp_path / "b.mp4", 300)
+    offset_clip(tmp_path / "pic1.mp4", 400)
+    offset_clip(tmp_path / "pic001.mp4", 500)
+    monkeypatch.chdir(tmp_path)  # relative names, as a user types them
+    return write_clip(tmp_path / "content.mp4", n_frames=30)
+
+
+@pytest.mark.parametrize("name", TRICKY_NAMES)
+def test_a_name_ffmpeg_would_parse_is_read_as_that_file(decoys, name):
+    shutil.copyfile(decoys, name)
+    v = read_video(name, 4)
+    assert indices(v) == [4, 11, 19, 26]
+    assert (v.info.path, v.info.frame_count, v.info.container) == (name, 30, MP4)
+    assert v.info.timestamps == pytest.approx([0.4, 1.1, 1.9, 2.6])
+    assert probe_video(os.path.abspath(name)).path == os.path.abspath(name)
+
+
+def test_a_name_that_is_not_utf8_is_read(decoys):
+    name = b"caf\xe9 file:clip.mp4"  # latin-1 bytes, as old file systems hold them
+    shutil.copyfile(decoys, name)
+    v = read_video(name, 4)
+    assert indices(v) == [4, 11, 19, 26]
+    assert v.info.path == os.fsdecode(name)
+
+
+@pytest.mark.parametrize("name", ["pic%d.png", "pic*.png", "pic?.png", "pic[0].png"])
+def test_a_still_image_named_like_a_sequence_pattern_is_that_image(tmp_path, name):
+    # FFmpeg's image2 demuxer would read "pic%d.png" as pic0.png, pic1.png, ... and the glob
+    # characters as a glob over the folder.
+    for k in range(3):
+        write_image(tmp_path / f"pic{k}.png", index=10 + k)
+    write_image(tmp_path / name, index=7)
+    v = read_video(tmp_path / name, 4)
+    assert indices(v) == [7]
+    assert v.info.codec == "png"
+
+
+def test_error_messages_name_the_path_as_given(decoys):
+    shutil.copyfile(decoys, "missing.mp4")
+    for name, problem in [
+        ("file:missing.mp4", "no such file"),  # though missing.mp4 exists
+        ("concat:a.mp4|b.mp4", "not a video file (FFmpeg cannot read it)"),
+        ("-i", "damaged or truncated video file (FFmpeg cannot read it)"),
+    ]:
+        if problem.startswith("not a video"):
+            with open(name, "w") as f:
+                f.write("not a video\n")
+        elif problem.startswith("damaged"):
+            with open(decoys, "rb") as src, open(name, "wb") as f:
+                f.write(src.read(64))  # the ftyp box, then nothing
+        with pytest.raises(VideoError) as exc:
+            read_video(name, 4)
+        assert str(exc.value) == f"{name}: {problem}"
+
+
+@pytest.mark.parametrize("name, text", [
+    ("list.mp4", "ffconcat version 1.0\nfile clip.mp4\n"),
+    ("list.ffconcat", "ffconcat version 1.0\nfile clip.mp4\n"),
+    ("list.m3u8", "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\nclip.mp4\n#EXT-X-ENDLIST\n"),
+])
+def test_a_playlist_is_not_followed_to_the_files_it_names(decoys, name, text):
+    # FFmpeg's concat and HLS demuxers open the files a playlist names: the user's file is
+    # text, not a video, whatever it points to.
+    with open(name, "w") as f:
+        f.write(text)
+    with pytest.raises(VideoError) as exc:
+        read_video(name, 4)
+    assert str(exc.value) == f"{name}: not a video file (FFmpeg cannot read it)"
