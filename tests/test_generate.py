@@ -77,7 +77,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_lm, encoded):
 def test_prune_layer_is_validated_against_depth(tiny_lm, encoded):
     from dycoke_cli.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"--prune-layer must be in \[1, 3\] for this 4-layer model \(got 4\)"):
+    with pytest.raises(UsageError, match=r"^prune_layer must be in \[1, 3\] for this 4-layer model \(got 4\)"):
         answer(tiny_lm, encoded, QUESTION, CompressionOptions(prune_layer=4), SamplingOptions())
 
 
@@ -115,5 +115,5 @@ def test_original_positions_change_the_answer_only_when_tokens_were_dropped(tiny
     plain = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none), opts)
     same = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.none, positions="original"), opts)
     assert same.token_ids == plain.token_ids
-    with pytest.raises(Exception, match=r"--positions must be one of contiguous, original \(got 'sideways'\)"):
+    with pytest.raises(Exception, match=r"positions must be one of contiguous, original \(got 'sideways'\)"):
         answer(tiny_lm, encoded, QUESTION, CompressionOptions(positions="sideways"), opts)

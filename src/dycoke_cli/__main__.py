@@ -1,9 +1,11 @@
+"""``python -m dycoke_cli``: the same entry point as the ``dycoke`` command."""
+
 import sys
 
-try:  # an interrupt while the CLI is still importing is an interrupt too, not a traceback
-    from .cli import main
+try:  # an interrupt before the handler is installed is an interrupt too, not a traceback
+    from dycoke_cli.entry import main
 except KeyboardInterrupt:
-    print("dycoke: interrupted", file=sys.stderr)
+    sys.stderr.write("dycoke: interrupted\n")
     sys.exit(130)
 
 main()

@@ -720,8 +720,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     p.add_argument("--tokens", type=int, default=32, help="decoding steps timed after the first token (>= 1)")
     p.add_argument("--quick", action="store_true", help="scaled-down model: a smoke test in seconds")
-    p.add_argument("--json", default="dycoke-bench.json", help="where to write the JSON ('' to skip)")
-    p.add_argument("--plot", default="dycoke-bench.png", help="where to write the PNG ('' to skip)")
+    p.add_argument("--json", default="runs/bench/bench.json", help="where to write the JSON ('' to skip)")
+    p.add_argument("--plot", default="runs/bench/bench.png", help="where to write the PNG ('' to skip)")
     p.add_argument("--no-generate", action="store_true", help="skip timing model.generate")
     p.add_argument("--decode-attention", default="stock", choices=["stock", "packed"],
                    help="what-if: 'packed' runs single-query GQA attention as KV-head-grouped queries "
@@ -841,8 +841,29 @@ def run(args, log=lambda msg: None) -> dict:
     return report
 
 
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse, before any work, an output path that is a folder or cannot be written."""
+    from .errors import DycokeError
+
+    target = Path(path)
+    if target.is_dir():
+        raise DycokeError(f"{flag} {path}: is a folder; give a file name")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise DycokeError(f"{flag} {path}: cannot write there (permission denied)")
+    folder = target.absolute().parent
+    while not folder.exists():  # the nearest existing folder is where it would be created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DycokeError(f"{flag} {path}: cannot write there ({folder} is not a folder)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DycokeError(f"{flag} {path}: cannot write there (permission denied)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            check_output_path(path, flag)
     start = time.perf_counter()
 
     def log(msg):

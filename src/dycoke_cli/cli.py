@@ -1,23 +1,29 @@
 """The `dycoke` command line: parse, call the pipeline, show progress, map errors to exits.
 
 Kept thin and fast to import: torch and transformers are imported only inside commands, so
-`dycoke --help` does not pay for them.
+`dycoke --help` does not pay for them. Options shared by several commands are declared once
+(``_OPTIONS``) and added to each command by :func:`_with`; the command receives them as one
+:class:`Flags` object.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .errors import DycokeError, UsageError
+from . import __version__, interrupts
+from .errors import DycokeError, OutputError, UsageError
+from .options import REFRESH_THRESHOLD, CompressionOptions, Method, OptionError, Positions, SamplingOptions
 
 app = typer.Typer(
     name="dycoke",
@@ -27,14 +33,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class MethodChoice(str, Enum):
-    dycoke = "dycoke"
-    fastv = "fastv"
-    random = "random"
-    frames = "frames"
-    none = "none"
 
 
 class DeviceChoice(str, Enum):
@@ -50,44 +48,126 @@ class DtypeChoice(str, Enum):
     float16 = "float16"
 
 
-def _default_model() -> str:
-    from .model import DEFAULT_MODEL
+# -------------------------------------------------------------------------------- options
+# name -> (annotation, default). Declared once; each command lists the ones it takes.
 
-    return os.environ.get("DYCOKE_MODEL") or DEFAULT_MODEL
+_OPTIONS: dict[str, tuple[object, object]] = {
+    "model": (Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help="Model folder, Hugging Face id, or 'demo'. Default: $DYCOKE_MODEL or llava-hf/llava-onevision-qwen2-0.5b-ov-hf.")], None),
+    "frames": (Annotated[Optional[int], typer.Option("--frames", "-f", show_default=False, help="Frames to sample uniformly by time \\[default: the model's, 32 for LLaVA-OV]; at most what the model's context holds.")], None),
+    "method": (Annotated[Method, typer.Option("--method", help="Compression: dycoke, or a baseline at the same visual-token budget, or none.")], Method.dycoke),
+    "methods": (Annotated[str, typer.Option("--methods", help="Comma-separated methods, first = baseline: none, dycoke, fastv, random, frames.")], "none,dycoke"),
+    "ttm_k": (Annotated[Optional[float], typer.Option("--ttm-k", show_default=False, help="TTM: fraction of tokens dropped from compared frames, in [0, 1) \\[default: model's, 0.7].")], None),
+    "prune_p": (Annotated[Optional[float], typer.Option("--prune-p", show_default=False, help="Decode pruning: fraction of visual KV entries pruned, in [0, 1) \\[default: model's, 0.7].")], None),
+    "prune_layer": (Annotated[Optional[int], typer.Option("--prune-layer", show_default=False, help="First layer L whose attention is pruned (layer L-1 is probed) \\[default: model's, 3].")], None),
+    "refresh_threshold": (Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")], REFRESH_THRESHOLD),
+    "frame_coverage": (Annotated[float, typer.Option("--frame-coverage", help="Share of the decode budget spread evenly over frames, in [0, 1]; 0 = the paper's top-k (not in the paper).")], 0.0),
+    "positions": (Annotated[Optional[Positions], typer.Option("--positions", show_default=False, help="Position ids of kept visual tokens: contiguous (the paper) or original (as in the full video) \\[default: the model's, contiguous].")], None),
+    "no_compress": (Annotated[bool, typer.Option("--no-compress", help="Same as --method none.")], False),
+    "offload_pruned": (Annotated[bool, typer.Option("--offload-pruned", help="Keep pruned KV entries in host memory instead of on the accelerator.")], False),
+    "max_new_tokens": (Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")], 256),
+    "temperature": (Annotated[float, typer.Option("--temperature", help="0 = greedy, else in [0.01, 100].")], 0.0),
+    "top_p": (Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")], 1.0),
+    "seed": (Annotated[Optional[int], typer.Option("--seed", show_default=False, help="Seed for sampling and the random baseline, in [0, 2^64 - 1].")], None),
+    "device": (Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")], DeviceChoice.auto),
+    "dtype": (Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")], DtypeChoice.auto),
+    "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")], False),
+    "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")], False),
+    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")], False),
+}
+
+MODEL = ("model", "device", "dtype", "allow_pickle")
+COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "frame_coverage", "positions", "offload_pruned")
+SAMPLING = ("max_new_tokens", "temperature", "top_p")
+OUTPUT = ("json_out", "quiet")
+ANSWER = ("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
 
 
-# readable=False: our own reader reports unreadable files (one line, exit 1), not click's usage error.
-VideoArg = Annotated[Path, typer.Argument(help="Video file (anything FFmpeg reads).", show_default=False, readable=False)]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder, Hugging Face id, or 'demo'. Default: $DYCOKE_MODEL or llava-hf/llava-onevision-qwen2-0.5b-ov-hf.", show_default=False)]
-FramesOpt = Annotated[Optional[int], typer.Option("--frames", "-f", help="Frames to sample uniformly by time [default: the model's, 32 for LLaVA-OV].", show_default=False)]
-DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")]
-DtypeOpt = Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")]
-MethodOpt = Annotated[MethodChoice, typer.Option("--method", help="Compression: dycoke, or a baseline at the same visual-token budget, or none.")]
-TtmKOpt = Annotated[Optional[float], typer.Option("--ttm-k", help="TTM: fraction of tokens dropped from compared frames, in [0, 1) [default: model's, 0.7].", show_default=False)]
-PrunePOpt = Annotated[Optional[float], typer.Option("--prune-p", help="Decode pruning: fraction of visual KV entries pruned, in [0, 1) [default: model's, 0.7].", show_default=False)]
-PruneLayerOpt = Annotated[Optional[int], typer.Option("--prune-layer", help="First layer L whose attention is pruned (layer L-1 is probed) [default: model's, 3].", show_default=False)]
-RefreshOpt = Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")]
-CoverageOpt = Annotated[float, typer.Option("--frame-coverage", help="Share of the decode budget spread evenly over frames, in [0, 1]; 0 = the paper's top-k (not in the paper).")]
-class PositionsChoice(str, Enum):
-    contiguous = "contiguous"
-    original = "original"
+@dataclass(frozen=True)
+class Flags:
+    """The shared options one command was given (those it does not take keep their defaults)."""
+
+    model: str | None = None
+    frames: int | None = None
+    method: Method = Method.dycoke
+    methods: str = "none,dycoke"
+    ttm_k: float | None = None
+    prune_p: float | None = None
+    prune_layer: int | None = None
+    refresh_threshold: float = REFRESH_THRESHOLD
+    frame_coverage: float = 0.0
+    positions: Positions | None = None
+    no_compress: bool = False
+    offload_pruned: bool = False
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    device: DeviceChoice = DeviceChoice.auto
+    dtype: DtypeChoice = DtypeChoice.auto
+    allow_pickle: bool = False
+    json_out: bool = False
+    quiet: bool = False
+
+    @property
+    def model_name(self) -> str:
+        from .model import DEFAULT_MODEL
+
+        return self.model or os.environ.get("DYCOKE_MODEL") or DEFAULT_MODEL
+
+    def compression(self, method: Method | None = None) -> CompressionOptions:
+        method = method or (Method.none if self.no_compress else self.method)
+        return CompressionOptions(method=method, ttm_k=self.ttm_k, prune_p=self.prune_p, prune_layer=self.prune_layer,
+                                  refresh_threshold=self.refresh_threshold, offload_pruned=self.offload_pruned,
+                                  seed=self.seed if self.seed is not None else 0, frame_coverage=self.frame_coverage,
+                                  positions=self.positions).validate()
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                               seed=self.seed).validate()
+
+    def check(self) -> None:
+        """Everything that can be checked before touching the video or the model."""
+        if self.frames is not None and self.frames < 1:
+            raise OptionError("frames", f"must be at least 1 (got {self.frames})")
+        self.compression()
+        self.sampling()
+
+    def locate(self) -> None:
+        """Find and check the model folder (cheap: no weights are read)."""
+        from .model import locate_model
+
+        locate_model(self.model_name, self.allow_pickle)
+
+    def load(self):
+        from .model import load_model
+
+        return load_model(self.model_name, device=self.device.value, dtype=self.dtype.value,
+                          allow_pickle=self.allow_pickle)
 
 
-PositionsOpt = Annotated[Optional[PositionsChoice], typer.Option("--positions", help="Position ids of kept visual tokens: contiguous (the paper) or original (as in the full video) [default: the model's, contiguous].", show_default=False)]
-NoCompressOpt = Annotated[bool, typer.Option("--no-compress", help="Same as --method none.")]
-OffloadOpt = Annotated[bool, typer.Option("--offload-pruned", help="Keep pruned KV entries in host memory instead of on the accelerator.")]
-MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")]
-TempOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (and the random baseline).", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")]
+def _with(*names: str, **defaults):
+    """Add the shared options ``names`` to a command; it receives them as ``flags: Flags``.
+    ``defaults`` overrides a shared default for this command."""
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "flags"]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=_OPTIONS[n][0],
+                                    default=defaults.get(n, _OPTIONS[n][1])) for n in names]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            flags = Flags(**{n: kwargs.pop(n) for n in names})
+            return fn(**kwargs, flags=flags)
+
+        command.__signature__ = inspect.Signature(own + shared)
+        return command
+
+    return decorate
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"dycoke {__version__}")
+        _out(f"dycoke {__version__}\n")
         raise typer.Exit()
 
 
@@ -98,24 +178,29 @@ def _root(
     """Ask questions about videos with a video LLM, made fast by DyCoke token compression."""
 
 
-def _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh, coverage=0.0) -> None:
-    """Range checks that need no model (exit 2, one line)."""
-    if frames is not None and frames < 1:
-        raise UsageError(f"--frames must be at least 1 (got {frames})")
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (got {temperature})")
-    if not 0 < top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1] (got {top_p})")
-    if ttm_k is not None and not 0 <= ttm_k < 1:
-        raise UsageError(f"--ttm-k must be in [0, 1) (got {ttm_k})")
-    if prune_p is not None and not 0 <= prune_p < 1:
-        raise UsageError(f"--prune-p must be in [0, 1) (got {prune_p})")
-    if not 0 <= refresh <= 1:
-        raise UsageError(f"--refresh-threshold must be in [0, 1] (got {refresh})")
-    if not 0 <= coverage <= 1:
-        raise UsageError(f"--frame-coverage must be in [0, 1] (got {coverage})")
+# -------------------------------------------------------------------------------- output
+
+
+def _out(text: str) -> None:
+    """Write to stdout now; a stdout that cannot be written is an OutputError (a closed pipe
+    stays a BrokenPipeError: the reader left, which is no error)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"cannot write the output ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _out_rich(renderable) -> None:
+    """A Rich renderable on stdout, rendered for stdout's terminal (or plain when piped)."""
+    from rich.console import Console
+
+    console = Console()
+    with console.capture() as captured:
+        console.print(renderable)
+    _out(captured.get())
 
 
 def _decode_timeout() -> float:
@@ -125,8 +210,8 @@ def _decode_timeout() -> float:
         value = float(raw)
     except ValueError:
         raise UsageError(f"DYCOKE_DECODE_TIMEOUT must be a number of seconds (got {raw!r})") from None
-    if value <= 0:
-        raise UsageError(f"DYCOKE_DECODE_TIMEOUT must be positive (got {raw})")
+    if not 0 < value < float("inf"):
+        raise UsageError(f"DYCOKE_DECODE_TIMEOUT must be a positive number of seconds (got {raw})")
     return value
 
 
@@ -135,6 +220,11 @@ def _check_video(path: Path) -> None:
     from .video import probe_video
 
     probe_video(path, timeout_s=_decode_timeout())
+
+
+def _check_question(question: str | None) -> None:
+    if question is not None and not question.strip():
+        raise UsageError("the question is empty")
 
 
 class _CliListener:
@@ -152,62 +242,59 @@ class _CliListener:
         self.text = result.answer
         self.display.token(text, result)
         if self.stream_stdout:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            _out(text)
 
 
-def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, method, ttm_k, prune_p,
-                prune_layer, refresh_threshold, frame_coverage, positions, no_compress, offload_pruned, max_new_tokens, temperature,
-                top_p, seed, json_out, quiet, caption=False) -> None:
-    _check_common(frames, max_new_tokens, temperature, top_p, ttm_k, prune_p, refresh_threshold, frame_coverage)
-    if not caption and not question.strip():
-        raise UsageError("the question is empty")
+def _interrupted_output(listener: _CliListener, json_out: bool) -> str:
+    """What stdout gets when a run is interrupted: the partial answer (or JSON of it)."""
+    if json_out:
+        return json.dumps({"answer": listener.text.strip(), "interrupted": True}) + "\n"
+    if listener.text:  # streamed already: end the line; shown only in the panel: print it now
+        return "\n" if listener.stream_stdout else listener.text + "\n"
+    return ""
+
+
+def _run_answer(video: Path, question: str | None, flags: Flags) -> None:
+    flags.check()
+    _check_question(question)
     _check_video(video)
     from .display import make_display
-    from .generate import SamplingOptions
-    from .model import load_model, locate_model
-    from .pipeline import CompressionOptions, Method, answer, encode_video
+    from .pipeline import answer, encode_video, fit_frames
 
-    model_name = model or _default_model()
-    locate_model(model_name, allow_pickle)
-    method_value = Method.none if no_compress else Method(method.value)
-    compression = CompressionOptions(method=method_value, ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
-                                     refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
-                                     seed=seed if seed is not None else 0, frame_coverage=frame_coverage,
-                                     positions=positions.value if positions else None)
-    sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    display = make_display(quiet, json_out, model_name, method_value.value, stdout_is_terminal=sys.stdout.isatty())
-    listener = _CliListener(display, stream_stdout=not json_out and display.state.answer is None)
+    flags.locate()
+    sampling = flags.sampling()
+    compression = flags.compression()
+    display = make_display(flags.quiet, flags.json_out, flags.model_name, compression.method.value,
+                           stdout_is_terminal=bool(sys.stdout.isatty()))
+    listener = _CliListener(display, stream_stdout=not flags.json_out and display.state.answer is None)
+    interrupts.on_interrupt(lambda: _interrupted_output(listener, flags.json_out), display.close)
+    settings = _RunSettings(flags.frames, compression.ttm_k, compression.method.value,
+                            None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
     result = None
-    settings = _RunSettings(frames, ttm_k, method_value.value, None if dtype.value == "auto" else f"torch.{dtype.value}")
     try:
         with _oom_guard(settings):
             display.stage("loading model")
-            lm = load_model(model_name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
-            if caption:
-                question = lm.defaults.caption_prompt
+            lm = flags.load()
+            question = question if question is not None else lm.defaults.caption_prompt
             compression = compression.resolve(lm)
-            n = frames if frames is not None else lm.defaults.num_frames
+            n = fit_frames(lm, flags.frames, compression, question)
             settings.update_from(lm, n, compression)
-            enc = encode_video(lm, video, n, listener, timeout_s=_decode_timeout())
-            result = answer(lm, enc, question, compression, sampling, listener)
+            with interrupts.raising():
+                enc = encode_video(lm, video, n, listener, timeout_s=_decode_timeout())
+                result = answer(lm, enc, question, compression, sampling, listener)
             result.stats["video"] = enc.video.info.to_dict()
     except KeyboardInterrupt:
         display.close()
-        if json_out:
-            sys.stdout.write(json.dumps({"answer": listener.text.strip(), "interrupted": True}) + "\n")
-        elif listener.text:
-            # streamed already: end the line; shown only in the panel: print it now
-            sys.stdout.write("\n" if listener.stream_stdout else listener.text + "\n")
-        sys.stdout.flush()
-        print("dycoke: interrupted", file=sys.stderr)
+        _out(_interrupted_output(listener, flags.json_out))
+        sys.stderr.write("dycoke: interrupted\n")
         raise typer.Exit(130)
     finally:
+        interrupts.on_interrupt(None, None)
         if result is None:
             display.close()
     display.finish(result.stats)
     display.close()
-    if json_out:
+    if flags.json_out:
         payload = {
             "answer": result.answer,
             "model": lm.describe(),
@@ -215,11 +302,11 @@ def _run_answer(video, question, *, model, frames, device, dtype, allow_pickle, 
             "options": {**result.options, "frames": n, "question": question},
             "stats": result.stats,
         }
-        typer.echo(json.dumps(payload, indent=2, default=str))
+        _out(json.dumps(payload, indent=2, default=str) + "\n")
     elif listener.stream_stdout:
-        sys.stdout.write("\n")
+        _out("\n")
     else:
-        typer.echo(result.answer)  # the live panel showed it while streaming; now the real stdout
+        _out(result.answer + "\n")  # the live panel showed it while streaming; now the real stdout
 
 
 class _RunSettings:
@@ -230,7 +317,7 @@ class _RunSettings:
 
     def update_from(self, lm, frames: int, compression) -> None:
         self.frames, self.ttm_k = frames, compression.ttm_k
-        self.method, self.dtype = getattr(compression.method, "value", compression.method), str(lm.dtype)
+        self.method, self.dtype = Method(compression.method).value, str(lm.dtype)
 
 
 @contextmanager
@@ -247,9 +334,8 @@ def _oom_guard(settings: _RunSettings):
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    import torch
-
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
@@ -273,206 +359,137 @@ def _oom_advice(s: _RunSettings) -> str:
     return f"out of memory; settings that need less: {listed}"
 
 
+# -------------------------------------------------------------------------------- commands
+
+VideoArg = Annotated[Path, typer.Argument(help="Video file (anything FFmpeg reads).", show_default=False, readable=False)]
+
+
 @app.command()
+@_with(*ANSWER)
 def ask(
     video: VideoArg,
     question: Annotated[str, typer.Argument(help="The question about the video.", show_default=False)],
-    model: ModelOpt = None,
-    frames: FramesOpt = None,
-    method: MethodOpt = MethodChoice.dycoke,
-    ttm_k: TtmKOpt = None,
-    prune_p: PrunePOpt = None,
-    prune_layer: PruneLayerOpt = None,
-    refresh_threshold: RefreshOpt = 0.9,
-    frame_coverage: CoverageOpt = 0.0,
-    positions: PositionsOpt = None,
-    no_compress: NoCompressOpt = False,
-    offload_pruned: OffloadOpt = False,
-    max_new_tokens: MaxNewOpt = 256,
-    temperature: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None,
-    device: DeviceOpt = DeviceChoice.auto,
-    dtype: DtypeOpt = DtypeChoice.auto,
-    allow_pickle: PickleOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    flags: Flags,
 ) -> None:
     """Answer a question about a video; the answer streams to stdout."""
-    _run_answer(video, question, **{k: v for k, v in locals().items() if k not in {"video", "question"}})
+    _run_answer(video, question, flags)
 
 
 @app.command()
-def caption(
-    video: VideoArg,
-    model: ModelOpt = None,
-    frames: FramesOpt = None,
-    method: MethodOpt = MethodChoice.dycoke,
-    ttm_k: TtmKOpt = None,
-    prune_p: PrunePOpt = None,
-    prune_layer: PruneLayerOpt = None,
-    refresh_threshold: RefreshOpt = 0.9,
-    frame_coverage: CoverageOpt = 0.0,
-    positions: PositionsOpt = None,
-    no_compress: NoCompressOpt = False,
-    offload_pruned: OffloadOpt = False,
-    max_new_tokens: MaxNewOpt = 256,
-    temperature: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None,
-    device: DeviceOpt = DeviceChoice.auto,
-    dtype: DtypeOpt = DtypeChoice.auto,
-    allow_pickle: PickleOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@_with(*ANSWER)
+def caption(video: VideoArg, flags: Flags) -> None:
     """Describe a video with the model's own caption prompt."""
-    _run_answer(video, "", caption=True, **{k: v for k, v in locals().items() if k != "video"})
+    _run_answer(video, None, flags)
 
 
-MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma-separated methods, first = baseline: none, dycoke, fastv, random, frames.")]
+def _prepare_methods(flags: Flags) -> tuple[list[Method], CompressionOptions]:
+    from .evaluate import parse_methods
 
-
-def _load_for(model, allow_pickle, device, dtype, quiet):
-    from .model import load_model, locate_model
-
-    name = model or _default_model()
-    locate_model(name, allow_pickle)
-    if not quiet:
-        print("[dycoke] loading model...", file=sys.stderr)
-    return load_model(name, device=device.value, dtype=dtype.value, allow_pickle=allow_pickle)
-
-
-def _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, positions, offload_pruned, seed):
-    from .pipeline import CompressionOptions
-
-    return CompressionOptions(ttm_k=ttm_k, prune_p=prune_p, prune_layer=prune_layer,
-                              refresh_threshold=refresh_threshold, offload_pruned=offload_pruned,
-                              seed=seed if seed is not None else 0, frame_coverage=frame_coverage,
-                              positions=positions.value if positions else None)
+    chosen = parse_methods(flags.methods)
+    flags.check()
+    return chosen, flags.compression()
 
 
 @app.command()
+@_with("methods", "frames", *COMPRESSION, "max_new_tokens", "seed", *MODEL, *OUTPUT)
 def compare(
     video: VideoArg,
+    flags: Flags,
     question: Annotated[Optional[str], typer.Argument(help="Question; without one, captions are compared.", show_default=False)] = None,
-    methods: MethodsOpt = "none,dycoke",
-    model: ModelOpt = None,
-    frames: FramesOpt = None,
-    ttm_k: TtmKOpt = None,
-    prune_p: PrunePOpt = None,
-    prune_layer: PruneLayerOpt = None,
-    refresh_threshold: RefreshOpt = 0.9,
-    frame_coverage: CoverageOpt = 0.0,
-    positions: PositionsOpt = None,
-    offload_pruned: OffloadOpt = False,
-    max_new_tokens: MaxNewOpt = 256,
-    seed: SeedOpt = None,
-    device: DeviceOpt = DeviceChoice.auto,
-    dtype: DtypeOpt = DtypeChoice.auto,
-    allow_pickle: PickleOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Run the uncompressed model and the compressed one on the same frames, side by side."""
-    from .evaluate import compare as run_compare, parse_methods
-
-    chosen = parse_methods(methods)
-    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold, frame_coverage)
-    if question is not None and not question.strip():
-        raise UsageError("the question is empty")
+    chosen, base = _prepare_methods(flags)
+    _check_question(question)
     _check_video(video)
-    from .generate import SamplingOptions
+    from .evaluate import compare as run_compare
+    from .pipeline import fit_frames
 
-    lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
-    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, positions, offload_pruned, seed).resolve(lm)
-    n = frames if frames is not None else lm.defaults.num_frames
-    if not (quiet or json_out):
-        print(f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...", file=sys.stderr)
     settings = _RunSettings()
-    settings.update_from(lm, n, base)
     with _oom_guard(settings):
-        comp = run_compare(lm, video, question, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens),
-                           timeout_s=_decode_timeout())
+        lm = _load_announced(flags)
+        base = base.resolve(lm)
+        question = question if question is not None else lm.defaults.caption_prompt
+        for method in chosen:  # the frames must fit the context with every method
+            n = fit_frames(lm, flags.frames, replace(base, method=method), question)
+        _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
+        settings.update_from(lm, n, base)
+        comp = run_compare(lm, video, question, chosen, n, base, flags.sampling(), timeout_s=_decode_timeout())
     rows = comp.rows()
-    if json_out:
-        typer.echo(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
-                               "model": lm.describe(), "baseline": rows[0]["method"], "methods": rows,
-                               "note": "measured after one warm-up run, methods in the order listed"},
-                              indent=2, default=str))
+    if flags.json_out:
+        _out(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
+                         "model": lm.describe(), "baseline": rows[0]["method"], "methods": rows,
+                         "note": "measured after one warm-up run, methods in the order listed"},
+                        indent=2, default=str) + "\n")
         return
-    from rich.console import Console
-
     from .display import comparison_table
 
-    Console().print(comparison_table(rows, comp.question, comp.frames))
+    _out_rich(comparison_table(rows, comp.question, comp.frames))
+
+
+def _say(flags: Flags, line: str) -> None:
+    if not (flags.quiet or flags.json_out):
+        print(line, file=sys.stderr)
+
+
+def _load_announced(flags: Flags):
+    flags.locate()
+    _say(flags, "[dycoke] loading model...")
+    return flags.load()
 
 
 @app.command("eval")
+@_with("methods", "frames", *COMPRESSION[:-1], "max_new_tokens", "seed", *MODEL, *OUTPUT,
+       methods="none,dycoke,fastv,random,frames", max_new_tokens=32)
 def eval_cmd(
     qa: Annotated[Path, typer.Argument(help="QA file: JSON lines with video (relative to the file), question, answer, optional kind.", show_default=False, readable=False)],
-    methods: MethodsOpt = "none,dycoke,fastv,random,frames",
-    model: ModelOpt = None,
-    frames: FramesOpt = None,
-    ttm_k: TtmKOpt = None,
-    prune_p: PrunePOpt = None,
-    prune_layer: PruneLayerOpt = None,
-    refresh_threshold: RefreshOpt = 0.9,
-    frame_coverage: CoverageOpt = 0.0,
-    positions: PositionsOpt = None,
-    max_new_tokens: MaxNewOpt = 32,
-    seed: SeedOpt = None,
-    device: DeviceOpt = DeviceChoice.auto,
-    dtype: DtypeOpt = DtypeChoice.auto,
-    allow_pickle: PickleOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    flags: Flags,
 ) -> None:
-    """Accuracy of each method on a QA set (each video encoded once)."""
-    from .evaluate import evaluate, parse_methods, read_qa
+    """Accuracy of each method on a QA set (each video encoded once). Exits 1 if any item failed."""
+    from .evaluate import evaluate, read_qa
 
-    chosen = parse_methods(methods)
-    _check_common(frames, max_new_tokens, 0.0, 1.0, ttm_k, prune_p, refresh_threshold, frame_coverage)
-    read_qa(qa)
+    chosen, base = _prepare_methods(flags)
+    items = read_qa(qa)
     from rich.console import Console
     from rich.progress import Progress
 
     from .display import eval_table
-    from .generate import SamplingOptions
 
-    lm = _load_for(model, allow_pickle, device, dtype, quiet or json_out)
-    base = _base_options(ttm_k, prune_p, prune_layer, refresh_threshold, frame_coverage, positions, False, seed).resolve(lm)
-    n = frames if frames is not None else lm.defaults.num_frames
+    settings = _RunSettings()
     err = Console(stderr=True)
-    with Progress(console=err, disable=quiet or json_out or not err.is_terminal, transient=True) as bar:
-        task = bar.add_task("evaluating", total=None)
-        settings = _RunSettings()
+    with _oom_guard(settings):
+        lm = _load_announced(flags)
+        base = base.resolve(lm)
+        n = flags.frames if flags.frames is not None else lm.defaults.num_frames
         settings.update_from(lm, n, base)
-        with _oom_guard(settings):
-            report = evaluate(lm, qa, chosen, n, base, SamplingOptions(max_new_tokens=max_new_tokens),
+        with Progress(console=err, disable=flags.quiet or flags.json_out or not err.is_terminal, transient=True) as bar:
+            task = bar.add_task("evaluating", total=None)
+            report = evaluate(lm, qa, chosen, n, base, flags.sampling(), items=items,
                               progress=lambda done, total: bar.update(task, completed=done, total=total),
                               timeout_s=_decode_timeout())
-    if json_out:
-        typer.echo(json.dumps(report, indent=2))
-        return
-    Console().print(eval_table(report["summary"]))
+    if flags.json_out:
+        _out(json.dumps(report, indent=2) + "\n")
+    else:
+        _out_rich(eval_table(report["summary"]))
+    for failure in report["failures"]:
+        print(f"dycoke: error: {failure['video']}: {failure['error']}", file=sys.stderr)
+    if report["failures"]:
+        raise typer.Exit(1)
 
 
 @app.command()
 def toyworld(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write clips/ and qa.jsonl into.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write clips/ and qa.jsonl into (new, or empty).", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Number of clips.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same clips.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Write into a folder that already holds files, replacing its qa.jsonl and clips/ files of the same names.")] = False,
 ) -> None:
     """Write clips of the demo model's toy world and a QA file for `dycoke eval`."""
-    if n < 1:
-        raise UsageError(f"--n must be at least 1 (got {n})")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DycokeError(f"{out_dir}: exists and is not a folder")
     from .toyworld.dataset import write_dataset
 
-    qa = write_dataset(out_dir, n, seed)
-    typer.echo(str(qa))
+    if n < 1:
+        raise OptionError("n", f"must be at least 1 (got {n})")
+    qa = write_dataset(out_dir, n, seed, overwrite=force)
+    _out(f"{qa}\n")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
@@ -483,41 +500,70 @@ def bench(ctx: typer.Context) -> None:
     raise typer.Exit(bench_main(list(ctx.args)) or 0)
 
 
-def main() -> None:
-    """Console entry point: one-line errors, exit 1 (2 for usage), tracebacks with DYCOKE_DEBUG=1."""
+# -------------------------------------------------------------------------------- errors
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _error(message: str) -> None:
+    print(f"dycoke: error: {message}", file=sys.stderr)
+
+
+def _run_command(args: list[str], debug: bool) -> int:
+    """Run one command; every failure becomes one line on stderr and an exit code."""
     try:  # typer >= 0.22 vendors its own click
         from typer._click import exceptions as cx
     except ImportError:  # pragma: no cover - older typer on plain click
         import click.exceptions as cx
 
-    debug = os.environ.get("DYCOKE_DEBUG", "") not in {"", "0"}
-    command = typer.main.get_command(app)
     try:
-        code = command.main(args=sys.argv[1:], prog_name="dycoke", standalone_mode=False)
+        code = typer.main.get_command(app).main(args=args, prog_name="dycoke", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except cx.NoArgsIsHelpError:
-        code = 2  # typer has printed the help
+        return 2  # typer has printed the help
     except cx.UsageError as exc:
         if debug:
             raise
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-        print(f"dycoke: error: {exc.format_message()}{hint}", file=sys.stderr)
-        code = 2
-    except typer.Abort:
+        _error(f"{exc.format_message()}{hint}")
+        return 2
+    except (typer.Abort, KeyboardInterrupt):
         print("dycoke: interrupted", file=sys.stderr)
-        code = 130
+        return 130
+    except BrokenPipeError:  # the reader left (`| head`): the convention is a silent exit
+        _silence_stdout()
+        return 141
     except DycokeError as exc:
         if debug:
             raise
-        print(f"dycoke: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        print("dycoke: interrupted", file=sys.stderr)
-        code = 130
-    except Exception as exc:  # noqa: BLE001 - a last net for out-of-memory outside the guarded runs
-        if debug or not _is_oom(exc):
+        _error(exc.for_flag() if isinstance(exc, OptionError) else str(exc))
+        if isinstance(exc, OutputError):
+            _silence_stdout()
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        if debug:
             raise
-        print(f"dycoke: error: {_oom_advice(_RunSettings())}", file=sys.stderr)
-        code = 1
-    except BrokenPipeError:
-        code = 0
-    sys.exit(code if isinstance(code, int) else 0)
+        if _is_oom(exc):
+            _error(_oom_advice(_RunSettings()))
+        else:
+            text = " ".join(str(exc).split())[:300]
+            _error(f"internal error: {type(exc).__name__}: {text} (DYCOKE_DEBUG=1 shows the traceback)")
+        return 1
+
+
+def main() -> None:
+    """Console entry point: one-line errors, exit 1 (2 for usage), tracebacks with DYCOKE_DEBUG=1."""
+    debug = os.environ.get("DYCOKE_DEBUG", "") not in {"", "0"}
+    if sys.stderr is None:  # started with stderr closed: errors go nowhere rather than crash
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    if sys.stdout is None:
+        _error("cannot write the output (stdout is closed)")
+        sys.exit(1)
+    sys.exit(_run_command(sys.argv[1:], debug))

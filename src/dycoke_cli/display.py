@@ -254,6 +254,8 @@ def eval_table(summary: dict):
     for k in kinds:
         table.add_row(k, *[f"{100 * e['by_kind'][k]:.1f} %" if k in e.get("by_kind", {}) else "" for e in summary.values()])
     table.add_row("answers", *[str(e["n"]) for e in summary.values()])
+    if any(e.get("skipped") for e in summary.values()):
+        table.add_row("skipped (unreadable clip)", *[str(e["skipped"]) for e in summary.values()])
     table.add_row("retention", *[f"{100 * e['mean_retention']:.1f} %" for e in summary.values()])
     table.add_row("LLM s/answer", *[f"{e['mean_llm_s']:.3f}" for e in summary.values()])
     return table

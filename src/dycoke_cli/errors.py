@@ -22,3 +22,7 @@ class VideoError(DycokeError):
 
 class ModelError(DycokeError):
     """The model cannot be found, loaded, or is not a supported video LLM."""
+
+
+class OutputError(DycokeError):
+    """Standard output cannot be written (a full disk, a closed descriptor)."""

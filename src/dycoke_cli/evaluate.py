@@ -13,7 +13,7 @@ import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import DycokeError, UsageError
+from .errors import DycokeError, UsageError, VideoError
 from .generate import SamplingOptions
 from .pipeline import CompressionOptions, Method, Result, answer, encode_video
 
@@ -122,60 +122,105 @@ class EvalItem:
     kind: str | None
 
 
+QA_FIELDS = ("video", "question", "answer")
+
+
 def read_qa(path: Path) -> list[EvalItem]:
-    if not path.is_file():
-        raise DycokeError(f"{path}: no such file")
+    """Read a QA file: UTF-8 JSON lines (a BOM and CRLF line ends are fine), each an object with
+    string fields video, question, answer and an optional string kind. A bad line is a one-line
+    error naming it."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise DycokeError(f"{path}: is a directory, not a QA file") from None
+    except FileNotFoundError:
+        raise DycokeError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DycokeError(f"{path}: cannot read ({exc.strerror or exc})") from None
     items = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            items.append(EvalItem(str(obj["video"]), str(obj["question"]), str(obj["answer"]), obj.get("kind")))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DycokeError(f"{path}:{lineno}: not a QA line ({type(exc).__name__}: needs video, question, answer)") from None
+    for lineno, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        if raw.strip():
+            items.append(_qa_item(raw, f"{path}:{lineno}"))
     if not items:
         raise DycokeError(f"{path}: no QA lines")
     return items
 
 
+def _qa_item(raw: bytes, where: str) -> EvalItem:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DycokeError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DycokeError(f"{where}: not a JSON object ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise DycokeError(f"{where}: not a JSON object (needs {', '.join(QA_FIELDS)})")
+    missing = [k for k in QA_FIELDS if k not in obj]
+    if missing:
+        raise DycokeError(f"{where}: missing {', '.join(missing)}")
+    wrong = [k for k in (*QA_FIELDS, "kind") if k in obj and not isinstance(obj[k], str)
+             and not (k == "kind" and obj[k] is None)]
+    if wrong:
+        raise DycokeError(f"{where}: {', '.join(wrong)} must be text (got {type(obj[wrong[0]]).__name__})")
+    if not obj["video"].strip() or not obj["question"].strip():
+        raise DycokeError(f"{where}: empty {'video' if not obj['video'].strip() else 'question'}")
+    return EvalItem(obj["video"], obj["question"], obj["answer"], obj.get("kind"))
+
+
 def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: CompressionOptions,
-             sampling: SamplingOptions, progress=None, timeout_s: float = 60.0) -> dict:
-    """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``."""
-    items = read_qa(qa_path)
+             sampling: SamplingOptions, progress=None, timeout_s: float = 60.0,
+             items: list[EvalItem] | None = None) -> dict:
+    """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``.
+
+    A clip that cannot be read is skipped with its questions and listed under ``failures``
+    (the summary counts them); the rest of the set is still evaluated."""
+    items = items if items is not None else read_qa(qa_path)
     by_video: dict[str, list[EvalItem]] = {}
     for item in items:
         by_video.setdefault(item.video, []).append(item)
-    records = []
+    records, failures = [], []
     done, total = 0, len(items) * len(methods)
     for video, group in by_video.items():
-        enc = encode_video(lm, qa_path.parent / video, frames, timeout_s=timeout_s)
+        try:
+            enc = encode_video(lm, qa_path.parent / video, frames, timeout_s=timeout_s)
+        except (VideoError, UsageError) as exc:
+            failures.append({"video": video, "questions": len(group), "error": str(exc)})
+            done += len(group) * len(methods)
+            continue
         for method in methods:
             opts = replace(base, method=method)
             for item in group:
-                r = answer(lm, enc, item.question, opts, sampling)
-                t = r.stats["timings_s"]
-                records.append({
-                    "method": method.value, "video": item.video, "question": item.question, "answer": item.answer,
-                    "kind": item.kind, "prediction": r.answer, "correct": is_correct(r.answer, item.answer),
-                    "retention": r.stats["overall_retention"], "llm_s": t["prefill"] + t["decode"],
-                })
+                records.append(_score(lm, enc, item, opts, sampling))
                 done += 1
                 if progress:
                     progress(done, total)
-    return {"summary": summarize(records, methods), "items": records}
+    return {"summary": summarize(records, methods, failures), "items": records, "failures": failures}
 
 
-def summarize(records: list[dict], methods: list[Method]) -> dict:
+def _score(lm, enc, item: EvalItem, opts: CompressionOptions, sampling: SamplingOptions) -> dict:
+    r = answer(lm, enc, item.question, opts, sampling)
+    t = r.stats["timings_s"]
+    return {
+        "method": opts.method.value, "video": item.video, "question": item.question, "answer": item.answer,
+        "kind": item.kind, "prediction": r.answer, "correct": is_correct(r.answer, item.answer),
+        "retention": r.stats["overall_retention"], "llm_s": t["prefill"] + t["decode"],
+    }
+
+
+def summarize(records: list[dict], methods: list[Method], failures: list[dict] = ()) -> dict:
+    """Per method: answers scored, accuracy over them, and the questions skipped (unreadable clips)."""
     out = {}
+    skipped = sum(f["questions"] for f in failures)
     kinds = sorted({r["kind"] for r in records if r["kind"]})
     for method in methods:
         rs = [r for r in records if r["method"] == method.value]
+        n = max(len(rs), 1)
         entry = {
             "n": len(rs),
-            "accuracy": sum(r["correct"] for r in rs) / len(rs),
-            "mean_retention": sum(r["retention"] for r in rs) / len(rs),
-            "mean_llm_s": sum(r["llm_s"] for r in rs) / len(rs),
+            "skipped": skipped,
+            "accuracy": sum(r["correct"] for r in rs) / n,
+            "mean_retention": sum(r["retention"] for r in rs) / n,
+            "mean_llm_s": sum(r["llm_s"] for r in rs) / n,
         }
         if kinds:
             entry["by_kind"] = {

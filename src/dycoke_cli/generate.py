@@ -15,18 +15,7 @@ from typing import Iterator
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks: fixed decode length)
-
-    def to_dict(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "ignore_eos": self.ignore_eos}
+from .options import SamplingOptions
 
 
 @dataclass
@@ -92,7 +81,10 @@ def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
     generator = None
     if opts.temperature > 0:
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+        if opts.seed is None:
+            generator.seed()  # a fresh seed for this generator only; torch's global RNG is untouched
+        else:
+            generator.manual_seed(opts.seed)
     eos = set() if opts.ignore_eos else set(lm.eos_token_ids)
     seq = embeds.shape[1]
     embed_tokens = lm.decoder.embed_tokens

@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -21,76 +20,12 @@ from .compression.flops import LMShape, answer_flops
 from .compression.pruning import DecodeSelector, PrefillSelector, PrunedKVCache
 from .compression.ttm import kept_per_frame, merged_count, temporal_merge
 from .errors import UsageError
-from .generate import DecodeTimings, SamplingOptions, decode, sync
+from .generate import DecodeTimings, decode, sync
+from .options import FASTV_LAYER, CompressionOptions, Method, OptionError, Positions, SamplingOptions
 from .memory import PeakMemory
 from .preprocess import preprocess_frames
 
-FASTV_LAYER = 2  # FastV prunes after layer K = 2 (its paper's default), using layer K - 1's attention
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
-
-
-POSITION_MODES = ("contiguous", "original")
-
-
-class Method(str, Enum):
-    dycoke = "dycoke"
-    fastv = "fastv"
-    random = "random"
-    frames = "frames"
-    none = "none"
-
-
-@dataclass(frozen=True)
-class CompressionOptions:
-    """How to compress. ``None`` fields take the model's defaults (see ``resolve``)."""
-
-    method: Method = Method.dycoke
-    ttm_k: float | None = None
-    prune_p: float | None = None
-    prune_layer: int | None = None
-    refresh_threshold: float = 0.9
-    offload_pruned: bool = False
-    seed: int = 0  # for the random baseline
-    frame_coverage: float = 0.0  # share of the decode budget spread over frames (0 = the paper's top-k)
-    # Position ids of the kept visual tokens: "contiguous" (the paper: merged tokens are
-    # renumbered) or "original" (each keeps the position it had in the full video, so the text
-    # after the video sits where it would without compression). None: the checkpoint's default.
-    positions: str | None = None
-
-    def resolve(self, lm) -> "CompressionOptions":
-        """Fill defaults from the checkpoint and validate against its depth; UsageError if off."""
-        d = lm.defaults
-        opts = replace(
-            self,
-            method=Method(self.method),
-            ttm_k=d.ttm_k if self.ttm_k is None else self.ttm_k,
-            prune_p=d.prune_p if self.prune_p is None else self.prune_p,
-            prune_layer=d.prune_layer if self.prune_layer is None else self.prune_layer,
-            positions=d.positions if self.positions is None else self.positions,
-        )
-        if opts.positions not in POSITION_MODES:
-            raise UsageError(f"--positions must be one of {', '.join(POSITION_MODES)} (got {opts.positions!r})")
-        if not 0.0 <= opts.ttm_k < 1.0:
-            raise UsageError(f"--ttm-k must be in [0, 1) (got {opts.ttm_k})")
-        if not 0.0 <= opts.prune_p < 1.0:
-            raise UsageError(f"--prune-p must be in [0, 1) (got {opts.prune_p})")
-        if not 0.0 <= opts.frame_coverage <= 1.0:
-            raise UsageError(f"--frame-coverage must be in [0, 1] (got {opts.frame_coverage})")
-        if not 0.0 <= opts.refresh_threshold <= 1.0:
-            raise UsageError(f"--refresh-threshold must be in [0, 1] (got {opts.refresh_threshold})")
-        if not 1 <= opts.prune_layer <= lm.num_layers - 1:
-            raise UsageError(
-                f"--prune-layer must be in [1, {lm.num_layers - 1}] for this {lm.num_layers}-layer model "
-                f"(got {opts.prune_layer})"
-            )
-        if opts.method == Method.fastv and lm.num_layers <= FASTV_LAYER:
-            raise UsageError(f"fastv needs more than {FASTV_LAYER} layers (this model has {lm.num_layers})")
-        return opts
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["method"] = Method(self.method).value
-        return out
 
 
 @dataclass
@@ -256,7 +191,7 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
            listener: Listener | None = None) -> Result:
     """Answer ``question`` about an encoded clip with one compression method."""
     opts = opts.resolve(lm)
-    method = Method(opts.method)
+    method = opts.method
     t_start = time.perf_counter()
     plan = plan_tokens(enc, opts)
     merge_s = time.perf_counter() - t_start
@@ -272,8 +207,10 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
                                   frame_of=plan.index // enc.tokens_per_frame, coverage=opts.frame_coverage)
     elif plan.selector == "fastv":
         selector = PrefillSelector(plan.prune_from, span, plan.keep)
-    cache = PrunedKVCache(lm.num_layers, seq + sampling.max_new_tokens + 1,
-                          selector if isinstance(selector, DecodeSelector) else None, opts.offload_pruned)
+    capacity = seq + sampling.max_new_tokens + 1
+    reduced = (plan.prune_from, capacity - (span[1] - span[0]) + plan.keep) if plan.selector == "fastv" else None
+    cache = PrunedKVCache(lm.num_layers, capacity, selector if isinstance(selector, DecodeSelector) else None,
+                          opts.offload_pruned, reduced=reduced)
     stream = TextStream(lm.tokenizer)
     result = Result("", [], method.value, {**opts.to_dict(), **sampling.to_dict()})
     result.stats = _base_stats(enc, plan, total_visual, seq, opts)
@@ -309,11 +246,46 @@ def prefill_positions(span: tuple[int, int], plan: Plan, total_visual: int, seq:
     """Position ids of the prefill: None (contiguous 0..S-1) or, in "original" mode, the text
     before the video, each kept visual token at ``start + its flat index``, and everything after
     the video shifted as if no token had been dropped."""
-    if mode == "contiguous" or plan.tokens.shape[0] == total_visual:
+    if mode == Positions.contiguous or plan.tokens.shape[0] == total_visual:
         return None
     start, end = span
     after = torch.arange(start + total_visual, start + total_visual + seq - end)
     return torch.cat([torch.arange(start), plan.index.cpu() + start, after])
+
+
+def prompt_visual_extent(frames: int, per_frame: int, opts: CompressionOptions) -> int:
+    """Positions the visual part of the prompt spans for ``frames`` frames with ``opts``."""
+    method = opts.method
+    if method in (Method.none, Method.fastv) or opts.positions == Positions.original:
+        return frames * per_frame
+    if method == Method.dycoke:
+        return merged_count(frames, per_frame, opts.ttm_k)
+    budget = visual_budget(frames, per_frame, opts.ttm_k, opts.prune_p)
+    if method == Method.frames:
+        return max(1, min(frames, round(budget / per_frame))) * per_frame
+    return budget
+
+
+def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str) -> int:
+    """The frame count to sample (``frames``, else the model's default), refused with the bound
+    when the prompt would not fit the model's context with ``opts`` (resolved)."""
+    n = frames if frames is not None else lm.defaults.num_frames
+    limit = context_length(lm)
+    if limit is None:
+        return n
+    before, after = lm.prompt_ids(question)
+    room = limit - len(before) - len(after) - 2  # the newline after the video, one new token
+    per_frame = lm.tokens_per_frame
+    if prompt_visual_extent(n, per_frame, opts) <= room:
+        return n
+    lo, hi = 0, n  # largest count that fits: lo fits (0 trivially), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if prompt_visual_extent(mid, per_frame, opts) <= room else (lo, mid)
+    if lo < 1:
+        return n  # not even one frame fits: the context check names the prompt's size
+    raise OptionError("frames", f"must be in [1, {lo}] for this model: its {limit}-token context holds at most "
+                                f"{lo} frames of {per_frame} visual tokens with method {opts.method.value} (got {n})")
 
 
 def context_length(lm) -> int | None:
@@ -433,7 +405,7 @@ def ask(lm, video_path: str | os.PathLike, question: str, *, frames: int | None 
         listener: Listener | None = None) -> Result:
     """Decode, encode and answer in one call (the Python API behind ``dycoke ask``)."""
     compression = compression.resolve(lm)
-    n = frames if frames is not None else lm.defaults.num_frames
+    n = fit_frames(lm, frames, compression, question)
     enc = encode_video(lm, video_path, n, listener)
     result = answer(lm, enc, question, compression, sampling, listener)
     result.stats["video"] = enc.video.info.to_dict()

@@ -252,7 +252,7 @@ class _PrunedLayer(_BufferLayer):
     def __init__(self, capacity: int, selector: DecodeSelector, offload: bool):
         super().__init__(capacity)
         self.selector = selector
-        self.offload = offload
+        self.offload_store = offload  # (not `offload`: that name is a method of the base class)
         self.version = 0
         self.store_k: torch.Tensor | None = None
         self.store_v: torch.Tensor | None = None
@@ -266,8 +266,8 @@ class _PrunedLayer(_BufferLayer):
             s = key_states.shape[2]
             self.capacity = self.capacity - sel.total + sel.keep
             self.lazy_initialization(key_states, value_states)
-            store_device = "cpu" if self.offload else key_states.device
-            pin = self.offload and key_states.device.type == "cuda"
+            store_device = "cpu" if self.offload_store else key_states.device
+            pin = self.offload_store and key_states.device.type == "cuda"
             self.store_k = key_states[:, :, sel.start : sel.end].to(store_device, copy=True)
             self.store_v = value_states[:, :, sel.start : sel.end].to(store_device, copy=True)
             if pin:
@@ -277,6 +277,9 @@ class _PrunedLayer(_BufferLayer):
             self._append(key_states[:, :, sel.end :], value_states[:, :, sel.end :])
             self.seen = s
             return key_states, value_states
+        if sel.selection is None:
+            raise RuntimeError("pruned KV layer: no selection arrived before a decoding step (the probing "
+                               f"attention '{ATTENTION_NAME}' must run at layer {sel.layer}; see register_attention)")
         if self.version != sel.version:
             self._rebuild_slot()
         self._append(key_states, value_states)
@@ -308,14 +311,17 @@ class PrunedKVCache(Cache):
         capacity: positions to preallocate (prefill length + new tokens).
         selector: a DecodeSelector, or None for no pruning.
         offload: keep the pruned layers' visual store in host memory.
+        reduced: (first layer, capacity) for layers that hold fewer positions (FastV's after its cut).
     """
 
     def __init__(self, num_layers: int, capacity: int, selector: DecodeSelector | None = None,
-                 offload: bool = False):
+                 offload: bool = False, reduced: tuple[int, int] | None = None):
         layers: list[CacheLayerMixin] = []
         for i in range(num_layers):
             if selector is not None and i >= selector.prune_from:
                 layers.append(_PrunedLayer(capacity, selector, offload))
+            elif reduced is not None and i >= reduced[0]:
+                layers.append(_BufferLayer(reduced[1]))  # a one-shot pruner left fewer tokens here
             else:
                 layers.append(_BufferLayer(capacity))
         super().__init__(layers=layers)
@@ -325,7 +331,7 @@ class PrunedKVCache(Cache):
         """Bytes held: attended on the device, and in the pruned-entry stores (and where)."""
         working = sum(layer.held_bytes() for layer in self.layers)
         store = sum(layer.store_bytes() for layer in self.layers if isinstance(layer, _PrunedLayer))
-        offloaded = any(getattr(layer, "offload", False) for layer in self.layers)
+        offloaded = any(isinstance(layer, _PrunedLayer) and layer.offload_store for layer in self.layers)
         on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.layers)
         return {
             "working": working,

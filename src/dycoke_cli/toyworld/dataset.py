@@ -7,17 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DycokeError
 from .render import questions_for, sample_spec, write_clip
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, variety: bool = True) -> Path:
+def write_dataset(out_dir: str | Path, n: int, seed: int, variety: bool = True, overwrite: bool = False) -> Path:
     """Render ``n`` random clips (seeded by ``seed``) into ``out_dir/clips/`` and write
     ``out_dir/qa.jsonl``: one line per applicable question, ``{"video": "clips/NNNN.mp4",
     "question", "answer", "kind"}`` with the video path relative to ``out_dir``.
 
-    Returns the path of ``qa.jsonl``. The same ``(n, seed)`` always gives the same clips."""
+    Returns the path of ``qa.jsonl``. The same ``(n, seed)`` always gives the same clips.
+    A folder that already holds files is refused (DycokeError) unless ``overwrite``."""
     out = Path(out_dir)
-    (out / "clips").mkdir(parents=True, exist_ok=True)
+    _prepare(out, overwrite)
     rng = np.random.default_rng(seed)
     width = max(4, len(str(n - 1)))
     lines = []
@@ -30,3 +32,19 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, variety: bool = True) 
     qa = out / "qa.jsonl"
     qa.write_text("\n".join(lines) + "\n")
     return qa
+
+
+def _prepare(out: Path, overwrite: bool) -> None:
+    """Create ``out/clips``; refuse a non-empty folder unless ``overwrite``; one-line errors."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise DycokeError(f"{out}: exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise DycokeError(f"{out}: the folder already holds files; choose a new or empty one "
+                              "(or pass --force to replace its qa.jsonl and clips)")
+        (out / "clips").mkdir(parents=True, exist_ok=True)
+        probe = out / "clips" / ".dycoke-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise DycokeError(f"{out}: cannot write there ({exc.strerror or exc})") from None

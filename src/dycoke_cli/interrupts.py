@@ -1,0 +1,77 @@
+"""Ctrl-C exits 130 at any moment: no traceback, and no abort.
+
+A KeyboardInterrupt raised inside a Python callback that native code called (torch's import,
+pybind11 or PyO3 extensions) can abort the whole process (``pybind11::error_already_set``).
+So the command-line entry point installs :func:`exit_now` first: it writes what the running
+command registered (a partial answer, say), then ``dycoke: interrupted``, and leaves at once.
+Loops that are plain Python and want to finish their output themselves run inside
+:func:`raising`, where Ctrl-C raises KeyboardInterrupt as usual. Library users are not
+affected: nothing is installed unless the entry point does it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+EXIT_CODE = 130  # 128 + SIGINT
+MESSAGE = b"dycoke: interrupted\n"
+
+_installed = False
+_output: Callable[[], str] | None = None  # what to print on stdout when interrupted
+_cleanup: Callable[[], None] | None = None  # e.g. stop a live display
+
+
+def install() -> None:
+    """Make Ctrl-C exit at once with code 130 (the command-line entry point calls this)."""
+    global _installed
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, exit_now)
+        _installed = True
+
+
+def on_interrupt(output: Callable[[], str] | None = None, cleanup: Callable[[], None] | None = None) -> None:
+    """Register what an interrupt prints on stdout and what it tidies up first."""
+    global _output, _cleanup
+    _output, _cleanup = output, cleanup
+
+
+def exit_now(signum=None, frame=None) -> None:
+    """Signal handler: tidy up, write the registered output and the message, exit 130."""
+    for step in (_cleanup, _write_output):
+        try:
+            if step is not None:
+                step()
+        except Exception:  # noqa: BLE001 - leaving is all that matters now
+            pass
+    try:
+        os.write(2, MESSAGE)
+    except OSError:
+        pass
+    os._exit(EXIT_CODE)
+
+
+def _write_output() -> None:
+    text = _output() if _output is not None else ""
+    if text and sys.stdout is not None:
+        data = text.encode()
+        fd = sys.stdout.fileno()
+        while data:
+            data = data[os.write(fd, data):]
+
+
+@contextmanager
+def raising() -> Iterator[None]:
+    """Inside, Ctrl-C raises KeyboardInterrupt (for plain-Python loops that finish their own output)."""
+    if not _installed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, exit_now)

@@ -1,0 +1,149 @@
+"""What a run is asked to do: the compression method and its knobs, and how tokens are sampled.
+
+Each options class validates itself in one place and raises :class:`OptionError`, which names
+the field (``ttm_k``); the CLI shows it under the flag's name (``--ttm-k``). ``None`` fields of
+:class:`CompressionOptions` take the checkpoint's defaults in :meth:`CompressionOptions.resolve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+
+from .errors import UsageError
+
+# The paper's refresh rule: re-select the visual tokens when the cosine similarity between this
+# step's attention and the one the selection came from falls below this.
+REFRESH_THRESHOLD = 0.9
+# FastV prunes after layer K = 2 (its paper's default), from layer K - 1's attention.
+FASTV_LAYER = 2
+# Temperatures below this overflow float32 logits (logits / t); 0 means greedy.
+TEMPERATURE_MIN = 0.01
+TEMPERATURE_MAX = 100.0
+SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+
+
+class Method(str, Enum):
+    """How visual tokens are reduced. All but ``none`` keep the same visual-token budget."""
+
+    dycoke = "dycoke"  # TTM before the LLM + dynamic KV pruning while decoding (the paper)
+    fastv = "fastv"  # one-shot pruning at prefill by the last prompt token's attention
+    random = "random"  # random visual tokens
+    frames = "frames"  # uniformly fewer frames
+    none = "none"  # uncompressed
+
+
+class Positions(str, Enum):
+    """Position ids of kept visual tokens."""
+
+    contiguous = "contiguous"  # renumbered after merging (the paper)
+    original = "original"  # as in the full video; the text after it sits where it would
+
+
+class OptionError(UsageError):
+    """An option out of range. ``name`` is the field; the CLI shows the flag instead."""
+
+    def __init__(self, name: str, problem: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"{name} {problem}")
+
+    def for_flag(self) -> str:
+        return f"--{self.name.replace('_', '-')} {self.problem}"
+
+
+def check_range(name: str, value, low, high, *, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise OptionError unless ``low <(=) value <(=) high`` (NaN is never in range)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # False for NaN
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise OptionError(name, f"must be in {interval} (got {value})")
+
+
+def check_count(name: str, value: int, low: int = 1, high: int | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        raise OptionError(name, f"must be {bound} (got {value})")
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """How to compress. ``None`` fields take the model's defaults (see :meth:`resolve`)."""
+
+    method: Method = Method.dycoke
+    ttm_k: float | None = None  # TTM: fraction of tokens dropped from compared frames
+    prune_p: float | None = None  # decode pruning: fraction of visual KV entries pruned
+    prune_layer: int | None = None  # first pruned layer L (layer L - 1 is probed)
+    refresh_threshold: float = REFRESH_THRESHOLD
+    offload_pruned: bool = False  # keep pruned KV entries in host memory
+    seed: int = 0  # for the random baseline
+    frame_coverage: float = 0.0  # share of the decode budget spread over frames (0 = the paper's top-k)
+    positions: Positions | None = None
+
+    def validate(self) -> "CompressionOptions":
+        """Range checks that need no model; returns self with enums normalised."""
+        opts = replace(self, method=_enum(Method, "method", self.method),
+                       positions=None if self.positions is None else _enum(Positions, "positions", self.positions))
+        if opts.ttm_k is not None:
+            check_range("ttm_k", opts.ttm_k, 0, 1, high_open=True)
+        if opts.prune_p is not None:
+            check_range("prune_p", opts.prune_p, 0, 1, high_open=True)
+        check_range("refresh_threshold", opts.refresh_threshold, 0, 1)
+        check_range("frame_coverage", opts.frame_coverage, 0, 1)
+        check_count("seed", opts.seed, 0, SEED_MAX)
+        return opts
+
+    def resolve(self, lm) -> "CompressionOptions":
+        """Fill ``None`` fields from the model's defaults (``lm.defaults``) and check its depth."""
+        defaults, num_layers = lm.defaults, lm.num_layers
+        opts = replace(
+            self,
+            ttm_k=defaults.ttm_k if self.ttm_k is None else self.ttm_k,
+            prune_p=defaults.prune_p if self.prune_p is None else self.prune_p,
+            prune_layer=defaults.prune_layer if self.prune_layer is None else self.prune_layer,
+            positions=defaults.positions if self.positions is None else self.positions,
+        ).validate()
+        if not 1 <= opts.prune_layer <= num_layers - 1:
+            raise OptionError("prune_layer", f"must be in [1, {num_layers - 1}] for this {num_layers}-layer model "
+                                             f"(got {opts.prune_layer})")
+        if opts.method == Method.fastv and num_layers <= FASTV_LAYER:
+            raise UsageError(f"fastv needs more than {FASTV_LAYER} layers (this model has {num_layers})")
+        return opts
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["method"] = Method(self.method).value
+        out["positions"] = None if self.positions is None else Positions(self.positions).value
+        return out
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How answer tokens are chosen."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    seed: int | None = None  # None: a fresh seed per run (torch's global RNG is left alone)
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks: fixed decode length)
+
+    def validate(self) -> "SamplingOptions":
+        check_count("max_new_tokens", self.max_new_tokens)
+        if self.temperature != 0 and not TEMPERATURE_MIN <= self.temperature <= TEMPERATURE_MAX:
+            raise OptionError("temperature", f"must be 0 (greedy) or in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}] "
+                                             f"(got {self.temperature})")
+        check_range("top_p", self.top_p, 0, 1, low_open=True)
+        if self.seed is not None:
+            check_count("seed", self.seed, 0, SEED_MAX)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _enum(kind: type[Enum], name: str, value):
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise OptionError(name, f"must be one of {choices} (got {value!r})") from None
