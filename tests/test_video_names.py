@@ -120,3 +120,66 @@ def test_a_playlist_is_not_followed_to_the_files_it_names(decoys, name, text):
     with pytest.raises(VideoError) as exc:
         read_video(name, 4)
     assert str(exc.value) == f"{name}: not a video file (FFmpeg cannot read it)"
+
+
+# -- timestamp discontinuities ---------------------------------------------------------------
+
+
+def join(out, *parts):
+    """``cat parts > out``: MPEG-TS is made to be cut and joined so."""
+    with open(out, "wb") as f:
+        for part in parts:
+            f.write(open(part, "rb").read())
+    return out
+
+
+def test_joined_mpegts_is_sampled_over_both_halves(tmp_path):
+    # Two 2 s recordings, frames 0..19 and 100..119, both with a clock from 0. Unwrapped, the
+    # second half follows the first one frame later: 100 shows at 2.0 s, the clip spans 4 s.
+    a = offset_clip(tmp_path / "a.ts", 0)
+    b = offset_clip(tmp_path / "b.ts", 100)
+    path = join(tmp_path / "joined.ts", a, b)
+    v = read_video(path, 8)  # targets 0.25 + 0.5 k, ties earlier
+    assert indices(v) == [2, 7, 12, 17, 102, 107, 112, 117]
+    assert v.info.timestamps == pytest.approx([0.2, 0.7, 1.2, 1.7, 2.2, 2.7, 3.2, 3.7])
+    assert (v.info.container, v.info.duration) == ("mpegts", pytest.approx(4.0))
+    assert probe_video(path).duration == pytest.approx(4.0)
+    assert indices(read_video(path, 100)) == list(range(20)) + list(range(100, 120))
+
+
+def test_three_joined_parts_with_bframes(tmp_path):
+    # B-frames: packets come in decode order, the clock restarts at each join.
+    opts = {"preset": "medium"}
+    a = offset_clip(tmp_path / "a.ts", 0, n_frames=30, options=opts)
+    b = offset_clip(tmp_path / "b.ts", 100, n_frames=30, options=opts)
+    path = join(tmp_path / "joined.ts", a, b, a)
+    v = read_video(path, 9)  # 9 s: targets 0.5 + k s
+    assert indices(v) == [5, 15, 25, 105, 115, 125, 5, 15, 25]
+    assert v.info.duration == pytest.approx(9.0)
+    assert indices(read_video(path, 200)) == [*range(30), *range(100, 130), *range(30)]
+
+
+def test_a_clock_jump_forward_is_a_discontinuity_a_short_one_a_pause(tmp_path):
+    # Frames 0..19 at 0..1.9 s, then 20..39 from 1000 s: read as following at 2.0 s. (With
+    # explicit times the packets carry no duration, so the clip ends where its last frame starts.)
+    first = [k / 10 for k in range(20)]
+    path = write_clip(tmp_path / "jump.ts", n_frames=40, pts=first + [1000 + t for t in first])
+    v = read_video(path, 4)  # span 3.9 s: targets 0.4875 + 0.975 k
+    assert indices(v) == [5, 15, 24, 34]
+    assert v.info.timestamps == pytest.approx([0.5, 1.5, 2.4, 3.4])
+    # A 5 s pause (under FFmpeg's 10 s threshold) is kept: it is part of the recording.
+    path = write_clip(tmp_path / "pause.ts", n_frames=40, pts=first + [7 + t for t in first])
+    v = read_video(path, 3)  # the stored 9 s (no jump, so believed): targets 1.5, 4.5, 7.5
+    assert indices(v) == [15, 20, 25]
+    assert v.info.timestamps == pytest.approx([1.5, 7.0, 7.5])
+
+
+def test_a_long_discontinuous_file_is_read_in_one_pass(tmp_path):
+    # 2 x 40 s at 1 fps: past SEEK_AFTER_S, but a seek lands by the raw clock, which names two
+    # places in this file; one forward pass on the unwrapped timeline gets both halves.
+    a = offset_clip(tmp_path / "a.ts", 0, n_frames=40, fps=1, size=(32, 32), gop=10)
+    b = offset_clip(tmp_path / "b.ts", 100, n_frames=40, fps=1, size=(32, 32), gop=10)
+    path = join(tmp_path / "joined.ts", a, b)
+    v = read_video(path, 8)  # targets 5 + 10 k
+    assert indices(v) == [5, 15, 25, 35, 105, 115, 125, 135]
+    assert v.info.duration == pytest.approx(80.0)

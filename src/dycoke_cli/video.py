@@ -3,7 +3,8 @@
 Sampling rule
     The clip spans ``[start, end)``: ``start`` is the presentation time of its first frame
     (its first packet, even if damaged); ``end`` is where the stored duration ends (stream
-    duration, else the container's, else measured by demuxing every packet). That span is cut into
+    duration, else the container's, else measured by demuxing every packet; see Timeline for
+    formats whose clock may jump). That span is cut into
     ``num_frames`` equal segments and the target times are their centres:
     ``start + (k + 0.5) * span / num_frames`` for ``k = 0 .. num_frames - 1``. Each target takes
     the decoded frame whose presentation time (``frame.pts * time_base``) is nearest to it, ties
@@ -20,6 +21,15 @@ How
     a re-decode per target). Only the sampled frames are held, converted to RGB (and
     downscaled) as they are picked. A stored duration that is too short (some MPEG-PS files
     estimate it from the bit rate) leaves the frames after it unsampled.
+
+Timeline
+    In a format whose timestamps may jump (FFmpeg's ``AVFMT_TS_DISCONT``: MPEG-TS, MPEG-PS),
+    e.g. two recordings joined with ``cat``, whose clock restarts halfway, times are unwrapped:
+    when a packet's decode time goes backwards, or forward by more than ``_JUMP_S`` (a shorter
+    step forward is a pause, and kept), it and every packet after it are shifted to follow the
+    previous packet by one frame. The duration of such a file is always measured by demuxing
+    it, on the same timeline, and a file found to jump is read in one forward pass (a seek
+    lands by the raw clock); ``info.timestamps`` are unwrapped times.
 
 Damage
     A packet that fails to decode, or that the decoder silently drops, leaves a hole. A target
@@ -76,6 +86,13 @@ _UNSPECIFIED_RANGE = 0
 # Two times closer than this (seconds) are the same time: frame pts are exact rationals, the
 # targets are floats, and a tie must go to the earlier frame however the float rounds.
 _TIME_EPS = 1e-9
+
+# FFmpeg's AVFMT_TS_DISCONT: the format allows timestamp discontinuities (MPEG-TS, MPEG-PS).
+_AVFMT_TS_DISCONT = 0x0200
+
+# In such a format, a timestamp this far (seconds) past the previous one is a discontinuity, not
+# a pause in the recording: FFmpeg's own default (ffmpeg -dts_delta_threshold).
+_JUMP_S = 10.0
 
 # The protocol whitelist FFmpeg gets: no protocol is named so (FFmpeg reads the file through
 # the file object it is given, and opens nothing else).
@@ -161,7 +178,8 @@ def read_video(
         span = max(end - start, 0.0) if end is not None else 0.0
         convert = _Converter(first.frame, max_side)
         picker = _Picker(start, span, num_frames, convert)
-        _sample(clip, picker, first, frames, seek=span > SEEK_AFTER_S)
+        seek = span > SEEK_AFTER_S and not clip.discontinuous()  # seeks land by raw time
+        _sample(clip, picker, first, frames, seek=seek)
         if not picker.arrays:
             raise clip.error("no decodable video frame (the file is truncated or damaged)")
         info = clip.info(first.frame, requested=num_frames, timestamps=tuple(picker.times),
@@ -373,7 +391,9 @@ class _Clip:
             self.time_base = _fraction(self.stream.time_base) or Fraction(1, 1000)
             rate = self.stream.average_rate or self.stream.guessed_rate
             self.frame_step = float(1 / rate) if rate else 1 / 25  # for frames without pts
-            self._timing_cache: tuple[float | None, float | None] | None = None
+            # Timestamps may jump (restart) in this format: MPEG-TS, MPEG-PS.
+            self.may_jump = bool(int(self.container.format.flags) & _AVFMT_TS_DISCONT)
+            self._timing_cache: tuple[float | None, float | None, bool] | None = None
         except BaseException:
             self.close()
             raise
@@ -414,49 +434,62 @@ class _Clip:
     # -- metadata ------------------------------------------------------------------------
 
     def duration(self) -> float | None:
-        """Stream duration, else container duration, else measured by demuxing."""
+        """Stream duration, else container duration, else measured by demuxing (see _timing)."""
         return self._timing()[0]
 
     def end_time(self) -> float | None:
         """Presentation time where the clip ends: the start the duration counts from, plus it."""
         return self._timing()[1]
 
-    def _timing(self) -> tuple[float | None, float | None]:
+    def discontinuous(self) -> bool:
+        """Whether the timestamps jump, so that the times used are unwrapped (see _Timeline)."""
+        return self._timing()[2]
+
+    def _timing(self) -> tuple[float | None, float | None, bool]:
+        """(duration, end, discontinuous). The stored duration, unless there is none or the
+        format's timestamps may jump: then measured by demuxing the whole stream, on the same
+        unwrapped timeline the frames are read on."""
         if self._timing_cache is None:
-            stream, container = self.stream, self.container
-            if stream.duration and stream.duration > 0:
-                duration = float(stream.duration * self.time_base)
-                end = float((stream.start_time or 0) * self.time_base) + duration
-            elif container.duration and container.duration > 0:
-                duration = container.duration / av.time_base
-                end = (container.start_time or 0) / av.time_base + duration
+            stored = self._stored()
+            span = self._scan() if stored is None or self.may_jump else _Span()
+            if span.end is None or (stored is not None and not span.jumps):
+                duration, start = stored or (None, 0.0)
+                end = None if duration is None else start + duration
             else:
-                first, end = self._measure()
-                duration = None if end is None else max(end - first, 0.0)
-            self._timing_cache = (duration, end)
+                duration, end = max(span.end - span.first, 0.0), span.end
+            self._timing_cache = (duration, end, span.jumps > 0)
         return self._timing_cache
 
-    def _measure(self) -> tuple[float, float | None]:
-        """Demux (not decode) the whole stream in a second handle: (start, end) of its packets."""
-        first = end = None
-        count = 0
+    def _stored(self) -> tuple[float, float] | None:
+        """(duration, start) as the file states them: the stream's, else the container's."""
+        stream, container = self.stream, self.container
+        if stream.duration and stream.duration > 0:
+            return (float(stream.duration * self.time_base),
+                    float((stream.start_time or 0) * self.time_base))
+        if container.duration and container.duration > 0:
+            return container.duration / av.time_base, (container.start_time or 0) / av.time_base
+        return None
+
+    def _scan(self) -> _Span:
+        """Demux (not decode) the whole stream in a second handle: where its packets start and
+        end, on the unwrapped timeline."""
+        span = _Span()
+        timeline = self._timeline()
         try:
             with _open_file(self.path) as f, _open_container(f) as c:
                 for packet in c.demux(c.streams[self.stream.index]):
                     self.check_time()
-                    if packet.size == 0:
-                        continue
-                    count += 1
-                    if packet.pts is not None:
-                        t = float(packet.pts * self.time_base)
-                        t_end = t + float((packet.duration or 0) * self.time_base)
-                        first = t if first is None else min(first, t)
-                        end = t_end if end is None else max(end, t_end)
+                    timeline(packet)
+                    span.add(packet, self.time_base)
         except (av.FFmpegError, OSError, VideoError):
             pass  # keep what was read before the damage (or the file vanished meanwhile)
-        if end is None:  # no timestamps: count frames at the nominal rate
-            return 0.0, (count * self.frame_step if count else None)
-        return first, end
+        span.jumps = timeline.jumps
+        if span.end is None and span.count:  # no timestamps: count frames at the nominal rate
+            span.first, span.end = 0.0, span.count * self.frame_step
+        return span
+
+    def _timeline(self) -> _Timeline:
+        return _Timeline(self.may_jump, self.time_base, self.frame_step)
 
     def info(self, first: av.VideoFrame, *, requested: int, timestamps: tuple[float, ...],
              lost: int) -> VideoInfo:
@@ -533,8 +566,10 @@ class _Clip:
 
     def _packets(self) -> Iterator[av.Packet | None]:
         """The stream's packets from the current position, ending with a flush. A demuxer error
-        ends the stream early (None then asks the decoder for what it still holds)."""
+        ends the stream early (None then asks the decoder for what it still holds). Timestamps
+        are unwrapped from here on (see _Timeline), so a seek starts a new timeline."""
         packets = self.container.demux(self.stream)
+        timeline = self._timeline()
         while True:
             self.check_time()
             try:
@@ -544,7 +579,62 @@ class _Clip:
             except (av.FFmpegError, OSError):
                 yield None
                 return
+            timeline(packet)
             yield packet
+
+
+@dataclass
+class _Span:
+    """Where demuxed packets start and end (seconds), and how many timestamp jumps were
+    unwrapped on the way. ``count`` counts the packets, with or without timestamps."""
+
+    first: float | None = None
+    end: float | None = None  # the end of the last packet: its time plus its duration
+    count: int = 0
+    jumps: int = 0
+
+    def add(self, packet: av.Packet, time_base: Fraction) -> None:
+        if packet.size == 0 or packet.is_discard:  # the final empty packet; cut by an edit list
+            return
+        self.count += 1
+        if packet.pts is not None:
+            t = float(packet.pts * time_base)
+            t_end = t + float((packet.duration or 0) * time_base)
+            self.first = t if self.first is None else min(self.first, t)
+            self.end = t_end if self.end is None else max(self.end, t_end)
+
+
+class _Timeline:
+    """Makes packet timestamps continuous, in a format where they may jump (FFmpeg's
+    AVFMT_TS_DISCONT: MPEG-TS, MPEG-PS), e.g. two recordings joined with ``cat``, whose clock
+    restarts halfway. Fed every packet in demux order from where demuxing started: when one's
+    decode time goes backwards, or forward by more than ``_JUMP_S``, it and all after it are
+    shifted to follow the previous packet by one frame."""
+
+    def __init__(self, active: bool, time_base: Fraction, frame_step: float):
+        self.active = active
+        self.limit = _JUMP_S / time_base  # in time_base units, as the timestamps
+        self.default_step = max(1, round(frame_step / time_base))
+        self.shift = 0
+        self.last: int | None = None  # shifted decode time of the previous packet
+        self.step = self.default_step  # duration of the previous packet
+        self.jumps = 0
+
+    def __call__(self, packet: av.Packet) -> None:
+        """Shift the packet's timestamps in place."""
+        dts = packet.dts if packet.dts is not None else packet.pts
+        if not self.active or packet.size == 0 or dts is None:
+            return
+        dts += self.shift
+        if self.last is not None and (dts < self.last or dts - self.last > self.limit):
+            self.shift += self.last + self.step - dts
+            dts = self.last + self.step
+            self.jumps += 1
+        if self.shift and packet.pts is not None:
+            packet.pts += self.shift
+        if self.shift and packet.dts is not None:
+            packet.dts += self.shift
+        self.last, self.step = dts, packet.duration or self.default_step
 
 
 def _open_container(file: io.RawIOBase) -> av.container.InputContainer:
