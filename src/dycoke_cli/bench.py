@@ -842,21 +842,27 @@ def run(args, log=lambda msg: None) -> dict:
 
 
 def check_output_path(path: str, flag: str) -> None:
-    """Refuse, before any work, an output path that is a folder or cannot be written."""
+    """Refuse, before any work, an output path that is a folder or cannot be written (tried
+    with a temporary file in the nearest existing folder, removed at once)."""
+    import tempfile
+
     from .errors import DycokeError
 
     target = Path(path)
-    if target.is_dir():
-        raise DycokeError(f"{flag} {path}: is a folder; give a file name")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise DycokeError(f"{flag} {path}: cannot write there (permission denied)")
-    folder = target.absolute().parent
-    while not folder.exists():  # the nearest existing folder is where it would be created
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DycokeError(f"{flag} {path}: cannot write there ({folder} is not a folder)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DycokeError(f"{flag} {path}: cannot write there (permission denied)")
+    try:
+        if target.is_dir():
+            raise DycokeError(f"{flag} {path}: is a folder; give a file name")
+        folder = target.absolute().parent
+        while not folder.exists():  # the nearest existing folder is where it would be created
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(20, f"{folder} is not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        raise DycokeError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def main(argv=None) -> int:

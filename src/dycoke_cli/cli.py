@@ -181,14 +181,18 @@ def _root(
 # -------------------------------------------------------------------------------- output
 
 
+class _ReaderLeft(Exception):
+    """Stdout's reader closed the pipe (`| head`): no error, the run just ends. (Not an OSError,
+    which click would turn into a silent exit 1 of its own.)"""
+
+
 def _out(text: str) -> None:
-    """Write to stdout now; a stdout that cannot be written is an OutputError (a closed pipe
-    stays a BrokenPipeError: the reader left, which is no error)."""
+    """Write to stdout now; a stdout that cannot be written is an OutputError."""
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
-        raise
+        raise _ReaderLeft from None
     except (OSError, ValueError) as exc:
         raise OutputError(f"cannot write the output ({getattr(exc, 'strerror', None) or exc})") from None
 
@@ -537,7 +541,7 @@ def _run_command(args: list[str], debug: bool) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("dycoke: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader left (`| head`): the convention is a silent exit
+    except (_ReaderLeft, BrokenPipeError):  # the reader left (`| head`): a silent exit, as SIGPIPE gives
         _silence_stdout()
         return 141
     except DycokeError as exc:
