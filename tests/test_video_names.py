@@ -15,6 +15,7 @@ import shutil
 import pytest
 from clips import frame_index_of, pattern_frame, write_clip, write_image
 
+from dycoke_cli import video as video_mod
 from dycoke_cli.errors import VideoError
 from dycoke_cli.video import Video, probe_video, read_video
 
@@ -183,3 +184,17 @@ def test_a_long_discontinuous_file_is_read_in_one_pass(tmp_path):
     v = read_video(path, 8)  # targets 5 + 10 k
     assert indices(v) == [5, 15, 25, 35, 105, 115, 125, 135]
     assert v.info.duration == pytest.approx(80.0)
+
+
+def test_a_long_continuous_mpegts_is_sampled_by_seeking(tmp_path, monkeypatch):
+    # MPEG-TS has no index: a seek lands on some packet before the time asked for, and
+    # decoding starts at the next keyframe (here up to 10 s later), past the target. The
+    # frames are those of one forward pass, and the packets skipped are not damage.
+    path = offset_clip(tmp_path / "long.ts", 0, n_frames=120, fps=1, size=(32, 32), gop=10)
+    v = read_video(path, 8)
+    assert v.info.duration > video_mod.SEEK_AFTER_S
+    assert indices(v) == [7, 22, 37, 52, 67, 82, 97, 112]  # targets 7.5 + 15 k, ties earlier
+    assert v.info.lost == 0
+    monkeypatch.setattr(video_mod, "SEEK_AFTER_S", 1e9)
+    forward = read_video(path, 8)
+    assert indices(forward) == indices(v) and forward.info == v.info

@@ -18,8 +18,10 @@ How
     nearest each target. Longer clips seek (backward, to the keyframe before each target) and
     decode forward to the target; when the next target is closer than the keyframe distance
     seen so far, decoding just continues (so rare keyframes degrade to one forward pass, not to
-    a re-decode per target). Only the sampled frames are held, converted to RGB (and
-    downscaled) as they are picked. A stored duration that is too short (some MPEG-PS files
+    a re-decode per target). Where a seek lands past its target (MPEG-TS has no index: it
+    lands on a packet before the time asked for, and decoding starts at the next keyframe),
+    it is made again aiming twice as far back, and later seeks aim that far back too. Only the
+    sampled frames are held, converted to RGB (and downscaled) as they are picked. A stored duration that is too short (some MPEG-PS files
     estimate it from the bit rate) leaves the frames after it unsampled.
 
 Timeline
@@ -209,21 +211,32 @@ def _sample(clip: _Clip, picker: _Picker, first: _Decoded, frames: Iterator[_Dec
     # seeks made so far: seek only when the next target is farther ahead than that, otherwise
     # decoding on is cheaper (and is all that is left when keyframes are rare).
     keyframe_gap = 0.0
+    # How far before its target a seek aims. A seek lands on the keyframe before the time asked
+    # for, except in a format without an index (MPEG-TS): there it lands on some packet before
+    # it, and decoding starts at the next keyframe, which may be past the target. Such a seek is
+    # made again, aiming twice as far back, and later seeks aim that far back too.
+    lead = 0.0
     landing_for: float | None = None  # target of the seek just made, until its first frame
     item: _Decoded | None = first
     while item is not None and not picker.done:
         if landing_for is not None and item.frame is not None:
+            if item.time > landing_for + _TIME_EPS and landing_for - lead > picker.start:
+                lead = max(2 * lead, item.time - landing_for, clip.frame_step)
+                if clip.seek(landing_for - lead):
+                    frames = clip.frames(after_seek=True)
+                    item = next(frames, None)
+                    continue
             keyframe_gap = max(keyframe_gap, landing_for - item.time)
             landing_for = None
         picker.feed(item)
         target = picker.next_target()
         if (seek and target is not None and item.frame is not None
                 and target - item.time > keyframe_gap + _TIME_EPS):
-            seek = clip.seek(target)  # a file that cannot seek is read on
+            seek = clip.seek(target - lead)  # a file that cannot seek is read on
             if seek:
                 picker.forget_position()
                 landing_for = target
-                frames = clip.frames()
+                frames = clip.frames(after_seek=True)
         item = next(frames, None)
     picker.finish()
 
@@ -526,19 +539,23 @@ class _Clip:
             return False
         return True
 
-    def frames(self) -> Iterator[_Decoded]:
+    def frames(self, after_seek: bool = False) -> Iterator[_Decoded]:
         """Decode from the current position: frames in presentation order, with the holes.
 
         A hole is a packet whose timestamp never came out of the decoder as a frame (decode
         error, or dropped because it was damaged). That needs frame pts to echo packet pts;
         when they do not (no pts, or a decoder that makes up its own), holes are not tracked.
+        ``after_seek``: holes count from the first keyframe (a seek may land before one, and
+        the decoder drops what it cannot decode without it).
         """
         pending: set[int] = set()  # pts of packets sent, not yet seen as frames
         track = True
         last_time: float | None = None
         for packet in self._packets():
+            after_seek = after_seek and not (packet is not None and packet.is_keyframe)
             if (packet is not None and packet.size and packet.pts is not None
-                    and not packet.is_discard):  # discarded by an edit list: no frame expected
+                    and not packet.is_discard  # discarded by an edit list: no frame expected
+                    and not after_seek):
                 pending.add(packet.pts)
             try:  # None, or the demuxer's final empty packet, flushes the decoder
                 decoded = packet.decode() if packet is not None else self.stream.decode(None)
