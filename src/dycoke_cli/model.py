@@ -8,14 +8,16 @@ adapter class and registering it in ``FAMILIES``; the pipeline does not change.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelError, UsageError
-from .preprocess import FrameSpec
+from .checkpoint import (PICKLE_FILE, PICKLE_INDEX, SAFE_FILE, SAFE_INDEX, WeightFiles, check_aux_files,
+                         check_config_values, check_loading_info, check_pickle, check_safetensors, find_weights,
+                         read_json, show_json)
+from .errors import DycokeError, ModelError, UsageError
+from .preprocess import PREPROCESSOR_FILES, FrameSpec
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 DEMO_MODEL = "demo"
@@ -30,6 +32,9 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", 
 # may override them with a dycoke.json of its own (the demo model does).
 PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0.7, "positions": "contiguous"}
 CAPTION_PROMPT = "Describe this video in detail."
+DEFAULTS_FILE = "dycoke.json"
+# pipeline.POSITION_MODES, repeated here so that checking a folder does not import torch.
+POSITION_MODES = ("contiguous", "original")
 
 
 @dataclass(frozen=True)
@@ -42,16 +47,44 @@ class ModelDefaults:
     caption_prompt: str = CAPTION_PROMPT
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "ModelDefaults":
-        path = folder / "dycoke.json"
+    def from_folder(cls, folder: Path, num_layers: int | None = None) -> "ModelDefaults":
+        """The paper's defaults, overridden by the folder's dycoke.json if it has one.
+
+        Every known key is checked (ModelError naming the file, the key and the valid range);
+        ``num_layers`` (the language model's depth), when known, bounds prune_layer. Keys this
+        version does not know are ignored, so a dycoke.json written for a later version loads.
+        """
+        path = folder / DEFAULTS_FILE
         values = dict(PAPER_DEFAULTS)
         if path.is_file():
-            try:
-                values.update(json.loads(path.read_text()))
-            except (json.JSONDecodeError, OSError) as exc:
-                raise ModelError(f"{path}: unreadable DyCoke defaults ({exc})") from None
+            data = read_json(path, "DyCoke defaults")
+            values.update({k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+            for key in values.keys() & data.keys():
+                valid = _default_is_valid(key, values[key], num_layers)
+                if valid is not None:
+                    raise ModelError(f"{path}: {key} must be {valid} (got {show_json(values[key])})")
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:
+    """None if ``value`` is valid for the dycoke.json ``key``, else the valid range in words."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "num_frames":
+        return None if is_int and value >= 1 else "an integer >= 1"
+    if key == "prune_layer":
+        if num_layers is None:
+            return None if is_int and value >= 1 else "an integer >= 1"
+        ok = is_int and 1 <= value <= num_layers - 1
+        return None if ok else f"an integer in [1, {num_layers - 1}] for this {num_layers}-layer model"
+    if key in ("ttm_k", "prune_p"):
+        return None if is_number and 0.0 <= value < 1.0 else "a number in [0, 1)"
+    if key == "positions":
+        return None if value in POSITION_MODES else f"one of {', '.join(POSITION_MODES)}"
+    if key == "caption_prompt":
+        return None if isinstance(value, str) and value.strip() else "a non-empty string"
+    return None
 
 
 def demo_model_path() -> Path:
@@ -95,32 +128,54 @@ def _resolve_hub_id(repo_id: str) -> Path:
 
 
 def check_folder(folder: Path, allow_pickle: bool) -> dict:
-    """Validate a checkpoint folder before anything heavy; return its config.json as a dict."""
+    """Validate a checkpoint folder before anything heavy; return its config.json as a dict.
+
+    Reads config.json, dycoke.json, the tokenizer / template / preprocessor files, the
+    safetensors headers and any shard index; never the tensor data, and never writes to the
+    folder. Pickle weights (only with ``allow_pickle``) are opened with torch's safe loader on
+    the meta device: the pickle is checked, its tensors are not read.
+    """
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{folder}: not a model folder (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{cfg_path}: unreadable config ({type(exc).__name__})") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{cfg_path}: unreadable config (not a JSON object)")
+    cfg = read_json(cfg_path, "config")
     model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ModelError(
             f"{folder}: unsupported model type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})"
         )
+    check_config_values(cfg_path, cfg)
+    check_weight_files(folder, allow_pickle)
+    check_aux_files(folder)
+    _frame_spec(folder, 1)  # the size a preprocessor file may leave out does not matter here
+    layers = (cfg.get("text_config") or {}).get("num_hidden_layers")
+    ModelDefaults.from_folder(folder, layers if isinstance(layers, int) else None)
+    return cfg
+
+
+def check_weight_files(folder: Path, allow_pickle: bool) -> WeightFiles:
+    """The weight files transformers will load, each checked: a safetensors header, or a pickle
+    opened by torch's safe loader on the meta device (this imports torch)."""
     has_safe = any(any(folder.glob(g)) for g in SAFETENSORS_GLOBS)
     has_pickle = any(any(folder.glob(g)) for g in PICKLE_GLOBS)
     if not has_safe and not has_pickle:
         raise ModelError(f"{folder}: no weights found (expected *.safetensors)")
     if not has_safe and not allow_pickle:
         raise ModelError(f"{folder}: only pickle weights (.bin); pass --allow-pickle to load them")
-    return cfg
+    weights = find_weights(folder, allow_pickle)
+    if weights is None:
+        names = [SAFE_FILE, SAFE_INDEX] + ([PICKLE_FILE, PICKLE_INDEX] if allow_pickle else [])
+        raise ModelError(f"{folder}: no {', '.join(names[:-1])} or {names[-1]}")
+    for path in weights.files:
+        if weights.safetensors:
+            check_safetensors(path)
+        else:
+            check_pickle(path)
+    return weights
 
 
 def locate_model(name: str, allow_pickle: bool = False) -> tuple[Path, dict]:
-    """Find and check a checkpoint without loading it (cheap: reads config.json only)."""
+    """Find and check a checkpoint without loading it (cheap: see ``check_folder``)."""
     folder = resolve_model(name)
     return folder, check_folder(folder, allow_pickle)
 
@@ -219,6 +274,23 @@ class LlavaOneVisionAdapter(FamilyAdapter):
     model_type = "llava_onevision"
 
     def load(self, name, folder, device, dtype, allow_pickle):
+        """Load a folder that ``check_folder`` has passed (``load_model`` sees to that)."""
+        weights = find_weights(folder, allow_pickle)
+        model, tokenizer = self._from_pretrained(folder, dtype, allow_pickle, weights.label if weights else folder)
+        model.to(device).eval()
+        chat_template = _read_chat_template(folder, tokenizer)
+        if not chat_template:
+            raise ModelError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json)")
+        tokenizer.chat_template = chat_template
+        defaults = ModelDefaults.from_folder(folder, int(model.config.text_config.num_hidden_layers))
+        return self.wrap(model, tokenizer, name=name, path=folder, defaults=defaults,
+                         frame_spec=_frame_spec(folder, model.config.vision_config.image_size))
+
+    @staticmethod
+    def _from_pretrained(folder: Path, dtype, allow_pickle: bool, weights_label: Path):
+        """(model, tokenizer) through transformers; any failure of theirs is one ModelError.
+        Pickles load with torch's safe loader only (weights_only=True); weights that do not
+        match the config (names or shapes) are refused, not initialised at random."""
         from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
         from .compression.pruning import ATTENTION_NAME, register_attention
@@ -226,25 +298,25 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         register_attention()
         _quiet_transformers()
         try:
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
                 folder,
                 dtype=dtype,
                 use_safetensors=None if allow_pickle else True,
+                weights_only=True,
                 trust_remote_code=False,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported in ``info`` and refused below, with a clear message
                 attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
             )
+            check_loading_info(weights_label, info)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{folder}: cannot load the model ({first})") from None
-        model.to(device).eval()
-        chat_template = _read_chat_template(folder, tokenizer)
-        if not chat_template:
-            raise ModelError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json)")
-        tokenizer.chat_template = chat_template
-        return self.wrap(model, tokenizer, name=name, path=folder,
-                         frame_spec=FrameSpec.from_pretrained(folder, model.config.vision_config.image_size),
-                         defaults=ModelDefaults.from_folder(folder))
+        except DycokeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transformers, tokenizers and torch raise many types here
+            if _is_out_of_memory(exc):
+                raise  # the CLI turns it into advice on settings that need less memory
+            raise ModelError(f"{folder}: cannot load the model ({_first_line(exc)})") from None
+        return model, tokenizer
 
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, frame_spec: FrameSpec | None = None,
              defaults: ModelDefaults | None = None) -> LoadedModel:
@@ -299,7 +371,10 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         import torch
 
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - jinja2 syntax or runtime errors of the checkpoint's template
+            raise ModelError(f"{lm.path}: the chat template fails ({_first_line(exc)})") from None
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
         where = [i for i, t in enumerate(ids) if t == lm.video_token_id]
         if len(where) != 1:
@@ -312,6 +387,33 @@ class LlavaOneVisionAdapter(FamilyAdapter):
 
     def lm_head(self, lm):
         return lm.model.lm_head
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _frame_spec(folder: Path, default_size: int) -> FrameSpec:
+    """The checkpoint's frame preprocessing, or ModelError naming its file."""
+    path = next((folder / n for n in PREPROCESSOR_FILES if (folder / n).is_file()), folder / PREPROCESSOR_FILES[0])
+    try:
+        spec = FrameSpec.from_pretrained(folder, default_size)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, RecursionError) as exc:
+        raise ModelError(f"{path}: unreadable preprocessor config ({type(exc).__name__})") from None
+    sane = (spec.height >= 1 and spec.width >= 1 and len(spec.mean) == 3 and len(spec.std) == 3
+            and all(math.isfinite(x) for x in (*spec.mean, *spec.std, spec.rescale_factor)) and all(spec.std))
+    if not sane:
+        raise ModelError(f"{path}: bad preprocessor config (size must be positive, image_mean and image_std "
+                         "three finite numbers, image_std non-zero)")
+    return spec
 
 
 def _quiet_transformers() -> None:
@@ -328,13 +430,13 @@ FAMILIES: dict[str, FamilyAdapter] = {LlavaOneVisionAdapter.model_type: LlavaOne
 def _read_chat_template(folder: Path, tokenizer) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        try:
+            return jinja.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{jinja}: unreadable chat template ({type(exc).__name__})") from None
     js = folder / "chat_template.json"
     if js.is_file():
-        try:
-            return json.loads(js.read_text()).get("chat_template")
-        except (json.JSONDecodeError, OSError):
-            return None
+        return read_json(js, "chat template").get("chat_template")
     return getattr(tokenizer, "chat_template", None)
 
 
