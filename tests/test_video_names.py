@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 
+import av
 import pytest
 from clips import frame_index_of, pattern_frame, write_clip, write_image
 
@@ -198,3 +200,85 @@ def test_a_long_continuous_mpegts_is_sampled_by_seeking(tmp_path, monkeypatch):
     monkeypatch.setattr(video_mod, "SEEK_AFTER_S", 1e9)
     forward = read_video(path, 8)
     assert indices(forward) == indices(v) and forward.info == v.info
+
+
+# -- stored durations that are wrong ---------------------------------------------------------
+
+
+def patch_mp4_duration(path, seconds: float) -> None:
+    """Make an MP4's headers claim ``seconds``: the 32-bit duration fields of mvhd and tkhd (in
+    the movie time scale) and mdhd (in the track's), all version 0 as PyAV writes them. The edit
+    list (elst) is left to cover every sample, as a muxer that got only the headers wrong would."""
+    data = bytearray(path.read_bytes())
+
+    def box(name: bytes) -> int:  # offset of the box: size, type, version and flags, ...
+        at = data.index(name) - 4
+        assert data[at + 8] == 0, f"{name} is not version 0"
+        return at
+
+    movie_scale = struct.unpack(">I", data[box(b"mvhd") + 20:box(b"mvhd") + 24])[0]
+    track_scale = struct.unpack(">I", data[box(b"mdhd") + 20:box(b"mdhd") + 24])[0]
+    for name, at, scale in [(b"mvhd", 24, movie_scale), (b"tkhd", 28, movie_scale),
+                            (b"mdhd", 24, track_scale)]:
+        data[box(name) + at:box(name) + at + 4] = struct.pack(">I", round(seconds * scale))
+    path.write_bytes(bytes(data))
+
+
+def patch_mkv_duration(path, seconds: float) -> None:
+    """Make a Matroska file's Segment Info claim ``seconds``: its Duration element (ID 0x4489,
+    an 8-byte float in TimestampScale units, milliseconds as PyAV writes it)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x44\x89\x88")
+    assert data.count(b"\x44\x89\x88") == 1
+    data[at + 3:at + 11] = struct.pack(">d", seconds * 1000)
+    path.write_bytes(bytes(data))
+
+
+def stored_duration(path) -> float:
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return float(s.duration * s.time_base) if s.duration else c.duration / av.time_base
+
+
+def test_an_mp4_whose_header_claims_too_short_a_duration(tmp_path):
+    path = write_clip(tmp_path / "short.mp4", n_frames=100)  # 10 s at 10 fps
+    patch_mp4_duration(path, 0.04)
+    assert stored_duration(path) == pytest.approx(0.04, abs=0.001)  # what the test is for
+    v = read_video(path, 5)  # targets 1 + 2 k
+    assert indices(v) == [10, 30, 50, 70, 90]
+    assert v.info.duration == pytest.approx(10.0)
+    assert probe_video(path).duration == pytest.approx(10.0)
+    assert indices(read_video(path, 200)) == list(range(100))
+
+
+@pytest.mark.parametrize("claim", [0.04, 1.0, 1000.0, 1e6])
+def test_an_mkv_whose_header_claims_a_wrong_duration(tmp_path, claim):
+    # Too short confined every target to the first moment (one frame back); too long put
+    # most targets after the last frame (the first part densely, then the last frame).
+    path = write_clip(tmp_path / "wrong.mkv", n_frames=100)
+    patch_mkv_duration(path, claim)
+    assert stored_duration(path) == pytest.approx(claim)
+    v = read_video(path, 5)
+    assert indices(v) == [10, 30, 50, 70, 90]
+    assert v.info.duration == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("claim", [1.0, 1e5])
+def test_a_long_clip_with_a_wrong_duration_is_sampled_by_seeking(tmp_path, claim):
+    # 120 s at 1 fps, a keyframe every 10 s: past SEEK_AFTER_S once the end is right.
+    path = write_clip(tmp_path / "long.mkv", n_frames=120, fps=1, size=(32, 32), gop=10)
+    patch_mkv_duration(path, claim)
+    v = read_video(path, 8)  # targets 7.5 + 15 k, ties earlier
+    assert indices(v) == [7, 22, 37, 52, 67, 82, 97, 112]
+    assert v.info.duration == pytest.approx(120.0)
+
+
+def test_an_mpeg_ps_duration_estimated_short_is_not_believed(tmp_path):
+    # FFmpeg estimates an MPEG-PS file's duration; for these 40 frames at 25 fps (1.6 s) it
+    # says 1.4 s, and the last frames were never sampled.
+    path = write_clip(tmp_path / "ps.mpg", n_frames=40, fps=25, codec="mpeg2video")
+    assert stored_duration(path) == pytest.approx(1.4)
+    v = read_video(path, 4)  # targets 0.2 + 0.4 k s after the first frame
+    assert indices(v) == [5, 15, 25, 35]
+    assert v.info.duration == pytest.approx(1.6)
+    assert indices(read_video(path, 50)) == list(range(40))

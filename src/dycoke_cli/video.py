@@ -2,16 +2,14 @@
 
 Sampling rule
     The clip spans ``[start, end)``: ``start`` is the presentation time of its first frame
-    (its first packet, even if damaged); ``end`` is where the stored duration ends (stream
-    duration, else the container's, else measured by demuxing every packet; see Timeline for
-    formats whose clock may jump). That span is cut into
-    ``num_frames`` equal segments and the target times are their centres:
-    ``start + (k + 0.5) * span / num_frames`` for ``k = 0 .. num_frames - 1``. Each target takes
-    the decoded frame whose presentation time (``frame.pts * time_base``) is nearest to it, ties
-    going to the earlier frame. Times, not frame indices, so variable-frame-rate clips are
-    sampled evenly in time. A frame nearest to several targets is returned once: a clip with
-    fewer distinct frames than requested yields each of them once (``info.sampled <
-    info.requested``); frames are never duplicated.
+    (its first packet, even if damaged); ``end`` is where the clip's duration ends (see
+    Duration). That span is cut into ``num_frames`` equal segments and the target times are
+    their centres: ``start + (k + 0.5) * span / num_frames`` for ``k = 0 .. num_frames - 1``.
+    Each target takes the decoded frame whose presentation time (``frame.pts * time_base``) is
+    nearest to it, ties going to the earlier frame. Times, not frame indices, so
+    variable-frame-rate clips are sampled evenly in time. A frame nearest to several targets is
+    returned once: a clip with fewer distinct frames than requested yields each of them once
+    (``info.sampled < info.requested``); frames are never duplicated.
 
 How
     Clips up to ``SEEK_AFTER_S`` long are decoded in one forward pass that keeps only the frame
@@ -21,17 +19,26 @@ How
     a re-decode per target). Where a seek lands past its target (MPEG-TS has no index: it
     lands on a packet before the time asked for, and decoding starts at the next keyframe),
     it is made again aiming twice as far back, and later seeks aim that far back too. Only the
-    sampled frames are held, converted to RGB (and downscaled) as they are picked. A stored duration that is too short (some MPEG-PS files
-    estimate it from the bit rate) leaves the frames after it unsampled.
+    sampled frames are held, converted to RGB (and downscaled) as they are picked.
+
+Duration
+    The stored duration (the stream's, else the container's) is checked against where the
+    packets end: a second handle seeks to the stream's last keyframe and demuxes (does not
+    decode) what follows. A stored duration that ends more than ``_SLACK_FRAMES`` frames from
+    the end of the last packet is wrong (a header claiming 0.04 s for 10 s of packets, or hours
+    for seconds, or an MPEG-PS estimate from the bit rate): the clip then ends where its last
+    packet ends. Where nothing is stored, where that seek fails, and in the formats of
+    Timeline, the whole stream is demuxed instead.
 
 Timeline
     In a format whose timestamps may jump (FFmpeg's ``AVFMT_TS_DISCONT``: MPEG-TS, MPEG-PS),
     e.g. two recordings joined with ``cat``, whose clock restarts halfway, times are unwrapped:
     when a packet's decode time goes backwards, or forward by more than ``_JUMP_S`` (a shorter
     step forward is a pause, and kept), it and every packet after it are shifted to follow the
-    previous packet by one frame. The duration of such a file is always measured by demuxing
-    it, on the same timeline, and a file found to jump is read in one forward pass (a seek
-    lands by the raw clock); ``info.timestamps`` are unwrapped times.
+    previous packet by one frame. Such a file is demuxed whole for its duration, on the same
+    timeline (the stored duration counts only if no jump is found), and a file found to jump is
+    read in one forward pass (a seek lands by the raw clock); ``info.timestamps`` are
+    unwrapped times.
 
 Damage
     A packet that fails to decode, or that the decoder silently drops, leaves a hole. A target
@@ -96,6 +103,14 @@ _AVFMT_TS_DISCONT = 0x0200
 # a pause in the recording: FFmpeg's own default (ffmpeg -dts_delta_threshold).
 _JUMP_S = 10.0
 
+# A stored duration is believed when it ends within this many frames of where the last packet
+# ends (which may lack its own duration); else the packets' end is used: a header claiming
+# 0.04 s for 10 s of packets, hours for a few seconds, or an estimate from the bit rate.
+_SLACK_FRAMES = 2
+
+# Far past the end of any clip (seconds): a backward seek there lands on the last keyframe.
+_FAR_S = 1e9
+
 # The protocol whitelist FFmpeg gets: no protocol is named so (FFmpeg reads the file through
 # the file object it is given, and opens nothing else).
 _NO_PROTOCOL = "none"
@@ -118,7 +133,7 @@ class VideoInfo:
     codec: str  # codec name, e.g. "h264", "hevc", "vp9", "av1"
     width: int  # display size of the source, after rotation
     height: int
-    duration: float | None  # stream duration, else container's, else measured
+    duration: float | None  # stream duration, else container's, else measured (see Duration)
     fps: float | None  # average frame rate, if the file says
     frame_count: int | None  # as the stream reports it (None when it does not)
     stream_index: int  # the video stream read (the default one, else the first)
@@ -147,7 +162,8 @@ class Video:
 
 def probe_video(path: str | os.PathLike, *, timeout_s: float = 60.0) -> VideoInfo:
     """Metadata only. Decodes the first frame (for rotation and display size, and to be sure the
-    file decodes); demuxes the whole stream without decoding only when no duration is stored."""
+    file decodes); demuxes, without decoding, the end of the stream to check the stored
+    duration, or the whole stream where that is needed (see the module docstring, Duration)."""
     deadline = _deadline(timeout_s)
     with _Clip(path, deadline, timeout_s) as clip:
         first = _first_frame(clip, clip.frames())
@@ -447,7 +463,8 @@ class _Clip:
     # -- metadata ------------------------------------------------------------------------
 
     def duration(self) -> float | None:
-        """Stream duration, else container duration, else measured by demuxing (see _timing)."""
+        """Stream duration, else container duration, where the packets bear it out, else
+        measured by demuxing (see _timing)."""
         return self._timing()[0]
 
     def end_time(self) -> float | None:
@@ -459,19 +476,31 @@ class _Clip:
         return self._timing()[2]
 
     def _timing(self) -> tuple[float | None, float | None, bool]:
-        """(duration, end, discontinuous). The stored duration, unless there is none or the
-        format's timestamps may jump: then measured by demuxing the whole stream, on the same
-        unwrapped timeline the frames are read on."""
+        """(duration, end, discontinuous). The stored duration where the last packets bear it
+        out, else measured by demuxing: a look at the end of the stream (a seek to its last
+        keyframe) checks the stored one, the whole stream is demuxed when none is stored, when
+        the end cannot be reached by a seek, and in a format whose timestamps may jump."""
         if self._timing_cache is None:
             stored = self._stored()
-            span = self._scan() if stored is None or self.may_jump else _Span()
-            if span.end is None or (stored is not None and not span.jumps):
-                duration, start = stored or (None, 0.0)
-                end = None if duration is None else start + duration
-            else:
-                duration, end = max(span.end - span.first, 0.0), span.end
-            self._timing_cache = (duration, end, span.jumps > 0)
+            whole = stored is None or self.may_jump
+            span = self._scan(whole)
+            if span.end is None and not whole:
+                span = self._scan(whole=True)
+            self._timing_cache = self._reconcile(stored, span)
         return self._timing_cache
+
+    def _reconcile(self, stored: tuple[float, float] | None,
+                   span: _Span) -> tuple[float | None, float | None, bool]:
+        """(duration, end, discontinuous) from the stored (duration, start) and the packets."""
+        if stored is not None:
+            duration, start = stored
+            slack = _SLACK_FRAMES * self.frame_step
+            if span.end is None or (not span.jumps and abs(start + duration - span.end) <= slack):
+                return duration, start + duration, False
+        if span.end is None:
+            return None, None, False
+        start = stored[1] if stored is not None and not span.jumps else span.first
+        return max(span.end - start, 0.0), span.end, span.jumps > 0
 
     def _stored(self) -> tuple[float, float] | None:
         """(duration, start) as the file states them: the stream's, else the container's."""
@@ -483,21 +512,25 @@ class _Clip:
             return container.duration / av.time_base, (container.start_time or 0) / av.time_base
         return None
 
-    def _scan(self) -> _Span:
-        """Demux (not decode) the whole stream in a second handle: where its packets start and
-        end, on the unwrapped timeline."""
+    def _scan(self, whole: bool) -> _Span:
+        """Demux (not decode) the stream in a second handle: where its packets start and end, on
+        the unwrapped timeline. All of it when ``whole``, else from a seek to its last keyframe
+        (``first`` is then not the start)."""
         span = _Span()
         timeline = self._timeline()
         try:
             with _open_file(self.path) as f, _open_container(f) as c:
-                for packet in c.demux(c.streams[self.stream.index]):
-                    self.check_time()
-                    timeline(packet)
-                    span.add(packet, self.time_base)
+                stream = c.streams[self.stream.index]
+                if whole or _seek_to_end(c, stream, self.time_base):
+                    for packet in c.demux(stream):
+                        self.check_time()
+                        timeline(packet)
+                        span.add(packet, self.time_base)
         except (av.FFmpegError, OSError, VideoError):
             pass  # keep what was read before the damage (or the file vanished meanwhile)
+        self.check_time()  # a timeout is not damage
         span.jumps = timeline.jumps
-        if span.end is None and span.count:  # no timestamps: count frames at the nominal rate
+        if whole and span.end is None and span.count:  # no timestamps: frames at the nominal rate
             span.first, span.end = 0.0, span.count * self.frame_step
         return span
 
@@ -674,6 +707,17 @@ def _open_container(file: io.RawIOBase) -> av.container.InputContainer:
             raise
     file.seek(0)
     return av.open(file, "r", container_options=options)
+
+
+def _seek_to_end(container: av.container.InputContainer, stream: av.video.VideoStream,
+                 time_base: Fraction) -> bool:
+    """Seek to the stream's last keyframe (backward from far past any end); False if the file
+    cannot seek."""
+    try:
+        container.seek(int(_FAR_S / time_base), stream=stream, backward=True)
+    except (av.FFmpegError, OverflowError):
+        return False
+    return True
 
 
 def _fraction(rational) -> Fraction | None:
