@@ -420,8 +420,10 @@ class _Clip:
             self.time_base = _fraction(self.stream.time_base) or Fraction(1, 1000)
             rate = self.stream.average_rate or self.stream.guessed_rate
             self.frame_step = float(1 / rate) if rate else 1 / 25  # for frames without pts
-            # Timestamps may jump (restart) in this format: MPEG-TS, MPEG-PS.
-            self.may_jump = bool(int(self.container.format.flags) & _AVFMT_TS_DISCONT)
+            # Timestamps may jump (restart) in this format: MPEG-TS, MPEG-PS. (The flags are an
+            # int in PyAV 14 to 19; the value of an enum, should they become one.)
+            flags = self.container.format.flags
+            self.may_jump = bool(int(getattr(flags, "value", flags)) & _AVFMT_TS_DISCONT)
             self._timing_cache: tuple[float | None, float | None, bool] | None = None
         except BaseException:
             self.close()
