@@ -264,7 +264,7 @@ def test_an_unexpected_exception_is_one_line(tiny_model_dir, clip_path, capsys, 
     def bug(*args, **kwargs):
         raise KeyError("a bug\nover two lines")
 
-    monkeypatch.setattr(dycoke_cli.pipeline, "answer", bug)
+    monkeypatch.setattr(dycoke_cli.pipeline, "run", bug)
     assert run_cli(ask_args(clip_path, tiny_model_dir, "-q"), capsys, monkeypatch) == (
         1, "", "dycoke: error: internal error: KeyError: 'a bug\\nover two lines' (DYCOKE_DEBUG=1 shows the "
                "traceback)\n")

@@ -6,7 +6,7 @@ from dycoke_cli.display import LiveState, PlainDisplay, comparison_table, render
 
 STATS = {
     "visual_tokens": 6272, "visual_tokens_prefill": 2968, "prefill_retention": 2968 / 6272,
-    "visual_tokens_decode": 890, "prune_layer": 3, "selections": 4, "refreshes": 3, "recalled": 120,
+    "visual_tokens_decode": 890, "prune_layer": 3, "refreshes": 3, "recalled": 120,
     "tokens_generated": 17, "decode_tokens_per_s": 7.25, "ttft_s": 9.5, "peak_memory_bytes": 3 * 1024**3,
     "flops_ratio_estimate": 2.31,
 }
@@ -42,13 +42,13 @@ def test_render_progress_stage():
 def test_plain_fallback_lines():
     buf = io.StringIO()
     d = PlainDisplay(stream=buf, model="demo", method="dycoke")
-    d.stage("decoding frames")
+    d.stage("reading frames")
     d.stage("encoding", 0, 8)
     d.stage("encoding", 4, 8)  # same stage: no new line
     d.stage("prefill")
     d.finish(STATS)
     assert buf.getvalue() == (
-        "[dycoke] decoding frames...\n[dycoke] encoding...\n[dycoke] prefill...\n" + summary_line(STATS) + "\n"
+        "[dycoke] reading frames...\n[dycoke] encoding...\n[dycoke] prefill...\n" + summary_line(STATS) + "\n"
     )
     assert summary_line(STATS) == (
         "[dycoke] visual tokens 6272 -> 2968 (prefill 47.3 %, decode 890); refreshes 3, recalled 120; "

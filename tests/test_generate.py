@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from dycoke_cli.generate import SamplingOptions
-from dycoke_cli.pipeline import CompressionOptions, EncodedVideo, Method, answer, encode_video
+from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
+from dycoke_cli.pipeline import answer, encode_video
 from dycoke_cli.preprocess import preprocess_frames
 
 QUESTION = "what color is the cup?"
@@ -30,7 +30,7 @@ def generate_reference(lm, enc, question, max_new_tokens):
 def test_uncompressed_loop_equals_model_generate(tiny_lm, encoded, question):
     want = generate_reference(tiny_lm, encoded, question, 16)
     got = answer(tiny_lm, encoded, question, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=16))
-    assert got.token_ids == want
+    assert list(got.token_ids) == want
     assert len(want) == 16
 
 
@@ -39,13 +39,13 @@ def test_dycoke_with_k0_p0_equals_uncompressed(tiny_lm, encoded):
     same = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=Method.dycoke, ttm_k=0.0, prune_p=0.0),
                   SamplingOptions(max_new_tokens=16))
     assert same.token_ids == none.token_ids
-    assert same.stats["visual_tokens_prefill"] == same.stats["visual_tokens"] == 32
-    assert same.stats["selections"] == 1
+    assert same.stats.visual_tokens_prefill == same.stats.visual_tokens == 32
+    assert same.stats.selection.selections == 1
 
 
 def test_dycoke_defaults_stats(tiny_lm, encoded):
     r = answer(tiny_lm, encoded, QUESTION, CompressionOptions(), SamplingOptions(max_new_tokens=8))
-    s = r.stats
+    s = r.stats.to_dict()
     # 8 frames x 4 tokens, k = 0.7: anchors keep 4, the 6 others floor(0.3 * 4) = 1 each
     assert (s["visual_tokens"], s["visual_tokens_prefill"]) == (32, 14)
     assert s["visual_tokens_decode"] == 4  # floor(0.3 * 14)
@@ -61,7 +61,7 @@ def test_dycoke_defaults_stats(tiny_lm, encoded):
     (Method.fastv, 32, 4), (Method.random, 4, 4), (Method.frames, 4, 4), (Method.none, 32, 32)])
 def test_baselines_use_the_same_budget(tiny_lm, encoded, method, prefill, decode_):
     r = answer(tiny_lm, encoded, QUESTION, CompressionOptions(method=method), SamplingOptions(max_new_tokens=4))
-    assert (r.stats["visual_tokens_prefill"], r.stats["visual_tokens_decode"]) == (prefill, decode_)
+    assert (r.stats.visual_tokens_prefill, r.stats.visual_tokens_decode) == (prefill, decode_)
     assert r.method == method.value
 
 
@@ -83,7 +83,7 @@ def test_prune_layer_is_validated_against_depth(tiny_lm, encoded):
 
 def test_kv_bytes_held(tiny_lm, encoded):
     r = answer(tiny_lm, encoded, QUESTION, CompressionOptions(offload_pruned=True), SamplingOptions(max_new_tokens=8))
-    s = r.stats
+    s = r.stats.to_dict()
     seq, fed = s["prefill_tokens"], s["tokens_generated"] - 1  # the last token is never fed back
     per_token_layer = 2 * 2 * 16 * 4  # k and v, 2 KV heads, head_dim 16, fp32
     full_layers, pruned_layers = 2, 2  # prune_layer 2 of 4
@@ -97,17 +97,18 @@ def test_kv_bytes_held(tiny_lm, encoded):
 
 
 def test_original_positions_keep_each_token_where_it_was(tiny_lm, encoded):
-    from dycoke_cli.pipeline import build_embeds, plan_tokens, prefill_positions
+    from dycoke_cli.compression.baselines import plan_tokens
+    from dycoke_cli.prompt import build_embeds, prefill_positions
 
     plan = plan_tokens(encoded, CompressionOptions().resolve(tiny_lm))
     embeds, span = build_embeds(tiny_lm, QUESTION, plan.tokens, encoded.newline)
     # "<|im_start|> user" | 14 kept of 32 visual | newline, 6 question tokens, 3 closing tokens
     assert (span, embeds.shape[1]) == ((2, 16), 26)
-    positions = prefill_positions(span, plan, 32, 26, "original")
+    positions = prefill_positions(tiny_lm, span, plan, 32, 26, "original")
     assert positions.tolist() == [0, 1, *(2 + i for i in plan.index.tolist()), *range(34, 44)]
-    assert prefill_positions(span, plan, 32, 26, "contiguous") is None
+    assert prefill_positions(tiny_lm, span, plan, 32, 26, "contiguous") is None
     full = plan_tokens(encoded, CompressionOptions(method=Method.none).resolve(tiny_lm))
-    assert prefill_positions((2, 34), full, 32, 44, "original") is None
+    assert prefill_positions(tiny_lm, (2, 34), full, 32, 44, "original") is None
 
 
 def test_original_positions_change_the_answer_only_when_tokens_were_dropped(tiny_lm, encoded):

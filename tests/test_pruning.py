@@ -1,9 +1,11 @@
 import torch
 from torch.testing import assert_close
 
-from dycoke_cli.compression.pruning import DecodeSelector, PrunedKVCache, _PrunedLayer, last_query_attention
-from dycoke_cli.generate import SamplingOptions, decode, run_layers
-from dycoke_cli.pipeline import build_embeds
+from dycoke_cli.compression.cache import PrunedKVCache, _PrunedLayer
+from dycoke_cli.compression.selectors import DecodeSelector, balanced_topk, last_query_attention
+from dycoke_cli.generate import generate_tokens, run_layers
+from dycoke_cli.options import SamplingOptions
+from dycoke_cli.prompt import build_embeds
 
 
 def row(peaks, total=10, base=0.01):
@@ -14,31 +16,31 @@ def row(peaks, total=10, base=0.01):
 
 
 def test_refresh_rule_reuses_selection_while_attention_is_stable():
-    sel = DecodeSelector(layer=2, span=(3, 13), keep=3, threshold=0.9)
+    sel = DecodeSelector(prune_from=2, span=(3, 13), keep=3, threshold=0.9)
     sel.observe_row(row([1, 4, 7]))
     assert sel.selection.tolist() == [1, 4, 7]
-    assert (sel.stats.selections, sel.stats.refreshes, sel.version) == (1, 0, 1)
+    assert (sel.counts.selections, sel.counts.refreshes, sel.version) == (1, 0, 1)
     # similar attention (cos >= 0.9) with a different top-3: the selection is reused
     stable = row([1, 4, 7]) + 0.2 * row([2], base=0.0)
     assert torch.nn.functional.cosine_similarity(stable, row([1, 4, 7]), dim=0) >= 0.9
     sel.observe_row(stable)
     assert sel.selection.tolist() == [1, 4, 7]
-    assert (sel.stats.selections, sel.stats.refreshes, sel.version) == (1, 0, 1)
+    assert (sel.counts.selections, sel.counts.refreshes, sel.version) == (1, 0, 1)
 
 
 def test_shift_refreshes_and_recall_brings_pruned_entries_back():
-    sel = DecodeSelector(layer=2, span=(3, 13), keep=3, threshold=0.9)
+    sel = DecodeSelector(prune_from=2, span=(3, 13), keep=3, threshold=0.9)
     sel.observe_row(row([1, 4, 7]))
     sel.observe_row(row([0, 4, 9]))  # attention moved: 0 and 9 were pruned, now come back
     assert sel.selection.tolist() == [0, 4, 9]
-    assert (sel.stats.refreshes, sel.stats.recalled) == (1, 2)
+    assert (sel.counts.refreshes, sel.counts.recalled) == (1, 2)
     sel.observe_row(row([1, 4, 7]))  # back again: 1 and 7 recalled
     assert sel.selection.tolist() == [1, 4, 7]
-    assert (sel.stats.selections, sel.stats.refreshes, sel.stats.recalled, sel.stats.steps) == (3, 2, 4, 3)
+    assert (sel.counts.selections, sel.counts.refreshes, sel.counts.recalled, sel.counts.steps) == (3, 2, 4, 3)
 
 
 def test_pruned_layer_serves_text_selected_visual_and_new_tokens():
-    sel = DecodeSelector(layer=1, span=(2, 8), keep=2)
+    sel = DecodeSelector(prune_from=1, span=(2, 8), keep=2)
     layer = _PrunedLayer(capacity=8 + 3, selector=sel, offload=True)
     keys = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1).repeat(1, 2, 1, 3)
     k, v = layer.update(keys, -keys)
@@ -90,7 +92,7 @@ def test_pruned_cache_logits_equal_masked_full_cache(tiny_lm):
     visual = torch.randn(t * n, tiny_lm.hidden_size)
     embeds, span = build_embeds(tiny_lm, "what color is the cup?", visual, None)
     seq = embeds.shape[1]
-    sel = DecodeSelector(layer=2, span=span, keep=9)
+    sel = DecodeSelector(prune_from=2, span=span, keep=9)
     cache = PrunedKVCache(tiny_lm.num_layers, seq + 2, sel)
     with torch.inference_mode():
         first = int(run_layers(tiny_lm, embeds, torch.arange(seq).unsqueeze(0), cache, sel).argmax())
@@ -113,16 +115,14 @@ def test_keep_everything_gives_exactly_the_uncompressed_tokens(tiny_lm):
     embeds, span = build_embeds(tiny_lm, "describe the video.", visual, None)
     seq = embeds.shape[1]
     opts = SamplingOptions(max_new_tokens=12)
-    plain = list(decode(tiny_lm, embeds, PrunedKVCache(tiny_lm.num_layers, seq + 13), opts))
-    sel = DecodeSelector(layer=1, span=span, keep=32)
-    pruned = list(decode(tiny_lm, embeds, PrunedKVCache(tiny_lm.num_layers, seq + 13, sel), opts, sel))
+    plain = list(generate_tokens(tiny_lm, embeds, PrunedKVCache(tiny_lm.num_layers, seq + 13), opts))
+    sel = DecodeSelector(prune_from=1, span=span, keep=32)
+    pruned = list(generate_tokens(tiny_lm, embeds, PrunedKVCache(tiny_lm.num_layers, seq + 13, sel), opts, sel))
     assert pruned == plain
     assert len(plain) > 0
 
 
 def test_balanced_topk_keeps_every_frame_in_view():
-    from dycoke_cli.compression.pruning import balanced_topk
-
     frame_of = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     r = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 0.3, 0.2, 0.1])  # frame 2 barely attended
     assert balanced_topk(r, 3, frame_of, 0.0).tolist() == [0, 1, 2]  # plain top-k drops frames 1 and 2
@@ -131,6 +131,6 @@ def test_balanced_topk_keeps_every_frame_in_view():
 
 
 def test_selector_with_coverage():
-    sel = DecodeSelector(layer=1, span=(0, 6), keep=2, frame_of=torch.tensor([0, 0, 0, 1, 1, 1]), coverage=1.0)
+    sel = DecodeSelector(prune_from=1, span=(0, 6), keep=2, frame_of=torch.tensor([0, 0, 0, 1, 1, 1]), coverage=1.0)
     sel.observe_row(torch.tensor([5.0, 4.0, 3.0, 0.1, 0.3, 0.2]))
     assert sel.selection.tolist() == [0, 4]

@@ -73,7 +73,7 @@ class PipelineAnswerer:
 
     def __init__(self, folder: Path, frames: int | None, method: str, dtype: str):
         from dycoke_cli.model import load_model
-        from dycoke_cli.pipeline import CompressionOptions
+        from dycoke_cli.options import CompressionOptions
 
         self.lm = load_model(str(folder), device="cpu", dtype=dtype)
         self.frames = frames or self.lm.defaults.num_frames
@@ -85,10 +85,10 @@ class PipelineAnswerer:
         return encode_video(self.lm, path, self.frames)
 
     def answer(self, enc, question: str) -> str:
-        from dycoke_cli.generate import SamplingOptions
+        from dycoke_cli.options import SamplingOptions
         from dycoke_cli.pipeline import answer
 
-        return answer(self.lm, enc, question, self.opts, SamplingOptions(max_new_tokens=16)).answer
+        return answer(self.lm, enc, question, self.opts, SamplingOptions(max_new_tokens=16)).text
 
 
 def main(argv=None):

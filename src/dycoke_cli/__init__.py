@@ -5,6 +5,7 @@ The Python API (torch and transformers are imported on first use)::
     from dycoke_cli import load_model, ask, CompressionOptions, SamplingOptions
     lm = load_model("demo")
     result = ask(lm, "clip.mp4", "what color is the cup?")
+    print(result.text, result.stats.overall_retention)
 """
 
 __version__ = "0.1.0"
@@ -12,15 +13,16 @@ __version__ = "0.1.0"
 _API = {
     "load_model": "model",
     "ask": "pipeline",
+    "run": "pipeline",
     "answer": "pipeline",
     "encode_video": "pipeline",
-    "CompressionOptions": "pipeline",
-    "Method": "pipeline",
-    "Result": "pipeline",
-    "SamplingOptions": "generate",
+    "CompressionOptions": "options",
+    "SamplingOptions": "options",
+    "Method": "options",
+    "Answer": "results",
     "temporal_merge": "compression.ttm",
-    "DecodeSelector": "compression.pruning",
-    "PrunedKVCache": "compression.pruning",
+    "DecodeSelector": "compression.selectors",
+    "PrunedKVCache": "compression.cache",
     "read_video": "video",
     "compare": "evaluate",
     "evaluate": "evaluate",

@@ -95,12 +95,11 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from .compression.pruning import ATTENTION_NAME, register_attention
-    from .model import LlavaOneVisionAdapter, ModelDefaults, _quiet_transformers
+    from .compression.attention import ATTENTION_NAME, register_attention
+    from .model import LlavaOneVisionAdapter, ModelDefaults
     from .tinymodel import IMAGE, VIDEO, build_word_tokenizer
 
     register_attention()
-    _quiet_transformers()
     tok = build_word_tokenizer(WORDS)
     config = LlavaOnevisionConfig(
         vision_config={
@@ -347,8 +346,8 @@ def run_method(lm, enc, method: str, tokens: int, vision_s: float, mem: PeakMemo
     prefill, then ``tokens`` timed decoding steps)."""
     import torch
 
-    from .generate import SamplingOptions
-    from .pipeline import CompressionOptions, Method, answer
+    from .options import CompressionOptions, Method, SamplingOptions
+    from .pipeline import answer
 
     sampling = SamplingOptions(max_new_tokens=tokens + 1, ignore_eos=True)
     mem.start()
@@ -357,7 +356,7 @@ def run_method(lm, enc, method: str, tokens: int, vision_s: float, mem: PeakMemo
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     peak = mem.stop()
-    s = r.stats
+    s = r.stats.to_dict()
     t = s["timings_s"]
     kv = s["kv_bytes"]
     llm = t["merge"] + t["prefill"] + t["decode"]
@@ -389,7 +388,7 @@ def run_method(lm, enc, method: str, tokens: int, vision_s: float, mem: PeakMemo
         "flops_ratio_estimate": s["flops_ratio_estimate"],
         "selections": s.get("selections"),
         "refreshes": s.get("refreshes"),
-        "token_ids": r.token_ids,
+        "token_ids": list(r.token_ids),
     }
 
 
@@ -399,7 +398,7 @@ def time_generate(lm, enc, tokens: int) -> dict:
     import torch
 
     from .generate import sync
-    from .pipeline import build_embeds
+    from .prompt import build_embeds
 
     n = tokens + 1
     t0 = time.perf_counter()
@@ -496,7 +495,7 @@ def _memory_child(cfg: dict) -> None:
     import torch
 
     from .model import pick_device, pick_dtype
-    from .pipeline import EncodedVideo
+    from .results import EncodedVideo
 
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
@@ -744,7 +743,7 @@ def run(args, log=lambda msg: None) -> dict:
     import torch
 
     from .model import pick_device, pick_dtype
-    from .pipeline import EncodedVideo
+    from .results import EncodedVideo
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -231,31 +231,43 @@ def _check_question(question: str | None) -> None:
         raise UsageError("the question is empty")
 
 
-class _CliListener:
-    """Feeds the display; streams the answer to stdout unless the live panel shows it."""
+class _Answering:
+    """One answer on its way out: events feed the display, the text streams to stdout unless
+    the live panel shows it, and an interrupt prints what came so far."""
 
-    def __init__(self, display, stream_stdout: bool):
+    def __init__(self, display, json_out: bool):
         self.display = display
-        self.stream_stdout = stream_stdout
-        self.text = ""  # the answer so far, for an interrupted run
+        self.json_out = json_out
+        self.stream_stdout = not json_out and display.state.answer is None
+        self.text = ""  # the answer so far
+        self.answer = None  # results.Answer, at the end
 
-    def stage(self, name: str, done: int = 0, total: int = 0) -> None:
-        self.display.stage(name, done, total)
+    def show(self, event) -> None:
+        from .results import Done, Token
 
-    def token(self, text: str, result) -> None:
-        self.text = result.answer
-        self.display.token(text, result)
-        if self.stream_stdout:
-            _out(text)
+        self.display.show(event)
+        if isinstance(event, Token):
+            self.text += event.text
+            if self.stream_stdout:
+                _out(event.text)
+        elif isinstance(event, Done):
+            self.answer = event.answer
 
+    def interrupted_output(self) -> str:
+        """What stdout gets when the run is interrupted: the partial answer (or JSON of it)."""
+        if self.json_out:
+            return json.dumps({"answer": self.text.strip(), "interrupted": True}) + "\n"
+        if self.text:  # streamed already: end the line; shown only in the panel: print it now
+            return "\n" if self.stream_stdout else self.text + "\n"
+        return ""
 
-def _interrupted_output(listener: _CliListener, json_out: bool) -> str:
-    """What stdout gets when a run is interrupted: the partial answer (or JSON of it)."""
-    if json_out:
-        return json.dumps({"answer": listener.text.strip(), "interrupted": True}) + "\n"
-    if listener.text:  # streamed already: end the line; shown only in the panel: print it now
-        return "\n" if listener.stream_stdout else listener.text + "\n"
-    return ""
+    def final_output(self, model: dict) -> str:
+        from .results import answer_json
+
+        if self.json_out:
+            return json.dumps(answer_json(self.answer, model), indent=2, default=str) + "\n"
+        # streamed: end the line; shown in the live panel: now the real stdout
+        return "\n" if self.stream_stdout else self.answer.text + "\n"
 
 
 def _run_answer(video: Path, question: str | None, flags: Flags) -> None:
@@ -263,54 +275,35 @@ def _run_answer(video: Path, question: str | None, flags: Flags) -> None:
     _check_question(question)
     _check_video(video)
     from .display import make_display
-    from .pipeline import answer, encode_video, fit_frames
+    from .pipeline import run
 
     flags.locate()
-    sampling = flags.sampling()
-    compression = flags.compression()
+    sampling, compression = flags.sampling(), flags.compression()
     display = make_display(flags.quiet, flags.json_out, flags.model_name, compression.method.value,
                            stdout_is_terminal=bool(sys.stdout.isatty()))
-    listener = _CliListener(display, stream_stdout=not flags.json_out and display.state.answer is None)
-    interrupts.on_interrupt(lambda: _interrupted_output(listener, flags.json_out), display.close)
+    out = _Answering(display, flags.json_out)
+    interrupts.on_interrupt(out.interrupted_output, display.close)
     settings = _RunSettings(flags.frames, compression.ttm_k, compression.method.value,
                             None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
-    result = None
     try:
         with _oom_guard(settings):
             display.stage("loading model")
             lm = flags.load()
             question = question if question is not None else lm.defaults.caption_prompt
-            compression = compression.resolve(lm)
-            n = fit_frames(lm, flags.frames, compression, question)
-            settings.update_from(lm, n, compression)
+            settings.update_from(lm, flags.frames or lm.defaults.num_frames, compression.resolve(lm))
             with interrupts.raising():
-                enc = encode_video(lm, video, n, listener, timeout_s=_decode_timeout())
-                result = answer(lm, enc, question, compression, sampling, listener)
-            result.stats["video"] = enc.video.info.to_dict()
+                for event in run(lm, video, question, frames=flags.frames, compression=compression,
+                                 sampling=sampling, timeout_s=_decode_timeout()):
+                    out.show(event)
     except KeyboardInterrupt:
         display.close()
-        _out(_interrupted_output(listener, flags.json_out))
+        _out(out.interrupted_output())
         sys.stderr.write("dycoke: interrupted\n")
         raise typer.Exit(130)
     finally:
         interrupts.on_interrupt(None, None)
-        if result is None:
-            display.close()
-    display.finish(result.stats)
-    display.close()
-    if flags.json_out:
-        payload = {
-            "answer": result.answer,
-            "model": lm.describe(),
-            "video": result.stats.pop("video"),
-            "options": {**result.options, "frames": n, "question": question},
-            "stats": result.stats,
-        }
-        _out(json.dumps(payload, indent=2, default=str) + "\n")
-    elif listener.stream_stdout:
-        _out("\n")
-    else:
-        _out(result.answer + "\n")  # the live panel showed it while streaming; now the real stdout
+        display.close()
+    _out(out.final_output(lm.describe()))
 
 
 class _RunSettings:
@@ -406,7 +399,7 @@ def compare(
     _check_question(question)
     _check_video(video)
     from .evaluate import compare as run_compare
-    from .pipeline import fit_frames
+    from .prompt import fit_frames
 
     settings = _RunSettings()
     with _oom_guard(settings):

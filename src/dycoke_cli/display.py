@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from rich.console import Console, Group
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-STAGES = ("decoding frames", "encoding", "merging", "prefill", "generating", "done")
+from .results import Done, Planned, Stage, Token
+
+STAGES = ("reading frames", "encoding", "prefill", "generating", "done")
 
 
 @dataclass
@@ -65,7 +67,7 @@ def render(state: LiveState):
         layer = s.get("prune_layer")
         where = f" (layers >= {layer})" if layer is not None else ""
         table.add_row("decode retention", f"{active}/{total} visual KV entries{where}")
-    if "selections" in s:
+    if "refreshes" in s:
         table.add_row("refreshes / recalls", f"{s.get('refreshes', 0)} / {s.get('recalled', 0)}")
     if "tokens_generated" in s:
         rate = s.get("decode_tokens_per_s")
@@ -94,14 +96,31 @@ class _Base:
     def __init__(self, model: str = "", method: str = ""):
         self.state = LiveState(model=model, method=method)
 
+    def show(self, event) -> None:
+        """Take one pipeline event (results.Stage / Planned / Token / Done)."""
+        if isinstance(event, Stage):
+            self.stage(event.name, event.done, event.total)
+        elif isinstance(event, Planned):
+            self.state.stats.update(asdict(event))
+            self.state.stats["prefill_retention"] = event.visual_tokens_prefill / event.visual_tokens
+            self._changed(stage_changed=False)
+        elif isinstance(event, Token):
+            self.token(event)
+        elif isinstance(event, Done):
+            self.finish({**event.answer.stats.to_dict(), "video": event.answer.video.to_dict()})
+
     def stage(self, name: str, done: int = 0, total: int = 0) -> None:
         self.state.stage, self.state.done, self.state.total = name, done, total
         self._changed(stage_changed=True)
 
-    def token(self, text: str, result) -> None:
-        self.state.stats = result.stats
+    def token(self, event: Token) -> None:
+        s = self.state.stats
+        s.update(tokens_generated=event.tokens_generated, ttft_s=event.ttft_s,
+                 decode_tokens_per_s=event.decode_tokens_per_s)
+        if event.refreshes is not None:
+            s.update(refreshes=event.refreshes, recalled=event.recalled)
         if self.state.answer is not None:
-            self.state.answer += text
+            self.state.answer += event.text
         self._changed(stage_changed=False)
 
     def finish(self, stats: dict) -> None:
@@ -151,7 +170,7 @@ def video_notes(s: dict) -> list[str]:
 def summary_line(s: dict) -> str:
     parts = [f"[dycoke] visual tokens {s.get('visual_tokens')} -> {s.get('visual_tokens_prefill')}"
              f" (prefill {_pct(s.get('prefill_retention'))}, decode {s.get('visual_tokens_decode')})"]
-    if "selections" in s:
+    if "refreshes" in s:
         parts.append(f"refreshes {s.get('refreshes', 0)}, recalled {s.get('recalled', 0)}")
     rate = s.get("decode_tokens_per_s")
     parts.append(f"{s.get('tokens_generated', 0)} tokens" + (f" at {rate:.1f} tok/s" if rate else ""))

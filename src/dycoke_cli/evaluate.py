@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import DycokeError, UsageError, VideoError
-from .generate import SamplingOptions
-from .pipeline import CompressionOptions, Method, Result, answer, encode_video
+from .options import CompressionOptions, Method, SamplingOptions
+from .pipeline import answer, encode_video
+from .results import Answer
 
 ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -66,49 +67,47 @@ def word_diff(reference: str, other: str) -> list[tuple[str, bool]]:
 class Comparison:
     question: str
     frames: int
-    results: list[Result] = field(default_factory=list)
+    results: list[Answer] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         """One dict per method, ratios against the first method (the baseline)."""
-        base = self.results[0].stats
+        base = self.results[0]
+        base_total = base.stats.timings.prefill + base.stats.timings.decode
+        base_mem = base.stats.peak_memory_above_start_bytes
         out = []
         for r in self.results:
             s = r.stats
-            t = s["timings_s"]
-            total = t["prefill"] + t["decode"]
-            base_total = base["timings_s"]["prefill"] + base["timings_s"]["decode"]
-            mem, base_mem = s.get("peak_memory_above_start_bytes"), base.get("peak_memory_above_start_bytes")
+            total = s.timings.prefill + s.timings.decode
+            mem = s.peak_memory_above_start_bytes
             out.append({
                 "method": r.method,
-                "answer": r.answer,
-                "diff": [w for w, changed in word_diff(self.results[0].answer, r.answer) if changed],
-                "visual_tokens_prefill": s["visual_tokens_prefill"],
-                "visual_tokens_decode": s["visual_tokens_decode"],
-                "overall_retention": s["overall_retention"],
-                "prefill_s": t["prefill"],
-                "ttft_s": s["ttft_s"],
-                "decode_tokens_per_s": s["decode_tokens_per_s"],
+                "answer": r.text,
+                "diff": [w for w, changed in word_diff(base.text, r.text) if changed],
+                "visual_tokens_prefill": s.visual_tokens_prefill,
+                "visual_tokens_decode": s.visual_tokens_decode,
+                "overall_retention": s.overall_retention,
+                "prefill_s": s.timings.prefill,
+                "ttft_s": s.ttft_s,
+                "decode_tokens_per_s": s.decode_tokens_per_s,
                 "llm_total_s": total,
-                "tokens_generated": s["tokens_generated"],
+                "tokens_generated": s.tokens_generated,
                 "peak_memory_above_start_bytes": mem,
                 "speedup": base_total / total if total > 0 else None,
                 "memory_ratio": (base_mem / mem) if mem and base_mem else None,
-                "flops_ratio_estimate": s["flops_ratio_estimate"],
+                "flops_ratio_estimate": s.flops_ratio_estimate,
             })
         return out
 
 
 def compare(lm, video_path, question: str | None, methods: list[Method], frames: int,
-            base: CompressionOptions, sampling: SamplingOptions, listener=None, timeout_s: float = 60.0) -> Comparison:
+            base: CompressionOptions, sampling: SamplingOptions, timeout_s: float = 60.0) -> Comparison:
     """Run every method on the same encoded frames; the first is the baseline of the ratios."""
     question = question or lm.defaults.caption_prompt
-    enc = encode_video(lm, video_path, frames, listener, timeout_s=timeout_s)
+    enc = encode_video(lm, video_path, frames, timeout_s=timeout_s)
     # Warm-up: one short untimed run so the first timed method pays no one-off costs.
     answer(lm, enc, question, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=2))
     comp = Comparison(question, enc.frames)
     for method in methods:
-        if listener:
-            listener.stage(f"running {method.value}")
         opts = replace(base, method=method)
         comp.results.append(answer(lm, enc, question, opts, sampling))
     return comp
@@ -199,11 +198,10 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: Compre
 
 def _score(lm, enc, item: EvalItem, opts: CompressionOptions, sampling: SamplingOptions) -> dict:
     r = answer(lm, enc, item.question, opts, sampling)
-    t = r.stats["timings_s"]
     return {
-        "method": opts.method.value, "video": item.video, "question": item.question, "answer": item.answer,
-        "kind": item.kind, "prediction": r.answer, "correct": is_correct(r.answer, item.answer),
-        "retention": r.stats["overall_retention"], "llm_s": t["prefill"] + t["decode"],
+        "method": r.method, "video": item.video, "question": item.question, "answer": item.answer,
+        "kind": item.kind, "prediction": r.text, "correct": is_correct(r.text, item.answer),
+        "retention": r.stats.overall_retention, "llm_s": r.stats.timings.prefill + r.stats.timings.decode,
     }
 
 

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from .compression.attention import probing
 from .options import SamplingOptions
 
 
@@ -33,25 +34,27 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, probe=None) -> torch.Tensor:
+def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selector=None) -> torch.Tensor:
     """One forward pass of the language model over ``embeds`` [1, S, D] at ``positions`` [1, S].
 
-    Returns the logits of the last position [1, V]. ``probe`` (a selector from
-    compression.pruning) is given the probed layer's attention row; a PrefillSelector also
-    makes this pass drop the unselected visual hidden states after its layer.
+    Returns the logits of the last position [1, V]. ``selector`` (compression.selectors) sees
+    its probed layer's attention; one that ``prunes == "prefill"`` also makes a prefill drop
+    the unselected visual hidden states after that layer, for every later layer and step.
     """
     decoder = lm.decoder
     hidden = embeds
     cos, sin = decoder.rotary_emb(hidden, positions)
-    extra = {"dycoke_probe": probe} if probe is not None else {}
-    reduce_after = probe.layer if hasattr(probe, "kept_positions") and embeds.shape[1] > 1 else None
-    for i, layer in enumerate(decoder.layers):
-        hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=positions,
-                       past_key_values=cache, use_cache=True, **extra)
-        if i == reduce_after:
-            keep = probe.kept_positions(hidden.shape[1], hidden.device)
-            hidden, positions = hidden[:, keep], positions[:, keep]
-            cos, sin = cos[:, keep], sin[:, keep]
+    cut_after = None
+    if selector is not None and selector.prunes == "prefill" and embeds.shape[1] > 1:
+        cut_after = selector.probe_layer
+    with probing(selector):
+        for i, layer in enumerate(decoder.layers):
+            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=positions,
+                           past_key_values=cache, use_cache=True)
+            if i == cut_after:
+                keep = selector.kept_positions(hidden.shape[1], hidden.device)
+                hidden, positions = hidden[:, keep], positions[:, keep]
+                cos, sin = cos[:, keep], sin[:, keep]
     hidden = decoder.norm(hidden[:, -1:])
     return lm.lm_head(hidden)[:, -1].float()
 
@@ -70,8 +73,8 @@ def choose_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.G
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
-           timings: DecodeTimings | None = None, positions: torch.Tensor | None = None) -> Iterator[int]:
+def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, selector=None,
+                    timings: DecodeTimings | None = None, positions: torch.Tensor | None = None) -> Iterator[int]:
     """Prefill ``embeds`` [1, S, D], then yield token ids one by one until EOS or the limit.
 
     ``positions`` [S] are the prefill's position ids (default ``0..S-1``); generated tokens
@@ -94,7 +97,7 @@ def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
             positions = torch.arange(seq, device=embeds.device)
         positions = positions.to(embeds.device).unsqueeze(0)
         next_position = int(positions[0, -1]) + 1
-        logits = run_layers(lm, embeds, positions, cache, probe)
+        logits = run_layers(lm, embeds, positions, cache, selector)
         token = choose_token(logits.cpu(), opts, generator)
         sync(embeds.device)
         timings.prefill_s = time.perf_counter() - t0
@@ -107,6 +110,29 @@ def decode(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, probe=None,
             t0 = time.perf_counter()
             pos = torch.tensor([[next_position + step]], device=embeds.device)
             x = embed_tokens(torch.tensor([[token]], device=embeds.device))
-            logits = run_layers(lm, x, pos, cache, probe)
+            logits = run_layers(lm, x, pos, cache, selector)
             token = choose_token(logits.cpu() if generator is not None else logits, opts, generator)
             timings.step_s.append(time.perf_counter() - t0)
+
+
+class TextStream:
+    """Incremental detokenisation: the text each new token adds, held back while incomplete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""  # an unfinished multi-byte character, or a merge that rewrote the tail
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text
+        return delta

@@ -66,3 +66,23 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, rss_bytes() or 0)
         self.peak_above_start = self._peak - self._start
+
+
+def process_peak(device) -> int | None:
+    """The process's peak bytes so far: the allocator's peak on CUDA, the resident high-water
+    mark on CPU (VmHWM; ru_maxrss would also count the parent's size at spawn on Linux)."""
+    if getattr(device, "type", "") == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None

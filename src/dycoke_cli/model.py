@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,12 +232,15 @@ class LoadedModel:
     dtype: object
     adapter: "FamilyAdapter" = field(repr=False, default=None)  # type: ignore[assignment]
 
-    # The three calls the pipeline makes; they forward to the family adapter.
+    # The calls the pipeline makes; they forward to the family adapter.
     def encode_video(self, pixels):
         return self.adapter.encode_video(self, pixels)
 
     def prompt_ids(self, question: str):
         return self.adapter.prompt_ids(self, question)
+
+    def positions(self, span: tuple[int, int], kept, total_visual: int, seq: int, original: bool):
+        return self.adapter.positions(span, kept, total_visual, seq, original)
 
     @property
     def decoder(self):
@@ -266,6 +271,7 @@ class FamilyAdapter:
     def load(self, name: str, folder: Path, device, dtype, allow_pickle: bool) -> LoadedModel: ...
     def encode_video(self, lm: LoadedModel, pixels): ...
     def prompt_ids(self, lm: LoadedModel, question: str): ...
+    def positions(self, span: tuple[int, int], kept, total_visual: int, seq: int, original: bool): ...
     def decoder(self, lm: LoadedModel): ...
     def lm_head(self, lm: LoadedModel): ...
 
@@ -293,23 +299,23 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         match the config (names or shapes) are refused, not initialised at random."""
         from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-        from .compression.pruning import ATTENTION_NAME, register_attention
+        from .compression.attention import ATTENTION_NAME, register_attention
 
         register_attention()
-        _quiet_transformers()
         try:
-            model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                folder,
-                dtype=dtype,
-                use_safetensors=None if allow_pickle else True,
-                weights_only=True,
-                trust_remote_code=False,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported in ``info`` and refused below, with a clear message
-                attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
-            )
-            check_loading_info(weights_label, info)
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            with quiet_transformers():
+                model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                    folder,
+                    dtype=dtype,
+                    use_safetensors=None if allow_pickle else True,
+                    weights_only=True,
+                    trust_remote_code=False,
+                    output_loading_info=True,
+                    ignore_mismatched_sizes=True,  # reported in ``info`` and refused below, with a clear message
+                    attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
+                )
+                check_loading_info(weights_label, info)
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         except DycokeError:
             raise
         except Exception as exc:  # noqa: BLE001 - transformers, tokenizers and torch raise many types here
@@ -382,6 +388,21 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         i = where[0]
         return torch.tensor(ids[:i], dtype=torch.long), torch.tensor(ids[i + 1 :], dtype=torch.long)
 
+    @staticmethod
+    def positions(span, kept, total_visual, seq, original):
+        """Position ids [S] of a prefill whose visual span holds the tokens at flat indices
+        ``kept`` [M] of ``total_visual``; None means contiguous ``0..S-1`` (what the paper does
+        after merging, and what an uncompressed prompt is). ``original``: each kept visual token
+        at ``start + its flat index``, and the text after the video where it would be without
+        compression. (1-D positions: a family with 3-D ones returns [3, S].)"""
+        import torch
+
+        if not original or kept.shape[0] == total_visual:
+            return None
+        start, end = span
+        after = torch.arange(start + total_visual, start + total_visual + seq - end)
+        return torch.cat([torch.arange(start), kept.cpu() + start, after])
+
     def decoder(self, lm):
         return lm.model.model.language_model
 
@@ -416,12 +437,21 @@ def _frame_spec(folder: Path, default_size: int) -> FrameSpec:
     return spec
 
 
-def _quiet_transformers() -> None:
-    """No weight-loading progress bars or advisory warnings on our stderr."""
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No weight-loading progress bars or advisory warnings on our stderr while inside;
+    transformers' own settings come back after (a library user keeps theirs)."""
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 FAMILIES: dict[str, FamilyAdapter] = {LlavaOneVisionAdapter.model_type: LlavaOneVisionAdapter()}

@@ -138,7 +138,10 @@ def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None
     in the Hugging Face layout that :func:`dycoke_cli.model.load_model` reads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    from .model import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
     size = model.config.vision_config.image_size

@@ -54,3 +54,21 @@ def answer_flops(shape: LMShape, prefill_tokens: list[int], decode_context: list
         total += steps * c + 4 * w * (steps * ctx + steps * (steps - 1) // 2)
     total += max(generated, 1) * 2 * shape.hidden * shape.vocab
     return float(total)
+
+
+def plan_flops(shape: LMShape, plan, seq: int, total_visual: int, generated: int) -> tuple[float, float]:
+    """FLOPs of an answer following ``plan`` (results.TokenPlan) with a ``seq``-token prefill,
+    and the uncompressed run's FLOPs over these (the estimated speedup)."""
+    generated = max(generated, 1)
+    m = plan.prefill_visual
+    full_seq = seq - m + total_visual
+    base = answer_flops(shape, [full_seq] * shape.layers, [full_seq + 1] * shape.layers, generated)
+    if plan.prune_from is None:
+        prefill, ctx = [seq] * shape.layers, [seq + 1] * shape.layers
+    else:
+        reduced = seq - m + plan.keep
+        cut = [i >= plan.prune_from for i in range(shape.layers)]
+        prefill = [reduced if c and plan.prunes == "prefill" else seq for c in cut]
+        ctx = [(reduced if c else seq) + 1 for c in cut]
+    mine = answer_flops(shape, prefill, ctx, generated)
+    return mine, base / mine

@@ -1,0 +1,162 @@
+"""The KV cache of the decoding loop; every cache internal of the project lives here.
+
+Layers ``< L`` hold everything in a preallocated buffer (appending writes in place). With a
+:class:`~.selectors.DecodeSelector`, each layer ``>= L`` keeps a compact working buffer
+``[text before | selected visual slot | everything after]`` that attention reads directly,
+plus a store of every visual entry. The slot is rewritten only when the selection changes (one
+gather per layer per refresh), never copied per step. With ``offload=True`` the store lives in
+host memory (the accelerator holds only what is attended). Pruned entries stay in the store
+and come back when a later selection ranks them high again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..results import KVBytes
+from .attention import ATTENTION_NAME
+from .selectors import DecodeSelector
+
+
+class _BufferLayer(CacheLayerMixin):
+    """A preallocated full layer: appending writes in place; attention reads a view."""
+
+    is_sliding = False
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty(b, h, self.capacity, d)
+        self.values = value_states.new_empty(b, h, self.capacity, d)
+        self.is_initialized = True
+
+    def _append(self, k, v):
+        n = k.shape[2]
+        if self.length + n > self.capacity:
+            raise RuntimeError(f"KV cache full ({self.capacity} positions)")
+        self.keys[:, :, self.length : self.length + n] = k
+        self.values[:, :, self.length : self.length + n] = v
+        self.length += n
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._append(key_states, value_states)
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def held_bytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys[:, :, : self.length].numel() * self.keys.element_size()
+
+
+class _PrunedLayer(_BufferLayer):
+    """A layer >= L: working buffer [before | selected slot | after] plus the visual store."""
+
+    def __init__(self, capacity: int, selector: DecodeSelector, offload: bool):
+        super().__init__(capacity)
+        self.selector = selector
+        self.offload_store = offload  # (not `offload`: that name is a method of the base class)
+        self.version = 0
+        self.store_k: torch.Tensor | None = None
+        self.store_v: torch.Tensor | None = None
+        self.seen = 0  # positions this layer has been given (its logical length)
+        self.rebuild_seconds = 0.0  # writing selections into the working buffer
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        sel = self.selector
+        if not self.is_initialized:
+            # Prefill: attention sees everything; file the visual part in the store and leave
+            # a slot of `keep` entries for the selection between the text before and after.
+            s = key_states.shape[2]
+            self.capacity = self.capacity - sel.total + sel.keep
+            self.lazy_initialization(key_states, value_states)
+            store_device = "cpu" if self.offload_store else key_states.device
+            pin = self.offload_store and key_states.device.type == "cuda"
+            self.store_k = key_states[:, :, sel.start : sel.end].to(store_device, copy=True)
+            self.store_v = value_states[:, :, sel.start : sel.end].to(store_device, copy=True)
+            if pin:
+                self.store_k, self.store_v = self.store_k.pin_memory(), self.store_v.pin_memory()
+            self._append(key_states[:, :, : sel.start], value_states[:, :, : sel.start])
+            self.length += sel.keep  # the slot, filled at the first selection
+            self._append(key_states[:, :, sel.end :], value_states[:, :, sel.end :])
+            self.seen = s
+            return key_states, value_states
+        if sel.selection is None:
+            raise RuntimeError("pruned KV layer: no selection arrived before a decoding step (the probing "
+                               f"attention '{ATTENTION_NAME}' must run at layer {sel.probe_layer})")
+        if self.version != sel.version:
+            self._rebuild_slot()
+        self._append(key_states, value_states)
+        self.seen += key_states.shape[2]
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def _rebuild_slot(self) -> None:
+        sel = self.selector
+        t0 = time.perf_counter()
+        idx = sel.selection.to(self.store_k.device)
+        a, b = sel.start, sel.start + sel.keep
+        self.keys[:, :, a:b] = self.store_k.index_select(2, idx).to(self.device, non_blocking=True)
+        self.values[:, :, a:b] = self.store_v.index_select(2, idx).to(self.device, non_blocking=True)
+        self.version = sel.version
+        self.rebuild_seconds += time.perf_counter() - t0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def store_bytes(self) -> int:
+        return 0 if self.store_k is None else 2 * self.store_k.numel() * self.store_k.element_size()
+
+
+class PrunedKVCache(Cache):
+    """KV cache for the decoding loop; with ``selector=None`` it is a plain preallocated cache.
+
+    Args:
+        num_layers: decoder layers.
+        capacity: positions to preallocate (prefill length + new tokens).
+        selector: a DecodeSelector, or None for no pruning.
+        offload: keep the pruned layers' visual store in host memory.
+        reduced: (first layer, capacity) for layers that hold fewer positions (FastV's after its cut).
+    """
+
+    def __init__(self, num_layers: int, capacity: int, selector: DecodeSelector | None = None,
+                 offload: bool = False, reduced: tuple[int, int] | None = None):
+        layers: list[CacheLayerMixin] = []
+        for i in range(num_layers):
+            if selector is not None and i >= selector.prune_from:
+                layers.append(_PrunedLayer(capacity, selector, offload))
+            elif reduced is not None and i >= reduced[0]:
+                layers.append(_BufferLayer(reduced[1]))  # a one-shot pruner left fewer tokens here
+            else:
+                layers.append(_BufferLayer(capacity))
+        super().__init__(layers=layers)
+        self.selector = selector
+
+    def rebuild_seconds(self) -> float:
+        return sum(layer.rebuild_seconds for layer in self.layers if isinstance(layer, _PrunedLayer))
+
+    def kv_bytes(self) -> KVBytes:
+        """Bytes held: attended on the device, and in the pruned-entry stores (and where)."""
+        working = sum(layer.held_bytes() for layer in self.layers)
+        store = sum(layer.store_bytes() for layer in self.layers if isinstance(layer, _PrunedLayer))
+        offloaded = any(isinstance(layer, _PrunedLayer) and layer.offload_store for layer in self.layers)
+        on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.layers)
+        # saved_on_device: what --offload-pruned took off the accelerator (a CPU's store is host memory anyway)
+        return KVBytes(working=working, store=store, store_on_host=offloaded,
+                       device_total=working + (0 if offloaded else store),
+                       saved_on_device=store if offloaded and on_accelerator else 0)

@@ -1,0 +1,75 @@
+"""The prompt around the video: its embeddings, its position ids, and what fits the context.
+
+``[text before | visual tokens | newline (if the family has one) | text after]``; the family
+adapter says where the video goes (``prompt_ids``) and how positions run (``positions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .compression.baselines import prompt_visual_extent
+from .errors import UsageError
+from .options import CompressionOptions, OptionError, Positions, SamplingOptions
+
+
+def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor | None):
+    """[text before | visual | newline | text after] as one [1, S, D] tensor, plus the visual span."""
+    before, after = lm.prompt_ids(question)
+    embed = lm.decoder.embed_tokens
+    with torch.inference_mode():
+        parts = [embed(before.to(lm.device)), visual.to(lm.dtype)]
+        if newline is not None:
+            parts.append(newline.to(lm.dtype))
+        parts.append(embed(after.to(lm.device)))
+    span = (len(before), len(before) + visual.shape[0])
+    return torch.cat(parts).unsqueeze(0), span
+
+
+def prefill_positions(lm, span: tuple[int, int], plan, total_visual: int, seq: int, mode) -> torch.Tensor | None:
+    """Position ids of the prefill (None: contiguous), from the family adapter."""
+    return lm.positions(span, plan.index, total_visual, seq, Positions(mode) == Positions.original)
+
+
+def context_length(lm) -> int | None:
+    return getattr(lm.model.config.text_config, "max_position_embeddings", None)
+
+
+def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str) -> int:
+    """The frame count to sample (``frames``, else the model's default), refused with the bound
+    when the prompt would not fit the model's context with ``opts`` (resolved)."""
+    n = frames if frames is not None else lm.defaults.num_frames
+    limit = context_length(lm)
+    if limit is None:
+        return n
+    before, after = lm.prompt_ids(question)
+    room = limit - len(before) - len(after) - 2  # the newline after the video, one new token
+    per_frame = lm.tokens_per_frame
+    if prompt_visual_extent(n, per_frame, opts) <= room:
+        return n
+    lo, hi = 0, n  # the largest count that fits: lo fits (0 trivially), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if prompt_visual_extent(mid, per_frame, opts) <= room else (lo, mid)
+    if lo < 1:
+        return n  # not even one frame fits: fit_context names the prompt's size
+    raise OptionError("frames", f"must be in [1, {lo}] for this model: its {limit}-token context holds at most "
+                                f"{lo} frames of {per_frame} visual tokens with method {opts.method.value} (got {n})")
+
+
+def fit_context(lm, extent: int, visual: int, sampling: SamplingOptions) -> SamplingOptions:
+    """Refuse a prompt longer than the model's context; shorten generation to what fits.
+    ``extent`` is the prompt's extent in positions (its length, or more with original positions)."""
+    limit = context_length(lm)
+    if limit is None:
+        return sampling
+    if extent >= limit:
+        raise UsageError(
+            f"the prompt needs {extent} tokens ({visual} visual, {extent - visual} text) but the model's context is "
+            f"{limit}; shorten the question or use fewer --frames"
+        )
+    if extent + sampling.max_new_tokens > limit:
+        return replace(sampling, max_new_tokens=limit - extent)
+    return sampling

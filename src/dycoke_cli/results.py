@@ -1,0 +1,202 @@
+"""The values the stages pass along: the encoded clip, the token plan, progress events, and
+the answer with its stats. A low module: it imports no stage, so every stage can import it.
+
+``--json`` is :func:`answer_json` of an :class:`Answer`: one schema, versioned by
+``SCHEMA_VERSION`` and documented in the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    import torch
+
+    from .video import Video, VideoInfo
+
+SCHEMA_VERSION = 1  # of the --json output; bump on any change that is not an added key
+
+
+@dataclass(frozen=True)
+class EncodedVideo:
+    """A clip decoded and encoded once, shared by every method run on it."""
+
+    video: Video
+    features: torch.Tensor  # [T, N, D] per-frame visual tokens
+    newline: torch.Tensor | None  # [1, D] token appended after the video, if the family has one
+    read_s: float  # reading frames from the file
+    encode_s: float  # the vision tower
+
+    @property
+    def frames(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Which visual tokens enter the language model, and what is pruned after that."""
+
+    tokens: torch.Tensor  # [M, D] visual tokens entering the prefill
+    index: torch.Tensor  # [M] their flat indices frame * N + position, ascending
+    keep: int  # visual tokens the pruned layers attend to (== M when nothing is pruned later)
+    prune_from: int | None  # first layer that sees only ``keep`` visual tokens, or None
+    prunes: str | None = None  # "decode" (DyCoke, per step), "prefill" (FastV, once), or None
+
+    @property
+    def prefill_visual(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+# -------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage began (or advanced: ``done`` of ``total``)."""
+
+    name: str
+    done: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class Planned:
+    """Known once the visual tokens are chosen, before the prefill."""
+
+    visual_tokens: int
+    visual_tokens_prefill: int
+    visual_tokens_decode: int
+    prune_layer: int | None
+    flops_ratio_estimate: float
+
+
+@dataclass(frozen=True)
+class Token:
+    """Text one generated token added, with the cheap live counters."""
+
+    text: str
+    tokens_generated: int
+    ttft_s: float
+    decode_tokens_per_s: float | None
+    refreshes: int | None  # DyCoke's selection counters, None for other methods
+    recalled: int | None
+
+
+@dataclass(frozen=True)
+class Done:
+    answer: Answer
+
+
+Event = Union[Stage, Planned, Token, Done]
+
+
+# -------------------------------------------------------------------------------- answer
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds per stage of one answer."""
+
+    read_video: float  # reading frames from the file
+    encode: float  # vision tower
+    merge: float  # TTM / baseline selection
+    prefill: float
+    decode: float  # decoding steps after the first token
+    generate: float  # prefill + decoding, wall
+
+
+@dataclass(frozen=True)
+class SelectionStats:
+    """DyCoke's dynamic selection over one answer."""
+
+    steps: int  # decoding steps observed
+    selections: int  # selections computed (the first included)
+    refreshes: int  # recomputations after the first, triggered by the similarity rule
+    recalled: int  # visual entries that came back after having been pruned
+    rebuild_ms: float  # writing selected entries into the working buffers
+
+
+@dataclass(frozen=True)
+class KVBytes:
+    working: int  # attended entries, all layers
+    store: int  # pruned layers' store of every visual entry
+    store_on_host: bool
+    device_total: int
+    saved_on_device: int  # what --offload-pruned took off the accelerator
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    frames: int
+    frames_requested: int
+    tokens_per_frame: int
+    visual_tokens: int
+    visual_tokens_prefill: int
+    visual_tokens_decode: int
+    prefill_tokens: int
+    prune_layer: int | None
+    tokens_generated: int
+    timings: Timings
+    ttft_s: float
+    decode_tokens_per_s: float | None
+    decode_ms_per_token_median: float | None
+    kv_bytes: KVBytes
+    peak_memory_bytes: int | None  # process peak (CPU: resident high-water mark; CUDA: allocator)
+    peak_memory_above_start_bytes: int | None  # this answer's own peak above what it started with
+    flops_estimate: float
+    flops_ratio_estimate: float  # uncompressed LLM FLOPs / this answer's
+    selection: SelectionStats | None
+
+    @property
+    def prefill_retention(self) -> float:
+        return self.visual_tokens_prefill / self.visual_tokens
+
+    @property
+    def decode_retention(self) -> float:
+        return self.visual_tokens_decode / self.visual_tokens_prefill if self.visual_tokens_prefill else 1.0
+
+    @property
+    def overall_retention(self) -> float:
+        return self.visual_tokens_decode / self.visual_tokens
+
+    def to_dict(self) -> dict:
+        """Flat, as in ``--json``: selection counters beside the rest, timings under ``timings_s``."""
+        out = asdict(self)
+        out["timings_s"] = out.pop("timings")
+        selection = out.pop("selection")
+        out.update(selection or {})
+        out.update(prefill_retention=self.prefill_retention, decode_retention=self.decode_retention,
+                   overall_retention=self.overall_retention)
+        return out
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: tuple[int, ...]
+    method: str
+    options: dict  # compression and sampling options as used
+    stats: AnswerStats
+    video: VideoInfo | None = None
+    question: str = ""
+
+
+def answer_json(answer: Answer, model: dict) -> dict:
+    """The ``--json`` object of one answer (schema ``SCHEMA_VERSION``, see the README)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "answer": answer.text,
+        "model": model,
+        "video": answer.video.to_dict() if answer.video is not None else None,
+        "options": {**answer.options, "frames": answer.stats.frames_requested, "question": answer.question},
+        "stats": answer.stats.to_dict(),
+    }
