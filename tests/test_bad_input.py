@@ -204,33 +204,6 @@ def test_toyworld_never_overwrites_without_force(tmp_path, capsys, monkeypatch):
     assert (out / "qa.jsonl").read_text() != "mine\n"
 
 
-def test_toyworld_into_a_read_only_place_is_one_line():
-    # A folder everyone may enter (pytest's tmp_path is private to root) that no one may write.
-    with tempfile.TemporaryDirectory(prefix="dycoke-ro-") as d:
-        _toyworld_into_a_read_only_place_is_one_line(Path(d))
-
-
-def _toyworld_into_a_read_only_place_is_one_line(tmp: Path):
-    tmp.chmod(0o755)
-    folder = tmp / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    target = folder / "world"
-    if os.geteuid() == 0:
-        report = _cli_as_nobody(["toyworld", str(target), "--n", "1"])
-        assert report.get("crash") is None, report
-        result = tuple(report["result"])
-    else:  # pragma: no cover - CI runs as root
-        result = _quiet(["toyworld", str(target), "--n", "1"])
-    assert result == (1, "", f"dycoke: error: {target}: cannot write there (Permission denied)\n")
-    assert list(folder.iterdir()) == []
-
-
-def _quiet(args):
-    proc = _dycoke(args)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
 def test_bench_output_that_is_a_folder_is_refused_before_the_run(flag, tmp_path, capsys, monkeypatch):
     started = time.monotonic()
@@ -239,21 +212,34 @@ def test_bench_output_that_is_a_folder_is_refused_before_the_run(flag, tmp_path,
     assert time.monotonic() - started < 5
 
 
-def test_bench_output_in_a_read_only_place_is_refused_before_the_run():
-    # A folder everyone may enter (pytest's tmp_path is private to root) that no one may write.
+@pytest.fixture()
+def read_only_folder():
+    """A folder no one but root may write, inside one everyone may enter (pytest's tmp_path is
+    private to root, so a command run as nobody could not even reach it)."""
     with tempfile.TemporaryDirectory(prefix="dycoke-ro-") as d:
-        _bench_output_in_a_read_only_place_is_refused_before_the_run(Path(d))
+        Path(d).chmod(0o755)
+        folder = Path(d) / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
 
 
-def _bench_output_in_a_read_only_place_is_refused_before_the_run(tmp: Path):
-    tmp.chmod(0o755)
-    folder = tmp / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    args = ["bench", "--quick", "--json", str(folder / "out" / "b.json")]
-    result = tuple(_cli_as_nobody(args)["result"]) if os.geteuid() == 0 else _quiet(args)
-    assert result == (1, "", f"dycoke: error: --json {folder / 'out' / 'b.json'}: cannot write there "
-                             "(Permission denied)\n")
+@pytest.mark.parametrize("args, where", [
+    (["toyworld", "{target}", "--n", "1"], "{target}"),
+    (["bench", "--quick", "--json", "{target}/b.json"], "--json {target}/b.json"),
+])
+def test_writing_into_a_read_only_place_is_one_line(args, where, read_only_folder):
+    target = read_only_folder / "out"
+    args = [a.format(target=target) for a in args]
+    if os.geteuid() == 0:  # root writes anywhere: run the command as nobody
+        report = _cli_as_nobody(args)
+        assert report.get("crash") is None, report
+        result = tuple(report["result"])
+    else:  # pragma: no cover - CI runs as root
+        proc = _dycoke(args)
+        result = proc.returncode, proc.stdout, proc.stderr
+    assert result == (1, "", f"dycoke: error: {where.format(target=target)}: cannot write there (Permission denied)\n")
+    assert list(read_only_folder.iterdir()) == []
 
 
 def test_an_unexpected_exception_is_one_line(tiny_model_dir, clip_path, capsys, monkeypatch):
