@@ -79,17 +79,51 @@ class TinySpec:
     text_kv_heads: int = 2
     text_intermediate: int = 128
     max_position_embeddings: int = 4096
+    # Config knobs left at transformers' defaults when None (the tiny test models); the
+    # benchmark sets them to LLaVA-OV-0.5B's values.
+    hidden_act: str | None = None  # vision tower
+    layer_norm_eps: float | None = None  # vision tower
+    rope_theta: float | None = None
+    rms_norm_eps: float | None = None
+    tie_word_embeddings: bool = False
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     extra: dict = field(default_factory=dict)
 
 
-def build_llava_onevision(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0, vocab_size: int | None = None):
-    """A randomly initialised LlavaOnevisionForConditionalGeneration sized by ``spec``."""
+def build_llava_onevision(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0, vocab_size: int | None = None,
+                          *, dtype=None, device=None, attn_implementation=None):
+    """A randomly initialised LlavaOnevisionForConditionalGeneration sized by ``spec``, in eval
+    mode. With ``dtype`` or ``attn_implementation`` (e.g. the probing attention, registered by
+    the caller) it is built through ``_from_config`` directly in that dtype; ``device`` moves it."""
     import torch
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    vocab = vocab_size or len(tokenizer)
+    config = llava_onevision_config(tokenizer, spec, vocab_size)
+    torch.manual_seed(seed)
+    if dtype is None and attn_implementation is None:
+        model = LlavaOnevisionForConditionalGeneration(config)
+    else:
+        model = LlavaOnevisionForConditionalGeneration._from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    return model
+
+
+def _optional(**knobs) -> dict:
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
+def llava_onevision_config(tokenizer, spec: TinySpec = TinySpec(), vocab_size: int | None = None):
+    """The LlavaOnevisionConfig of ``spec`` with ``tokenizer``'s special-token ids."""
+    from transformers import LlavaOnevisionConfig
+
+    rope = None if spec.rope_theta is None else {"rope_type": "default", "rope_theta": spec.rope_theta}
+    tie = {"tie_word_embeddings": True} if spec.tie_word_embeddings else {}
     config = LlavaOnevisionConfig(
         vision_config={
             "model_type": "siglip_vision_model",
@@ -99,18 +133,20 @@ def build_llava_onevision(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0,
             "num_attention_heads": spec.vision_heads,
             "image_size": spec.image_size,
             "patch_size": spec.patch_size,
+            **_optional(hidden_act=spec.hidden_act, layer_norm_eps=spec.layer_norm_eps),
             "vision_use_head": False,
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": vocab,
+            "vocab_size": vocab_size or len(tokenizer),
             "hidden_size": spec.text_hidden,
             "intermediate_size": spec.text_intermediate,
             "num_hidden_layers": spec.text_layers,
             "num_attention_heads": spec.text_heads,
             "num_key_value_heads": spec.text_kv_heads,
             "max_position_embeddings": spec.max_position_embeddings,
-            "tie_word_embeddings": False,
+            **_optional(rope_parameters=rope, rms_norm_eps=spec.rms_norm_eps),
+            "tie_word_embeddings": spec.tie_word_embeddings,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": None,
@@ -120,16 +156,12 @@ def build_llava_onevision(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         image_grid_pinpoints=[[spec.image_size, spec.image_size]],
+        **tie,
         **spec.extra,
     )
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    return config
 
 
 def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None = None,
