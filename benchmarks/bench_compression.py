@@ -1,22 +1,555 @@
 #!/usr/bin/env python
-"""Where the time and memory go: uncompressed vs DyCoke vs FastV on the LLaVA-OneVision-0.5B
-architecture (random weights), side by side. Same as `dycoke bench`.
+"""Benchmark: where the time and memory go, uncompressed vs DyCoke vs FastV, side by side.
 
-    python benchmarks/bench_compression.py                      # 8, 16, 32 frames, bf16 if the CPU has it
-    python benchmarks/bench_compression.py --quick              # scaled-down model: a smoke test
-    python benchmarks/bench_compression.py --json out.json --plot out.png --frames 8,16
+Builds the LLaVA-OneVision-0.5B architecture (SigLIP so400m-patch14-384 with the 26 layers
+LLaVA-OV uses + Qwen2-0.5B) with dycoke_cli.tinymodel's builder and random weights: the
+arithmetic and the memory traffic are those of the real checkpoint, only the answers are
+gibberish. For each frame count it encodes a synthetic clip once (the vision tower is shared by
+every method), then answers the same question with ``none``, ``dycoke`` (the paper's defaults)
+and ``fastv`` (same visual budget), forcing a fixed number of decoded tokens so the methods are
+comparable, and finally times ``model.generate`` on the uncompressed inputs against our loop.
 
-The implementation lives in dycoke_cli/bench.py; see its docstring for what is measured and how.
+Memory: "peak above the loaded model" is measured per method with dycoke_cli.memory.PeakMemory
+(on Linux the kernel's resident-set high-water mark, reset before each method after freeing
+the allocator's cached pages; where that is not allowed, 1 ms RSS sampling; on CUDA, the
+allocator's peak), then again in a fresh process with glibc's allocator pinned (see pin_malloc).
+
+Outputs: a Markdown table on stdout (progress on stderr), a JSON file and a PNG of the stage
+times stacked per method and frame count (bench_report.py), by default under runs/bench/.
+
+    python benchmarks/bench_compression.py --frames 8,16,32 --json bench.json --plot bench.png
+    python benchmarks/bench_compression.py --quick   # scaled-down model, well under a minute
+    dycoke bench --quick                              # the same, from a source checkout
 """
 
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 try:
-    from dycoke_cli.bench import main
+    import dycoke_cli
 except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from dycoke_cli.bench import main
+    import dycoke_cli
+
+from bench_report import add_ratios, draw_plot, evaluate_targets, loadavg, machine_info, markdown
+from dycoke_cli.errors import DycokeError
+from dycoke_cli.memory import PeakMemory, rss_bytes
+from dycoke_cli.tinymodel import TinySpec
+
+METHODS = ("none", "dycoke", "fastv")
+MEMORY_PASS_TOKENS = 4
+QUESTION = "describe the video in detail ."
+WORDS = "describe the video in detail . what happens which color moves left right".split()
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A named LLaVA-OneVision to build (random weights): tinymodel's sizes and a vocabulary."""
+
+    name: str
+    vocab: int
+    spec: TinySpec
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return math.ceil(self.spec.image_size // self.spec.patch_size / 2) ** 2
+
+
+# Qwen2-0.5B's config knobs (it ties its input and output embeddings); SigLIP's activation and eps.
+_QWEN2_SIGLIP = dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, rope_theta=1_000_000.0,
+                     rms_norm_eps=1e-6, tie_word_embeddings=True)
+# llava-onevision-qwen2-0.5b-ov: SigLIP so400m-patch14-384 (27 layers, LLaVA-OV reads layer -1 of
+# the first 26, so 26 are built), 27x27 patches pooled 2x2 to 14x14 = 196 tokens per frame;
+# Qwen2-0.5B: hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151936, rope 1e6.
+FULL = Arch("llava-onevision-qwen2-0.5b architecture, random weights", 151936, TinySpec(
+    vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304, image_size=384, patch_size=14,
+    text_hidden=896, text_layers=24, text_heads=14, text_kv_heads=2, text_intermediate=4864,
+    max_position_embeddings=32768, **_QWEN2_SIGLIP))
+# A scaled-down model with the same structure (4 decoder layers so pruning from layer 3 and
+# FastV at layer 2 both apply): the whole benchmark runs in seconds. For CI smoke tests.
+QUICK = Arch("quick: scaled-down LLaVA-OneVision, random weights", 2048, TinySpec(
+    vision_hidden=64, vision_layers=2, vision_heads=2, vision_intermediate=128, image_size=112, patch_size=14,
+    text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=128,
+    max_position_embeddings=8192, **_QWEN2_SIGLIP))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(arch: Arch, dtype, device, seed: int = 0):
+    """A LoadedModel of ``arch`` with random weights, built directly in ``dtype`` with the
+    probing attention in the language model (what `dycoke ask` loads)."""
+    from dycoke_cli.compression.attention import ATTENTION_NAME, register_attention
+    from dycoke_cli.model import LlavaOneVisionAdapter, ModelDefaults
+    from dycoke_cli.tinymodel import build_llava_onevision, build_word_tokenizer
+
+    register_attention()
+    tok = build_word_tokenizer(WORDS)
+    model = build_llava_onevision(
+        tok, arch.spec, seed=seed, vocab_size=arch.vocab, dtype=dtype, device=device,
+        attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"})
+    return LlavaOneVisionAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults())
+
+
+def synthetic_frames(n: int, size: int, seed: int = 0):
+    """uint8 [n, size, size, 3]: a textured background and a disc drifting across it, so that
+    neighbouring frames are similar but not equal (what TTM sees in real clips)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    background = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx + 4 * yy)], -1) * 200
+    background += rng.normal(0, 8, background.shape)
+    frames = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        cx, cy = 0.2 + 0.6 * i / max(n - 1, 1), 0.5 + 0.25 * math.sin(i / 3)
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < 0.015
+        img = background.copy()
+        img[disc] = (230, 40, 40)
+        frames[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
+def stand_in_video(frames, requested: int):
+    from dycoke_cli.video import Video, VideoInfo
+
+    t, h, w = frames.shape[:3]
+    info = VideoInfo(path="<synthetic>", container="synthetic", codec="rawvideo", width=w, height=h,
+                     duration=t / 4.0, fps=4.0, frame_count=t, stream_index=0, video_streams=1, rotation=0,
+                     requested=requested, timestamps=tuple(i / 4.0 for i in range(t)))
+    return Video(frames, info)
+
+
+def encode_prefixes(lm, frames, counts: list[int]):
+    """Encode ``max(counts)`` frames once, in chunks that end at every count; return the features
+    and, for each count, the vision-tower seconds of its first ``count`` frames."""
+    import torch
+
+    from dycoke_cli.generate import sync
+    from dycoke_cli.pipeline import ENCODE_CHUNK
+    from dycoke_cli.preprocess import preprocess_frames
+
+    total = max(counts)
+    pixels = preprocess_frames(frames[:total], lm.frame_spec)
+    cuts = sorted(set(range(0, total, ENCODE_CHUNK)) | set(counts) | {total})
+    feats, ends, secs, newline = [], [], [], None
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        t0 = time.perf_counter()
+        f, newline = lm.encode_video(pixels[a:b])
+        sync(lm.device)
+        secs.append(time.perf_counter() - t0)
+        ends.append(b)
+        feats.append(f)
+    features = torch.cat(feats)
+    per_count = {c: sum(s for s, e in zip(secs, ends) if e <= c) for c in counts}
+    return features, newline, per_count
+
+
+@contextlib.contextmanager
+def decode_attention(kind: str):
+    """``stock``: torch's SDPA as transformers calls it. ``packed``: a what-if for single-query
+    steps with grouped-query attention: the query heads sharing a KV head are passed as that KV
+    head's queries ([1, H, 1, d] -> [1, KVH, H/KVH, d]), the same arithmetic without the
+    ``enable_gqa`` path, which on CPU is many times slower per decoding step at long contexts."""
+    import torch.nn.functional as F
+
+    if kind == "stock":
+        yield
+        return
+    original = F.scaled_dot_product_attention
+
+    def packed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if enable_gqa and query.shape[2] == 1 and attn_mask is None and key.shape[1] != query.shape[1]:
+            b, h, _, d = query.shape
+            kvh = key.shape[1]
+            out = original(query.reshape(b, kvh, h // kvh, d), key, value, dropout_p=dropout_p, scale=scale)
+            return out.reshape(b, h, 1, d)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = packed
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+PINNED_MMAP_THRESHOLD = 64 * 1024
+
+
+def pin_malloc() -> bool:
+    """Make glibc return freed tensor memory to the OS at once: a fixed mmap threshold (which
+    also switches off its dynamic growth up to 32 MiB) and a small trim threshold. Without it,
+    how much freed memory the heap keeps depends on what ran before, and a method's RSS peak
+    varied by 1.6x between two identical runs; with it, repeated runs agree within a few MB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * PINNED_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def bench_memory(device) -> PeakMemory:
+    """Settled (gc, malloc_trim, CUDA cache) before each method; 1 ms sampling where needed."""
+    return PeakMemory(device, interval_s=0.001, settle=True)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_method(lm, enc, method: str, tokens: int, vision_s: float, mem: PeakMemory) -> dict:
+    """Answer once with ``method``; forced to 1 + ``tokens`` tokens (the first comes from the
+    prefill, then ``tokens`` timed decoding steps)."""
+    import torch
+
+    from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
+    from dycoke_cli.pipeline import answer
+
+    sampling = SamplingOptions(max_new_tokens=tokens + 1, ignore_eos=True)
+    mem.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    r = answer(lm, enc, QUESTION, CompressionOptions(method=Method(method)), sampling)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    peak = mem.stop()
+    s = r.stats.to_dict()
+    t = s["timings_s"]
+    kv = s["kv_bytes"]
+    llm = t["merge"] + t["prefill"] + t["decode"]
+    return {
+        "frames": enc.frames,
+        "method": method,
+        "visual_tokens": s["visual_tokens"],
+        "visual_tokens_prefill": s["visual_tokens_prefill"],
+        "visual_tokens_decode": s["visual_tokens_decode"],
+        "prefill_tokens": s["prefill_tokens"],
+        "tokens_generated": s["tokens_generated"],
+        "decode_steps": s["tokens_generated"] - 1,
+        "vision_s": vision_s,
+        "merge_s": t["merge"],
+        "prefill_s": t["prefill"],
+        "decode_s": t["decode"],
+        "decode_ms_median": s["decode_ms_per_token_median"],
+        "llm_s": llm,
+        "ttft_llm_s": t["merge"] + s["ttft_s"],
+        "ttft_s": vision_s + t["merge"] + s["ttft_s"],
+        "answer_wall_s": wall,
+        "cpu_util": cpu / wall / torch.get_num_threads() if wall > 0 else None,
+        "total_s": vision_s + wall,
+        "peak_bytes": peak,
+        "kv_bytes": kv["working"] + kv["store"],  # everything held, wherever it lives
+        "kv_attended_bytes": kv["working"],
+        "kv_store_bytes": kv["store"],
+        "peak_bytes_default_allocator": peak,
+        "flops_ratio_estimate": s["flops_ratio_estimate"],
+        "selections": s.get("selections"),
+        "refreshes": s.get("refreshes"),
+        "token_ids": list(r.token_ids),
+    }
+
+
+def time_generate(lm, enc, tokens: int) -> dict:
+    """transformers' ``model.generate`` on the uncompressed inputs (same embeddings, same number
+    of tokens, EOS suppressed): building the embeddings + generate, wall clock."""
+    import torch
+
+    from dycoke_cli.generate import sync
+    from dycoke_cli.prompt import build_embeds
+
+    n = tokens + 1
+    t0 = time.perf_counter()
+    embeds, _ = build_embeds(lm, QUESTION, enc.features.reshape(-1, enc.features.shape[-1]), enc.newline)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    with torch.inference_mode():
+        out = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    sync(lm.device)
+    wall = time.perf_counter() - t0
+    ids = out[0].tolist()
+    return {"generate_s": wall, "token_ids": ids[-n:] if len(ids) >= n else ids}
+
+
+
+def memory_pass_subprocess(args, arch: Arch, counts, per_frame: int, hidden: int, log) -> dict | None:
+    """Run ``_memory_child`` in a fresh interpreter; {"frames/method": peak bytes} or None."""
+    import subprocess
+
+    cfg = {"quick": bool(args.quick), "dtype": args.dtype, "device": args.device, "threads": args.threads,
+           "counts": list(counts), "per_frame": per_frame, "hidden": hidden}
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "from bench_compression import _memory_child; _memory_child(json.loads(sys.argv[1]))")
+    env = dict(os.environ)
+    src = str(Path(dycoke_cli.__file__).resolve().parents[1])  # the dycoke_cli this process uses
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
+                             env=env, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"memory pass failed ({type(exc).__name__}); keeping the peaks of the timed runs")
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
+        log(f"memory pass failed (exit {out.returncode}: {tail}); keeping the peaks of the timed runs")
+        return None
+    return json.loads(lines[-1])
+
+
+def _memory_child(cfg: dict) -> None:
+    """Child of memory_pass_subprocess: pin the allocator first, build the model, warm up, then one
+    answer per (frame count, method) on random visual tokens of the real shape (TTM keeps a fixed
+    number of tokens per frame, so the memory is that of real features), peaks as JSON on stdout."""
+    pinned = pin_malloc()
+    import torch
+
+    from dycoke_cli.model import pick_device, pick_dtype
+    from dycoke_cli.results import EncodedVideo
+
+    torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    lm = build_model(QUICK if cfg["quick"] else FULL, dtype, device)
+    mem = bench_memory(device)
+    g = torch.Generator().manual_seed(0)
+    top = max(cfg["counts"])
+    feats = (torch.randn(top, cfg["per_frame"], cfg["hidden"], generator=g) * 0.5).to(device, dtype)
+    newline = torch.randn(1, cfg["hidden"], generator=g).to(device, dtype)
+
+    def enc(count):
+        return EncodedVideo(stand_in_video(synthetic_frames(count, 8), count), feats[:count], newline, 0.0, 0.0)
+
+    warm = enc(min(4, top))
+    for method in METHODS:
+        run_method(lm, warm, method, 1, 0.0, mem)
+    peaks = {}
+    for count in cfg["counts"]:
+        e = enc(count)
+        for method in METHODS:
+            peaks[f"{count}/{method}"] = run_method(lm, e, method, MEMORY_PASS_TOKENS, 0.0, mem)["peak_bytes"]
+    peaks["pinned"] = pinned
+    print(json.dumps(peaks), flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dycoke bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", default="8,16,32", help="comma-separated frame counts (default 8,16,32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on CUDA, else fp32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    p.add_argument("--tokens", type=int, default=32, help="decoding steps timed after the first token (>= 1)")
+    p.add_argument("--quick", action="store_true", help="scaled-down model: a smoke test in seconds")
+    p.add_argument("--json", default="runs/bench/bench.json", help="where to write the JSON ('' to skip)")
+    p.add_argument("--plot", default="runs/bench/bench.png", help="where to write the PNG ('' to skip)")
+    p.add_argument("--no-generate", action="store_true", help="skip timing model.generate")
+    p.add_argument("--decode-attention", default="stock", choices=["stock", "packed"],
+                   help="what-if: 'packed' runs single-query GQA attention as KV-head-grouped queries "
+                        "(same arithmetic, a faster CPU kernel); default: stock")
+    args = p.parse_args(argv)
+    try:
+        args.frame_counts = sorted({int(x) for x in args.frames.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--frames: expected comma-separated integers (got {args.frames!r})")
+    if not args.frame_counts or min(args.frame_counts) < 1:
+        p.error("--frames: frame counts must be >= 1")
+    if args.tokens < 1:
+        p.error("--tokens must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def run(args, log=lambda msg: None) -> dict:
+    """The whole benchmark: build, warm up, encode once, time every (frame count, method), time
+    model.generate, redo the memory peaks in a fresh process; the report as a dict."""
+    import torch
+
+    from dycoke_cli.model import pick_device, pick_dtype
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    arch = QUICK if args.quick else FULL
+    mem = bench_memory(device)
+    load_start = loadavg()
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    lm = build_model(arch, dtype, device)
+    build_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in lm.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    log(f"built {arch.name}: {params / 1e6:.0f} M parameters, {weight_bytes / 2**20:.0f} MB {dtype} "
+        f"in {build_s:.1f} s")
+    frames = synthetic_frames(max(args.frame_counts), arch.spec.image_size)
+    _warm_up(lm, frames, mem, not args.no_generate)
+    log(f"warm-up done ({time.perf_counter() - t_start:.0f} s)")
+    runs, generate, rss_loaded = _timed_runs(args, lm, frames, mem, log)
+    memory_method = _memory_pass(args, arch, lm, mem, runs, log)
+    add_ratios(runs)
+    report = {
+        "machine": {**machine_info(device, dtype, args.threads), "loadavg_start": load_start},
+        "config": _config(args, arch, lm),
+        "model": {"parameters": params, "weight_bytes": weight_bytes, "build_s": build_s,
+                  "rss_before_build_bytes": rss0, "rss_loaded_bytes": rss_loaded,
+                  "tokens_per_frame": lm.tokens_per_frame},
+        "memory_method": memory_method,
+        "runs": runs,
+        "generate": generate,
+    }
+    report["targets"] = evaluate_targets(runs, generate)
+    report["wall_s"] = time.perf_counter() - t_start
+    return report
+
+
+def _config(args, arch: Arch, lm) -> dict:
+    return {
+        "arch": asdict(arch),
+        "quick": bool(args.quick),
+        "frames": args.frame_counts,
+        "tokens": args.tokens,
+        "question": QUESTION,
+        "decode_attention": args.decode_attention,
+        "methods": list(METHODS),
+        "defaults": {"ttm_k": lm.defaults.ttm_k, "prune_p": lm.defaults.prune_p,
+                     "prune_layer": lm.defaults.prune_layer, "refresh_threshold": 0.9, "fastv_layer": 2},
+    }
+
+
+def _warm_up(lm, frames, mem: PeakMemory, with_generate: bool) -> None:
+    """Not timed: first calls create kernels and fault in library pages."""
+    import torch
+
+    from dycoke_cli.results import EncodedVideo
+
+    warm = frames[:4]
+    with torch.inference_mode():
+        features, newline, _ = encode_prefixes(lm, warm, [len(warm)])
+    warm_enc = EncodedVideo(stand_in_video(warm, len(warm)), features, newline, 0.0, 0.0)
+    for method in METHODS:
+        run_method(lm, warm_enc, method, 2, 0.0, mem)
+    if with_generate:
+        time_generate(lm, warm_enc, 2)
+
+
+def _timed_runs(args, lm, frames, mem: PeakMemory, log) -> tuple[list[dict], list[dict], int | None]:
+    """Encode once, then every method at every frame count, and model.generate against ours."""
+    from dycoke_cli.results import EncodedVideo
+
+    counts = args.frame_counts
+    t0 = time.perf_counter()
+    features, newline, vision_s = encode_prefixes(lm, frames, counts)
+    log(f"vision tower: {max(counts)} frames in {time.perf_counter() - t0:.1f} s")
+    rss_loaded = rss_bytes()
+    runs, generate = [], []
+    for count in counts:
+        enc = EncodedVideo(stand_in_video(frames[:count], count), features[:count], newline, 0.0, vision_s[count])
+        for method in METHODS:
+            r = run_method(lm, enc, method, args.tokens, vision_s[count], mem)
+            runs.append(r)
+            log(f"{count:3d} frames  {method:7s} prefill {r['prefill_s']:7.2f} s  decode "
+                f"{r['decode_ms_median']:7.1f} ms/token  peak {(r['peak_bytes'] or 0) / 2**20:6.0f} MB")
+        if not args.no_generate:
+            g = time_generate(lm, enc, args.tokens)
+            ours = next(r for r in runs if r["frames"] == count and r["method"] == "none")
+            g.update({"frames": count, "loop_s": ours["answer_wall_s"],
+                      "loop_over_generate": ours["answer_wall_s"] / g["generate_s"],
+                      "same_tokens": g["token_ids"] == ours["token_ids"]})
+            generate.append(g)
+            log(f"{count:3d} frames  model.generate {g['generate_s']:.2f} s vs our loop {g['loop_s']:.2f} s")
+    return runs, generate, rss_loaded
+
+
+def _memory_pass(args, arch: Arch, lm, mem: PeakMemory, runs: list[dict], log) -> str:
+    """The timings ran with the allocator as users get it, in a process that has already run the
+    vision tower, model.generate and other methods, whose heap state moved a method's RSS peak by
+    up to 1.5x. The peaks are taken again in a fresh process (as a `dycoke ask` is), with glibc's
+    allocator pinned from its start (see pin_malloc); ``runs`` get those. Returns how."""
+    memory_method = mem.method + " (allocator as is, during the timed runs)"
+    if mem.cuda or mem.method == "unavailable":
+        return memory_method
+    log("memory pass in a fresh process ...")
+    peaks = memory_pass_subprocess(args, arch, args.frame_counts, lm.tokens_per_frame, lm.hidden_size, log)
+    if peaks is None:
+        return memory_method
+    for r in runs:
+        r["peak_bytes"] = peaks.get(f"{r['frames']}/{r['method']}")
+        log(f"{r['frames']:3d} frames  {r['method']:7s} peak {(r['peak_bytes'] or 0) / 2**20:6.0f} MB "
+            f"(fresh process, allocator pinned; {(r['peak_bytes_default_allocator'] or 0) / 2**20:.0f} "
+            f"MB in the timed run)")
+    return (f"{mem.method}, fresh process, glibc's mmap threshold pinned to "
+            f"{PINNED_MMAP_THRESHOLD // 1024} KiB, {MEMORY_PASS_TOKENS} decoding steps")
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse, before any work, an output path that is a folder or cannot be written (tried
+    with a temporary file in the nearest existing folder, removed at once)."""
+    import tempfile
+
+    target = Path(path)
+    try:
+        if target.is_dir():
+            raise DycokeError(f"{flag} {path}: is a folder; give a file name")
+        folder = target.absolute().parent
+        while not folder.exists():  # the nearest existing folder is where it would be created
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(20, f"{folder} is not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        raise DycokeError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            check_output_path(path, flag)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    with decode_attention(args.decode_attention):
+        report = run(args, log)
+    sys.stdout.write(markdown(report))
+    sys.stdout.flush()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    if args.plot:
+        draw_plot(report, args.plot)
+        log(f"wrote {args.plot}")
+    log(f"done in {report['wall_s']:.0f} s")
+    return 0
+
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except DycokeError as exc:
+        print(f"dycoke: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
