@@ -1,9 +1,15 @@
 """Make tests/ importable so test files can ``from clips import write_clip``."""
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The feature cache of every test (and of the CLIs they start) lives in a folder of this run,
+# never in the user's ~/.cache.
+os.environ["DYCOKE_CACHE"] = tempfile.mkdtemp(prefix="dycoke-test-cache-")
 
 
 import pytest  # noqa: E402

@@ -245,12 +245,12 @@ def test_writing_into_a_read_only_place_is_one_line(args, where, read_only_folde
 def test_an_unexpected_exception_is_one_line(tiny_model_dir, clip_path, capsys, monkeypatch):
     # No real input is known to reach this net (each one found got its own message), so a bug
     # is simulated: the one stand-in in this file.
-    import dycoke_cli.pipeline
+    import dycoke_cli.session
 
     def bug(*args, **kwargs):
         raise KeyError("a bug\nover two lines")
 
-    monkeypatch.setattr(dycoke_cli.pipeline, "run", bug)
+    monkeypatch.setattr(dycoke_cli.session.Session, "stream", bug)
     assert run_cli(ask_args(clip_path, tiny_model_dir, "-q"), capsys, monkeypatch) == (
         1, "", "dycoke: error: internal error: KeyError: 'a bug\\nover two lines' (DYCOKE_DEBUG=1 shows the "
                "traceback)\n")

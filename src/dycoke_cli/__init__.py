@@ -6,14 +6,18 @@ The Python API (torch and transformers are imported on first use)::
     lm = load_model("demo")
     result = ask(lm, "clip.mp4", "what color is the cup?")
     print(result.text, result.stats.overall_retention)
+
+    session = Session(lm, "clip.mp4")        # many questions, the clip encoded once
+    session.ask("what color is the cup?")
 """
 
 __version__ = "0.1.0"
 
 _API = {
     "load_model": "model",
-    "ask": "pipeline",
-    "run": "pipeline",
+    "ask": "session",
+    "run": "session",
+    "Session": "session",
     "answer": "pipeline",
     "encode_video": "pipeline",
     "CompressionOptions": "options",

@@ -71,11 +71,12 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "device": (Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")], DeviceChoice.auto),
     "dtype": (Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")], DtypeChoice.auto),
     "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")], False),
-    "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")], False),
+    "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Encode the clip afresh: neither read nor write the feature cache (`dycoke cache info`).")], False),
+    "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text (several answers: one object per line).")], False),
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")], False),
 }
 
-MODEL = ("model", "device", "dtype", "allow_pickle")
+MODEL = ("model", "device", "dtype", "allow_pickle", "no_cache")
 COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "frame_coverage", "positions", "offload_pruned")
 SAMPLING = ("max_new_tokens", "temperature", "top_p")
 OUTPUT = ("json_out", "quiet")
@@ -105,6 +106,7 @@ class Flags:
     device: DeviceChoice = DeviceChoice.auto
     dtype: DtypeChoice = DtypeChoice.auto
     allow_pickle: bool = False
+    no_cache: bool = False
     json_out: bool = False
     quiet: bool = False
 
@@ -131,6 +133,12 @@ class Flags:
             raise OptionError("frames", f"must be at least 1 (got {self.frames})")
         self.compression()
         self.sampling()
+
+    def feature_cache(self):
+        """The on-disk feature cache, or None with --no-cache."""
+        from .feature_cache import FeatureCache
+
+        return None if self.no_cache else FeatureCache()
 
     def locate(self) -> None:
         """Find and check the model folder (cheap: no weights are read)."""
@@ -235,9 +243,9 @@ class _Answering:
     """One answer on its way out: events feed the display, the text streams to stdout unless
     the live panel shows it, and an interrupt prints what came so far."""
 
-    def __init__(self, display, json_out: bool):
+    def __init__(self, display, json_out: bool, compact: bool = False):
         self.display = display
-        self.json_out = json_out
+        self.json_out, self.compact = json_out, compact
         self.stream_stdout = not json_out and display.state.answer is None
         self.text = ""  # the answer so far
         self.answer = None  # results.Answer, at the end
@@ -265,35 +273,46 @@ class _Answering:
         from .results import answer_json
 
         if self.json_out:
-            return json.dumps(answer_json(self.answer, model), indent=2, default=str) + "\n"
+            return json.dumps(answer_json(self.answer, model), indent=None if self.compact else 2, default=str) + "\n"
         # streamed: end the line; shown in the live panel: now the real stdout
         return "\n" if self.stream_stdout else self.answer.text + "\n"
 
 
-def _run_answer(video: Path, question: str | None, flags: Flags) -> None:
+def _run_answers(video: Path, questions: list[str | None], flags: Flags) -> None:
+    """Answer each question in turn (None: the caption prompt) in one session: the model is
+    loaded and the clip encoded once."""
     flags.check()
-    _check_question(question)
+    for question in questions:
+        _check_question(question)
     _check_video(video)
-    from .display import make_display
-    from .pipeline import run
-
     flags.locate()
-    sampling, compression = flags.sampling(), flags.compression()
-    display = make_display(flags.quiet, flags.json_out, flags.model_name, compression.method.value,
-                           stdout_is_terminal=bool(sys.stdout.isatty()))
-    out = _Answering(display, flags.json_out)
-    interrupts.on_interrupt(out.interrupted_output, display.close)
-    settings = _RunSettings(flags.frames, compression.ttm_k, compression.method.value,
+    settings = _RunSettings(flags.frames, flags.compression().ttm_k, flags.compression().method.value,
                             None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
+    session = None
+    for question in questions:
+        session = _answer_one(video, question, flags, session, settings, compact=len(questions) > 1)
+
+
+def _answer_one(video: Path, question: str | None, flags: Flags, session, settings: _RunSettings, compact: bool):
+    """One answer through the display and stdout; loads the model into a new session first."""
+    from .display import make_display
+    from .session import Session
+
+    display = make_display(flags.quiet, flags.json_out, flags.model_name, flags.compression().method.value,
+                           stdout_is_terminal=bool(sys.stdout.isatty()))
+    out = _Answering(display, flags.json_out, compact)
+    interrupts.on_interrupt(out.interrupted_output, display.close)
     try:
         with _oom_guard(settings):
-            display.stage("loading model")
-            lm = flags.load()
-            question = question if question is not None else lm.defaults.caption_prompt
-            settings.update_from(lm, flags.frames or lm.defaults.num_frames, compression.resolve(lm))
+            if session is None:
+                display.stage("loading model")
+                lm = flags.load()
+                session = Session(lm, video, frames=flags.frames, compression=flags.compression(),
+                                  cache=flags.feature_cache(), timeout_s=_decode_timeout())
+                settings.update_from(lm, flags.frames or lm.defaults.num_frames, session.compression)
+            question = question if question is not None else session.lm.defaults.caption_prompt
             with interrupts.raising():
-                for event in run(lm, video, question, frames=flags.frames, compression=compression,
-                                 sampling=sampling, timeout_s=_decode_timeout()):
+                for event in session.stream(question, flags.sampling()):
                     out.show(event)
     except KeyboardInterrupt:
         display.close()
@@ -303,7 +322,8 @@ def _run_answer(video: Path, question: str | None, flags: Flags) -> None:
     finally:
         interrupts.on_interrupt(None, None)
         display.close()
-    _out(out.final_output(lm.describe()))
+    _out(out.final_output(session.lm.describe()))
+    return session
 
 
 class _RunSettings:
@@ -365,18 +385,73 @@ VideoArg = Annotated[Path, typer.Argument(help="Video file (anything FFmpeg read
 @_with(*ANSWER)
 def ask(
     video: VideoArg,
-    question: Annotated[str, typer.Argument(help="The question about the video.", show_default=False)],
+    questions: Annotated[list[str], typer.Argument(help="One or more questions; each is answered in turn, the clip encoded once.", show_default=False)],
     flags: Flags,
 ) -> None:
-    """Answer a question about a video; the answer streams to stdout."""
-    _run_answer(video, question, flags)
+    """Answer questions about a video; each answer streams to stdout, one per line."""
+    _run_answers(video, list(questions), flags)
 
 
 @app.command()
 @_with(*ANSWER)
 def caption(video: VideoArg, flags: Flags) -> None:
     """Describe a video with the model's own caption prompt."""
-    _run_answer(video, None, flags)
+    _run_answers(video, [None], flags)
+
+
+@app.command()
+@_with("frames", "method", *COMPRESSION, *SAMPLING, "seed", *MODEL, *OUTPUT)
+def chat(video: VideoArg, flags: Flags) -> None:
+    """Many questions about one video: the model is loaded and the clip encoded once (/help).
+    FastV picks its tokens by each question, so it prefills the whole prompt every time;
+    the other methods reuse the video's prefix."""
+    from .chat import Chat, ChatActions, read_questions
+    from .session import Session
+
+    flags.check()
+    _check_video(video)
+    lm = _load_announced(flags)
+    session = Session(lm, video, frames=flags.frames, compression=flags.compression(),
+                      cache=flags.feature_cache(), timeout_s=_decode_timeout())
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive and not flags.quiet:
+        print("[dycoke] ask about the video; /help lists commands, Ctrl-D ends", file=sys.stderr)
+    actions = ChatActions(answer=lambda q: _chat_answer(session, q, flags),
+                          compare=lambda q: _chat_compare(session, q, flags), out=_out,
+                          note=lambda text: print(f"[dycoke] {text}", file=sys.stderr))
+    conversation = Chat(session, flags.sampling(), actions)
+    with interrupts.raising():
+        for line in read_questions(sys.stdin, interactive):
+            if not conversation.handle(line):
+                break
+
+
+def _chat_answer(session, question: str, flags: Flags) -> None:
+    from .display import make_display
+
+    display = make_display(flags.quiet, flags.json_out, flags.model_name, session.compression.method.value,
+                           stdout_is_terminal=bool(sys.stdout.isatty()))
+    out = _Answering(display, flags.json_out, compact=True)
+    try:
+        for event in session.stream(question, flags.sampling()):
+            out.show(event)
+    except KeyboardInterrupt:
+        display.close()
+        _out(out.interrupted_output())
+        raise
+    finally:
+        display.close()
+    _out(out.final_output(session.lm.describe()))
+
+
+def _chat_compare(session, question: str | None, flags: Flags) -> None:
+    from .evaluate import compare as run_compare
+    from .pipeline import drain
+
+    drain(session.encoding())
+    methods = [Method.none, session.compression.method] if session.compression.method != Method.none else [Method.none]
+    comp = run_compare(session.lm, session.encoded, question, methods, session.compression, flags.sampling())
+    _show_comparison(comp, flags, session.video, session.lm)
 
 
 def _prepare_methods(flags: Flags) -> tuple[list[Method], CompressionOptions]:
@@ -399,6 +474,7 @@ def compare(
     _check_question(question)
     _check_video(video)
     from .evaluate import compare as run_compare
+    from .pipeline import encode_video
     from .prompt import fit_frames
 
     settings = _RunSettings()
@@ -410,7 +486,12 @@ def compare(
             n = fit_frames(lm, flags.frames, replace(base, method=method), question)
         _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
         settings.update_from(lm, n, base)
-        comp = run_compare(lm, video, question, chosen, n, base, flags.sampling(), timeout_s=_decode_timeout())
+        enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())
+        comp = run_compare(lm, enc, question, chosen, base, flags.sampling())
+    _show_comparison(comp, flags, video, lm)
+
+
+def _show_comparison(comp, flags: Flags, video, lm) -> None:
     rows = comp.rows()
     if flags.json_out:
         _out(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
@@ -460,7 +541,7 @@ def eval_cmd(
         settings.update_from(lm, n, base)
         with Progress(console=err, disable=flags.quiet or flags.json_out or not err.is_terminal, transient=True) as bar:
             task = bar.add_task("evaluating", total=None)
-            report = evaluate(lm, qa, chosen, n, base, flags.sampling(), items=items,
+            report = evaluate(lm, qa, chosen, n, base, flags.sampling(), items=items, cache=flags.feature_cache(),
                               progress=lambda done, total: bar.update(task, completed=done, total=total),
                               timeout_s=_decode_timeout())
     if flags.json_out:
@@ -487,6 +568,34 @@ def toyworld(
         raise OptionError("n", f"must be at least 1 (got {n})")
     qa = write_dataset(out_dir, n, seed, overwrite=force)
     _out(f"{qa}\n")
+
+
+cache_app = typer.Typer(help="The on-disk cache of vision features ($DYCOKE_CACHE, else $XDG_CACHE_HOME/dycoke).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Where the cache is, how many entries it holds, and their size against the limit."""
+    from .feature_cache import FeatureCache
+
+    cache = FeatureCache()
+    entries, size = cache.entries(), cache.size()
+    if json_out:
+        _out(json.dumps({"folder": str(cache.folder), "entries": len(entries), "bytes": size,
+                         "limit_bytes": cache.limit}) + "\n")
+        return
+    _out(f"{cache.folder}: {len(entries)} entries, {size / 2**20:.1f} MB of {cache.limit / 2**20:.0f} MB\n")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every cache entry (only files the cache wrote)."""
+    from .feature_cache import FeatureCache
+
+    cache = FeatureCache()
+    _out(f"{cache.folder}: removed {cache.clear()} entries\n")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)

@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import DycokeError, UsageError, VideoError
 from .options import CompressionOptions, Method, SamplingOptions
 from .pipeline import answer, encode_video
-from .results import Answer
+from .feature_cache import FeatureCache
+from .results import Answer, EncodedVideo
 
 ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -99,17 +100,15 @@ class Comparison:
         return out
 
 
-def compare(lm, video_path, question: str | None, methods: list[Method], frames: int,
-            base: CompressionOptions, sampling: SamplingOptions, timeout_s: float = 60.0) -> Comparison:
+def compare(lm, enc: EncodedVideo, question: str | None, methods: list[Method], base: CompressionOptions,
+            sampling: SamplingOptions) -> Comparison:
     """Run every method on the same encoded frames; the first is the baseline of the ratios."""
     question = question or lm.defaults.caption_prompt
-    enc = encode_video(lm, video_path, frames, timeout_s=timeout_s)
     # Warm-up: one short untimed run so the first timed method pays no one-off costs.
     answer(lm, enc, question, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=2))
     comp = Comparison(question, enc.frames)
     for method in methods:
-        opts = replace(base, method=method)
-        comp.results.append(answer(lm, enc, question, opts, sampling))
+        comp.results.append(answer(lm, enc, question, replace(base, method=method), sampling))
     return comp
 
 
@@ -168,7 +167,7 @@ def _qa_item(raw: bytes, where: str) -> EvalItem:
 
 def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: CompressionOptions,
              sampling: SamplingOptions, progress=None, timeout_s: float = 60.0,
-             items: list[EvalItem] | None = None) -> dict:
+             items: list[EvalItem] | None = None, cache: FeatureCache | None = None) -> dict:
     """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``.
 
     A clip that cannot be read is skipped with its questions and listed under ``failures``
@@ -181,7 +180,7 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: Compre
     done, total = 0, len(items) * len(methods)
     for video, group in by_video.items():
         try:
-            enc = encode_video(lm, qa_path.parent / video, frames, timeout_s=timeout_s)
+            enc = encode_video(lm, qa_path.parent / video, frames, timeout_s=timeout_s, cache=cache)
         except (VideoError, UsageError) as exc:
             failures.append({"video": video, "questions": len(group), "error": str(exc)})
             done += len(group) * len(methods)

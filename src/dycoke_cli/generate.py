@@ -4,7 +4,7 @@ The language model is driven layer by layer through its public modules (embeddin
 built by the pipeline; rotary embeddings, decoder layers, final norm and head come from the
 checkpoint), which lets a one-shot baseline drop hidden states mid-prefill and lets the
 probing attention function see which layer it runs in. Batch size is 1 and nothing is padded,
-so no attention mask is needed: prefill is causal, a decoding step attends to its cache.
+so a mask is needed only for a prompt prefilled after a cached prefix (:func:`causal_after`).
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selecto
     decoder = lm.decoder
     hidden = embeds
     cos, sin = decoder.rotary_emb(hidden, positions)
+    mask = causal_after(cache.get_seq_length(), embeds.shape[1], embeds.device)
     cut_after = None
     if selector is not None and selector.prunes == "prefill" and embeds.shape[1] > 1:
         cut_after = selector.probe_layer
     with probing(selector):
         for i, layer in enumerate(decoder.layers):
-            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), position_ids=positions,
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions,
                            past_key_values=cache, use_cache=True)
             if i == cut_after:
                 keep = selector.kept_positions(hidden.shape[1], hidden.device)
@@ -57,6 +58,16 @@ def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selecto
                 cos, sin = cos[:, keep], sin[:, keep]
     hidden = decoder.norm(hidden[:, -1:])
     return lm.lm_head(hidden)[:, -1].float()
+
+
+def causal_after(past: int, n: int, device) -> torch.Tensor | None:
+    """The attention mask of ``n`` new queries after ``past`` cached positions: query i sees
+    the cache and new positions up to i ([1, 1, n, past + n], True = attend). None where no
+    mask is needed: a whole prompt at once is plainly causal, one query sees everything. (SDPA's
+    own is_causal aligns the triangle to the top left, wrong once a cache holds a prefix.)"""
+    if past == 0 or n == 1:
+        return None
+    return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
 
 
 def choose_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> int:

@@ -19,6 +19,7 @@ from .checkpoint import (PICKLE_FILE, PICKLE_INDEX, SAFE_FILE, SAFE_INDEX, Weigh
                          check_config_values, check_loading_info, check_pickle, check_safetensors, find_weights,
                          read_json, show_json)
 from .errors import DycokeError, ModelError, UsageError
+from .options import Positions
 from .preprocess import PREPROCESSOR_FILES, FrameSpec
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
@@ -35,8 +36,7 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", 
 PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0.7, "positions": "contiguous"}
 CAPTION_PROMPT = "Describe this video in detail."
 DEFAULTS_FILE = "dycoke.json"
-# pipeline.POSITION_MODES, repeated here so that checking a folder does not import torch.
-POSITION_MODES = ("contiguous", "original")
+POSITION_MODES = tuple(p.value for p in Positions)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ModelDefaults:
     prune_layer: int = 3
     ttm_k: float = 0.7
     prune_p: float = 0.7
-    positions: str = "contiguous"  # position ids of kept visual tokens (pipeline.POSITION_MODES)
+    positions: str = "contiguous"  # position ids of kept visual tokens (options.Positions)
     caption_prompt: str = CAPTION_PROMPT
 
     @classmethod

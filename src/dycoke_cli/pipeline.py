@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Generator
+from dataclasses import dataclass
 
 import torch
 
@@ -19,12 +19,14 @@ from .compression.baselines import plan_tokens
 from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector
-from .generate import DecodeTimings, TextStream, generate_tokens, sync
+from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
+from .generate import DecodeTimings, TextStream, generate_tokens, run_layers, sync
 from .memory import PeakMemory, process_peak
-from .options import CompressionOptions, SamplingOptions
+from .options import CompressionOptions, Method, SamplingOptions
 from .preprocess import preprocess_frames
-from .prompt import build_embeds, fit_context, fit_frames, prefill_positions
-from .results import (Answer, AnswerStats, Done, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings,
+from .prompt import build_embeds, embed_parts, fit_context, fit_frames, prefill_positions
+from .video import Video, VideoInfo, read_video
+from .results import (Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings,
                       Token, TokenPlan)
 
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
@@ -39,11 +41,35 @@ def drain(events: Generator[Event, None, object]):
             return stop.value
 
 
-def encoding(lm, path: str | os.PathLike, num_frames: int,
-             timeout_s: float = 60.0) -> Generator[Stage, None, EncodedVideo]:
-    """Read ``num_frames`` frames by time and run the vision tower once over them."""
-    from .video import read_video
+def encoding(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
+             cache: FeatureCache | None = None) -> Generator[Stage, None, EncodedVideo]:
+    """Read ``num_frames`` frames by time and run the vision tower once over them; with a
+    ``cache``, take the features from it when this clip was encoded before, and store them."""
+    key = None
+    if cache is not None:
+        yield Stage("looking up the feature cache")
+        t0 = time.perf_counter()
+        key = _feature_key(lm, path, num_frames)
+        hit = cache.get(key) if key is not None else None
+        if hit is not None:
+            info = VideoInfo.from_dict(hit.info)
+            newline = None if hit.newline is None else hit.newline.to(lm.device)
+            return EncodedVideo(Video(None, info), hit.features.to(lm.device), newline,
+                                time.perf_counter() - t0, 0.0)
+    enc = yield from _read_and_encode(lm, path, num_frames, timeout_s)
+    if key is not None:
+        cache.put(key, enc.features, enc.newline, enc.video.info.to_dict())
+    return enc
 
+
+def _feature_key(lm, path, num_frames: int) -> FeatureKey | None:
+    model, content = model_identity(lm), file_digest(path)
+    if model is None or content is None:
+        return None
+    return FeatureKey(content, model, num_frames, str(lm.dtype))
+
+
+def _read_and_encode(lm, path, num_frames: int, timeout_s: float) -> Generator[Stage, None, EncodedVideo]:
     yield Stage("reading frames")
     t0 = time.perf_counter()
     spec = lm.frame_spec
@@ -63,8 +89,65 @@ def encoding(lm, path: str | os.PathLike, num_frames: int,
     return EncodedVideo(video, features, newline, read_s, time.perf_counter() - t0)
 
 
-def encode_video(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60.0) -> EncodedVideo:
-    return drain(encoding(lm, path, num_frames, timeout_s))
+def encode_video(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
+                 cache: FeatureCache | None = None) -> EncodedVideo:
+    return drain(encoding(lm, path, num_frames, timeout_s, cache))
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The prompt up to the question, ``[text before | visual tokens | newline]``, with its keys
+    and values in every layer. It does not depend on the question, so it is computed once per
+    clip and compression settings. (FastV selects tokens by the question: it has none.)"""
+
+    opts: CompressionOptions  # resolved
+    plan: TokenPlan
+    before: tuple[int, ...]  # token ids before the video
+    span: tuple[int, int]  # the visual tokens' place in the prompt
+    positions: torch.Tensor | None  # [P] position ids, None when contiguous
+    keys: tuple[torch.Tensor, ...]  # per layer [1, KVH, P, d]
+    values: tuple[torch.Tensor, ...]
+    plan_s: float  # choosing the visual tokens (TTM or a baseline)
+    compute_s: float  # the language model over the prefix
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def next_positions(self, n: int, device) -> torch.Tensor:
+        """Position ids of ``n`` tokens after the prefix."""
+        last = self.length - 1 if self.positions is None else int(self.positions[-1])
+        return torch.arange(last + 1, last + 1 + n, device=device)
+
+
+def reuses_prefix(opts: CompressionOptions) -> bool:
+    return plan_prunes(opts) != "prefill"
+
+
+def plan_prunes(opts: CompressionOptions) -> str | None:
+    return {Method.dycoke: "decode", Method.fastv: "prefill"}.get(Method(opts.method))
+
+
+def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
+    """Plan the visual tokens and run the language model over the prompt up to the question."""
+    opts = opts.resolve(lm)
+    t0 = time.perf_counter()
+    plan = plan_tokens(enc, opts)
+    plan_s = time.perf_counter() - t0
+    before = lm.prompt_ids("?")[0]
+    with torch.inference_mode():
+        embeds = embed_parts(lm, before, plan.tokens, enc.newline)
+        span = (len(before), len(before) + plan.prefill_visual)
+        length = embeds.shape[1]
+        positions = prefill_positions(lm, span, plan, enc.visual_tokens, length, opts.positions)
+        cache = PrunedKVCache(lm.num_layers, length)
+        ids = positions if positions is not None else torch.arange(length)
+        run_layers(lm, embeds, ids.to(lm.device)[None], cache)
+    sync(lm.device)
+    keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
+    values = tuple(layer.values[:, :, :length] for layer in cache.layers)
+    return Prefix(opts, plan, tuple(before.tolist()), span, positions, keys, values, plan_s,
+                  time.perf_counter() - t0 - plan_s)
 
 
 @dataclass(frozen=True)
@@ -72,23 +155,30 @@ class _Prepared:
     """Everything an answer needs before its prefill."""
 
     plan: TokenPlan
-    embeds: torch.Tensor  # [1, S, D]
-    span: tuple[int, int]  # the visual tokens' place in the prompt
-    positions: torch.Tensor | None
+    embeds: torch.Tensor  # [1, S', D] what the prefill still has to run: the question, or the whole prompt
+    positions: torch.Tensor | None  # [S'] their position ids (None: 0..S'-1)
+    seq: int  # the whole prompt's length
     sampling: SamplingOptions  # max_new_tokens shortened to what the context leaves
     selector: DecodeSelector | PrefillSelector | None
     cache: PrunedKVCache
-    merge_s: float
+    setup_s: float  # planning the visual tokens, when no prefix did
 
 
-def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions) -> _Prepared:
+def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
+             prefix: Prefix | None) -> _Prepared:
     t0 = time.perf_counter()
-    plan = plan_tokens(enc, opts)
-    merge_s = time.perf_counter() - t0
-    embeds, span = build_embeds(lm, question, plan.tokens, enc.newline)
-    seq = embeds.shape[1]
-    positions = prefill_positions(lm, span, plan, enc.visual_tokens, seq, opts.positions)
-    extent = seq if positions is None else int(positions[-1]) + 1
+    plan = prefix.plan if prefix is not None else plan_tokens(enc, opts)
+    setup_s = time.perf_counter() - t0
+    if prefix is not None:
+        embeds = embed_parts(lm, lm.prompt_ids(question)[1])
+        span, seq = prefix.span, prefix.length + embeds.shape[1]
+        positions = prefix.next_positions(embeds.shape[1], "cpu")
+        extent = int(positions[-1]) + 1
+    else:
+        embeds, span = build_embeds(lm, question, plan.tokens, enc.newline)
+        seq = embeds.shape[1]
+        positions = prefill_positions(lm, span, plan, enc.visual_tokens, seq, opts.positions)
+        extent = seq if positions is None else int(positions[-1]) + 1
     sampling = fit_context(lm, extent, span[1] - span[0], sampling)
     selector, reduced = None, None
     capacity = seq + sampling.max_new_tokens + 1
@@ -100,21 +190,30 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
         reduced = (plan.prune_from, capacity - plan.prefill_visual + plan.keep)  # its cut layers hold fewer
     cache = PrunedKVCache(lm.num_layers, capacity, selector if plan.prunes == "decode" else None,
                           opts.offload_pruned, reduced=reduced)
-    return _Prepared(plan, embeds, span, positions, sampling, selector, cache, merge_s)
+    if prefix is not None:
+        cache.load_prefix(prefix.keys, prefix.values)
+    return _Prepared(plan, embeds, positions, seq, sampling, selector, cache, setup_s)
 
 
-def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions,
-              sampling: SamplingOptions) -> Generator[Event, None, Answer]:
-    """Answer ``question`` about an encoded clip with one compression method."""
+def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
+              prefix: Prefix | None = None, prefix_is_new: bool = False) -> Generator[Event, None, Answer]:
+    """Answer ``question`` about an encoded clip with one compression method. ``prefix``: the
+    prompt up to the question, computed earlier for this clip and these options (else it is
+    computed here, for every method that can reuse one); ``prefix_is_new``: it was computed
+    for this answer, whose timings then count it."""
     opts = opts.resolve(lm)
-    prep = _prepare(lm, enc, question, opts, sampling.validate())
+    t_gen = time.perf_counter() - (prefix.plan_s + prefix.compute_s if prefix_is_new else 0.0)
+    built = prefix if prefix_is_new else None  # a prefix computed for this answer counts in its timings
+    if prefix is None and reuses_prefix(opts):
+        prefix = built = build_prefix(lm, enc, opts)
+    if prefix is not None and (prefix.opts != opts or prefix.before != tuple(lm.prompt_ids(question)[0].tolist())):
+        raise ValueError("the prefix was computed for other options, or this prompt puts text before the video")
+    prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix)
     shape = LMShape.from_config(lm.model.config.text_config)
-    seq = prep.embeds.shape[1]
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
-                  plan_flops(shape, prep.plan, seq, enc.visual_tokens, 1)[1])
+                  plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1])
     yield Stage("prefill")
     stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
-    t_gen = time.perf_counter()
     with PeakMemory(lm.device) as memory:
         for token in generate_tokens(lm, prep.embeds, prep.cache, prep.sampling, prep.selector, timings,
                                      prep.positions):
@@ -127,14 +226,15 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions,
     if tail := stream.finish():
         yield _token_event(tail, len(ids), ttft or 0.0, timings, prep.selector)
     gen_s = time.perf_counter() - t_gen
-    stats = _stats(lm, enc, prep, shape, len(ids), timings, ttft if ttft is not None else gen_s, gen_s,
+    stats = _stats(lm, enc, prep, shape, len(ids), timings, built, ttft if ttft is not None else gen_s, gen_s,
                    memory.peak_above_start)
     return Answer(stream.text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
                   stats, question=question)
 
 
-def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions) -> Answer:
-    return drain(answering(lm, enc, question, opts, sampling))
+def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
+           prefix: Prefix | None = None) -> Answer:
+    return drain(answering(lm, enc, question, opts, sampling, prefix))
 
 
 def _token_event(text: str, generated: int, ttft: float, timings: DecodeTimings, selector) -> Token:
@@ -144,8 +244,10 @@ def _token_event(text: str, generated: int, ttft: float, timings: DecodeTimings,
 
 
 def _stats(lm, enc: EncodedVideo, prep: _Prepared, shape: LMShape, generated: int, timings: DecodeTimings,
-           ttft: float, gen_s: float, peak_above_start: int | None) -> AnswerStats:
-    plan, seq = prep.plan, prep.embeds.shape[1]
+           built: Prefix | None, ttft: float, gen_s: float, peak_above_start: int | None) -> AnswerStats:
+    plan, seq = prep.plan, prep.seq
+    merge_s = prep.setup_s + (built.plan_s if built is not None else 0.0)
+    prefill_s = timings.prefill_s + (built.compute_s if built is not None else 0.0)
     flops, ratio = plan_flops(shape, plan, seq, enc.visual_tokens, generated)
     selection = None
     if isinstance(prep.selector, DecodeSelector):
@@ -156,7 +258,7 @@ def _stats(lm, enc: EncodedVideo, prep: _Prepared, shape: LMShape, generated: in
         frames=enc.frames, frames_requested=enc.video.info.requested, tokens_per_frame=enc.tokens_per_frame,
         visual_tokens=enc.visual_tokens, visual_tokens_prefill=plan.prefill_visual, visual_tokens_decode=plan.keep,
         prefill_tokens=seq, prune_layer=plan.prune_from, tokens_generated=generated,
-        timings=Timings(enc.read_s, enc.encode_s, prep.merge_s, timings.prefill_s, timings.decode_s, gen_s),
+        timings=Timings(enc.read_s, enc.encode_s, merge_s, prefill_s, timings.decode_s, gen_s),
         ttft_s=ttft,
         decode_tokens_per_s=len(timings.step_s) / timings.decode_s if timings.decode_s > 0 else None,
         decode_ms_per_token_median=_median_ms(timings.step_s),
@@ -173,25 +275,3 @@ def _median_ms(values: list[float]) -> float | None:
     mid = len(ordered) // 2
     med = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
     return med * 1000
-
-
-def run(lm, video_path: str | os.PathLike, question: str, *, frames: int | None = None,
-        compression: CompressionOptions = CompressionOptions(), sampling: SamplingOptions = SamplingOptions(),
-        timeout_s: float = 60.0) -> Iterator[Event]:
-    """Events of one question about one file, ending with ``Done(answer)``."""
-    compression = compression.resolve(lm)
-    n = fit_frames(lm, frames, compression, question)
-    enc = yield from encoding(lm, video_path, n, timeout_s)
-    result = yield from answering(lm, enc, question, compression, sampling)
-    yield Done(replace(result, video=enc.video.info))
-
-
-def ask(lm, video_path: str | os.PathLike, question: str, *, frames: int | None = None,
-        compression: CompressionOptions = CompressionOptions(), sampling: SamplingOptions = SamplingOptions(),
-        timeout_s: float = 60.0) -> Answer:
-    """Read, encode and answer in one call (the Python API behind ``dycoke ask``)."""
-    for event in run(lm, video_path, question, frames=frames, compression=compression, sampling=sampling,
-                     timeout_s=timeout_s):
-        if isinstance(event, Done):
-            return event.answer
-    raise AssertionError("run() ended without an answer")  # pragma: no cover

@@ -15,17 +15,20 @@ from .errors import UsageError
 from .options import CompressionOptions, OptionError, Positions, SamplingOptions
 
 
+def embed_parts(lm, *parts: torch.Tensor | None) -> torch.Tensor:
+    """One [1, S, D] tensor of the parts in order: token ids [n] are embedded, vectors [n, D]
+    (visual tokens, the newline) are taken as they are; None parts are skipped."""
+    embed = lm.decoder.embed_tokens
+    with torch.inference_mode():
+        out = [embed(p.to(lm.device)) if not p.is_floating_point() else p.to(lm.device, lm.dtype)
+               for p in parts if p is not None]
+    return torch.cat(out).unsqueeze(0)
+
+
 def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor | None):
     """[text before | visual | newline | text after] as one [1, S, D] tensor, plus the visual span."""
     before, after = lm.prompt_ids(question)
-    embed = lm.decoder.embed_tokens
-    with torch.inference_mode():
-        parts = [embed(before.to(lm.device)), visual.to(lm.dtype)]
-        if newline is not None:
-            parts.append(newline.to(lm.dtype))
-        parts.append(embed(after.to(lm.device)))
-    span = (len(before), len(before) + visual.shape[0])
-    return torch.cat(parts).unsqueeze(0), span
+    return embed_parts(lm, before, visual, newline, after), (len(before), len(before) + visual.shape[0])
 
 
 def prefill_positions(lm, span: tuple[int, int], plan, total_visual: int, seq: int, mode) -> torch.Tensor | None:

@@ -110,6 +110,12 @@ class VideoInfo:
     def sampled(self) -> int:
         return len(self.timestamps)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoInfo":
+        """The inverse of :meth:`to_dict`."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**fields, "timestamps": tuple(fields["timestamps"])})
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["timestamps"] = list(self.timestamps)
@@ -119,7 +125,7 @@ class VideoInfo:
 
 @dataclass(frozen=True)
 class Video:
-    frames: np.ndarray  # uint8 [T, H, W, 3] RGB, T == info.sampled
+    frames: np.ndarray | None  # uint8 [T, H, W, 3] RGB, T == info.sampled (None: features came from a cache)
     info: VideoInfo
 
 

@@ -98,13 +98,26 @@ class _PrunedLayer(_BufferLayer):
             self.seen = s
             return key_states, value_states
         if sel.selection is None:
-            raise RuntimeError("pruned KV layer: no selection arrived before a decoding step (the probing "
-                               f"attention '{ATTENTION_NAME}' must run at layer {sel.probe_layer})")
+            if key_states.shape[2] == 1:
+                raise RuntimeError("pruned KV layer: no selection arrived before a decoding step (the probing "
+                                   f"attention '{ATTENTION_NAME}' must run at layer {sel.probe_layer})")
+            # More prompt after a prefix computed earlier (the question after a reused video):
+            # the prefill sees every visual entry, as a one-piece prefill would.
+            self._append(key_states, value_states)
+            self.seen += key_states.shape[2]
+            return self._everything()
         if self.version != sel.version:
             self._rebuild_slot()
         self._append(key_states, value_states)
         self.seen += key_states.shape[2]
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def _everything(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[before | every visual entry | after], in position order (a copy: prefill only)."""
+        a, b = self.selector.start, self.selector.start + self.selector.keep
+        k, v = self.keys, self.values
+        return (torch.cat([k[:, :, :a], self.store_k.to(self.device), k[:, :, b : self.length]], dim=2),
+                torch.cat([v[:, :, :a], self.store_v.to(self.device), v[:, :, b : self.length]], dim=2))
 
     def _rebuild_slot(self) -> None:
         sel = self.selector
@@ -146,6 +159,12 @@ class PrunedKVCache(Cache):
                 layers.append(_BufferLayer(capacity))
         super().__init__(layers=layers)
         self.selector = selector
+
+    def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Fill every layer with a prompt prefix's keys and values [1, KVH, P, d] computed earlier
+        (it must hold the whole visual span): as if the model had just prefilled it."""
+        for layer, k, v in zip(self.layers, keys, values):
+            layer.update(k, v)
 
     def rebuild_seconds(self) -> float:
         return sum(layer.rebuild_seconds for layer in self.layers if isinstance(layer, _PrunedLayer))

@@ -1,0 +1,97 @@
+"""Many questions about one clip: the clip is read and encoded once (and its features kept in
+the on-disk cache), and the prompt up to the question, its KV included, is computed once per
+compression setting. Each question then prefills only its own tokens.
+
+    from dycoke_cli import load_model, Session
+    session = Session(load_model("demo"), "clip.mp4")
+    session.ask("what color is the cup?").text
+
+:func:`run` and :func:`ask` are one question about one file, through a session of their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+from .feature_cache import FeatureCache
+from .options import CompressionOptions, SamplingOptions
+from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
+from .prompt import fit_frames
+from .results import Answer, Done, EncodedVideo, Event
+
+
+class Session:
+    """One clip, one model, any number of questions (see the module docstring).
+
+    ``frames``: frames to sample (default: the model's). ``compression``: the default options
+    of every question (a question may pass its own). ``cache``: the on-disk feature cache, or
+    None to encode afresh.
+    """
+
+    def __init__(self, lm, video: str | os.PathLike, *, frames: int | None = None,
+                 compression: CompressionOptions = CompressionOptions(), cache: FeatureCache | None = None,
+                 timeout_s: float = 60.0):
+        self.lm, self.video, self.cache, self.timeout_s = lm, video, cache, timeout_s
+        self.compression = compression.resolve(lm)
+        self.frames = frames
+        self.encoded: EncodedVideo | None = None
+        self._prefixes: dict[CompressionOptions, Prefix] = {}
+        self.answers: list[Answer] = []
+
+    def set_frames(self, frames: int | None) -> None:
+        """Sample another number of frames: the clip is encoded again at the next question."""
+        self.frames, self.encoded = frames, None
+        self._prefixes.clear()
+
+    def set_compression(self, compression: CompressionOptions) -> None:
+        self.compression = compression.resolve(self.lm)
+
+    def encoding(self, question: str = "?") -> Iterator[Event]:
+        """Events of encoding the clip (none once it is encoded); sets ``encoded``."""
+        if self.encoded is None:
+            n = fit_frames(self.lm, self.frames, self.compression, question)
+            self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache)
+            self._prefixes.clear()
+
+    def stream(self, question: str, sampling: SamplingOptions = SamplingOptions(),
+               compression: CompressionOptions | None = None) -> Iterator[Event]:
+        """Events of one answer, ending with ``Done(answer)``."""
+        opts = (compression or self.compression).resolve(self.lm)
+        yield from self.encoding(question)
+        enc = self.encoded
+        prefix, new = self._prefixes.get(opts), False
+        if prefix is None and reuses_prefix(opts):
+            prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts)
+            new = True
+        result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new)
+        result = replace(result, video=enc.video.info)
+        self.answers.append(result)
+        yield Done(result)
+
+    def ask(self, question: str, sampling: SamplingOptions = SamplingOptions(),
+            compression: CompressionOptions | None = None) -> Answer:
+        for event in self.stream(question, sampling, compression):
+            if isinstance(event, Done):
+                return event.answer
+        raise AssertionError("stream() ended without an answer")  # pragma: no cover
+
+
+def run(lm, video_path: str | os.PathLike, question: str, *, frames: int | None = None,
+        compression: CompressionOptions = CompressionOptions(), sampling: SamplingOptions = SamplingOptions(),
+        timeout_s: float = 60.0, cache: FeatureCache | None = None) -> Iterator[Event]:
+    """Events of one question about one file, ending with ``Done(answer)``."""
+    session = Session(lm, video_path, frames=frames, compression=compression, cache=cache, timeout_s=timeout_s)
+    yield from session.stream(question, sampling)
+
+
+def ask(lm, video_path: str | os.PathLike, question: str, *, frames: int | None = None,
+        compression: CompressionOptions = CompressionOptions(), sampling: SamplingOptions = SamplingOptions(),
+        timeout_s: float = 60.0, cache: FeatureCache | None = None) -> Answer:
+    """Read, encode and answer in one call (the Python API behind ``dycoke ask``)."""
+    session = Session(lm, video_path, frames=frames, compression=compression, cache=cache, timeout_s=timeout_s)
+    return session.ask(question, sampling)
+
+
+__all__ = ["Session", "run", "ask", "drain"]
