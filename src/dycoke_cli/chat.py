@@ -9,6 +9,7 @@ answer and keeps the session; Ctrl-D (or end of input) ends it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TextIO
@@ -41,7 +42,8 @@ def read_questions(stream: TextIO, interactive: bool, prompt: str = ">>> ") -> I
         try:
             line = input(prompt) if interactive else stream.readline()
         except KeyboardInterrupt:
-            print()
+            if interactive:
+                print(file=sys.stderr)  # a fresh prompt line, as shells do
             continue
         except EOFError:
             return
