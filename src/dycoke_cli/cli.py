@@ -72,7 +72,7 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "dtype": (Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")], DtypeChoice.auto),
     "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")], False),
     "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Encode the clip afresh: neither read nor write the feature cache (`dycoke cache info`).")], False),
-    "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text (several answers: one object per line).")], False),
+    "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text: one object per answer, one per line.")], False),
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")], False),
 }
 
@@ -243,9 +243,9 @@ class _Answering:
     """One answer on its way out: events feed the display, the text streams to stdout unless
     the live panel shows it, and an interrupt prints what came so far."""
 
-    def __init__(self, display, json_out: bool, compact: bool = False):
+    def __init__(self, display, json_out: bool):
         self.display = display
-        self.json_out, self.compact = json_out, compact
+        self.json_out = json_out
         self.stream_stdout = not json_out and display.state.answer is None
         self.text = ""  # the answer so far
         self.answer = None  # results.Answer, at the end
@@ -273,7 +273,7 @@ class _Answering:
         from .results import answer_json
 
         if self.json_out:
-            return json.dumps(answer_json(self.answer, model), indent=None if self.compact else 2, default=str) + "\n"
+            return json.dumps(answer_json(self.answer, model), default=str) + "\n"
         # streamed: end the line; shown in the live panel: now the real stdout
         return "\n" if self.stream_stdout else self.answer.text + "\n"
 
@@ -290,17 +290,17 @@ def _run_answers(video: Path, questions: list[str | None], flags: Flags) -> None
                             None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
     session = None
     for question in questions:
-        session = _answer_one(video, question, flags, session, settings, compact=len(questions) > 1)
+        session = _answer_one(video, question, flags, session, settings)
 
 
-def _answer_one(video: Path, question: str | None, flags: Flags, session, settings: _RunSettings, compact: bool):
+def _answer_one(video: Path, question: str | None, flags: Flags, session, settings: _RunSettings):
     """One answer through the display and stdout; loads the model into a new session first."""
     from .display import make_display
     from .session import Session
 
     display = make_display(flags.quiet, flags.json_out, flags.model_name, flags.compression().method.value,
                            stdout_is_terminal=bool(sys.stdout.isatty()))
-    out = _Answering(display, flags.json_out, compact)
+    out = _Answering(display, flags.json_out)
     interrupts.on_interrupt(out.interrupted_output, display.close)
     try:
         with _oom_guard(settings):
@@ -431,7 +431,7 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
 
     display = make_display(flags.quiet, flags.json_out, flags.model_name, session.compression.method.value,
                            stdout_is_terminal=bool(sys.stdout.isatty()))
-    out = _Answering(display, flags.json_out, compact=True)
+    out = _Answering(display, flags.json_out)
     try:
         for event in session.stream(question, flags.sampling()):
             out.show(event)

@@ -59,6 +59,7 @@ class Session:
                compression: CompressionOptions | None = None) -> Iterator[Event]:
         """Events of one answer, ending with ``Done(answer)``."""
         opts = (compression or self.compression).resolve(self.lm)
+        encoded_before = self.encoded is not None
         yield from self.encoding(question)
         enc = self.encoded
         prefix, new = self._prefixes.get(opts), False
@@ -67,6 +68,9 @@ class Session:
             new = True
         result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new)
         result = replace(result, video=enc.video.info)
+        if encoded_before:  # this answer spent no time reading or encoding the clip
+            timings = replace(result.stats.timings, read_video=0.0, encode=0.0)
+            result = replace(result, stats=replace(result.stats, timings=timings))
         self.answers.append(result)
         yield Done(result)
 
