@@ -104,11 +104,11 @@ def test_original_positions_keep_each_token_where_it_was(tiny_lm, encoded):
     embeds, span = build_embeds(tiny_lm, QUESTION, plan.tokens, encoded.newline)
     # "<|im_start|> user" | 14 kept of 32 visual | newline, 6 question tokens, 3 closing tokens
     assert (span, embeds.shape[1]) == ((2, 16), 26)
-    positions = prefill_positions(tiny_lm, span, plan, 32, 26, "original")
+    positions = prefill_positions(tiny_lm, span, plan, encoded, 26, "original")
     assert positions.tolist() == [0, 1, *(2 + i for i in plan.index.tolist()), *range(34, 44)]
-    assert prefill_positions(tiny_lm, span, plan, 32, 26, "contiguous") is None
+    assert prefill_positions(tiny_lm, span, plan, encoded, 26, "contiguous") is None
     full = plan_tokens(encoded, CompressionOptions(method=Method.none).resolve(tiny_lm))
-    assert prefill_positions(tiny_lm, (2, 34), full, 32, 44, "original") is None
+    assert prefill_positions(tiny_lm, (2, 34), full, encoded, 44, "original") is None
 
 
 def test_original_positions_change_the_answer_only_when_tokens_were_dropped(tiny_lm, encoded):

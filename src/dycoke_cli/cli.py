@@ -309,7 +309,7 @@ def _answer_one(video: Path, question: str | None, flags: Flags, session, settin
                 lm = flags.load()
                 session = Session(lm, video, frames=flags.frames, compression=flags.compression(),
                                   cache=flags.feature_cache(), timeout_s=_decode_timeout())
-                settings.update_from(lm, flags.frames or lm.defaults.num_frames, session.compression)
+                settings.update_from(lm, flags.frames or lm.default_frames(video), session.compression)
             question = question if question is not None else session.lm.defaults.caption_prompt
             with interrupts.raising():
                 for event in session.stream(question, flags.sampling()):
@@ -483,7 +483,7 @@ def compare(
         base = base.resolve(lm)
         question = question if question is not None else lm.defaults.caption_prompt
         for method in chosen:  # the frames must fit the context with every method
-            n = fit_frames(lm, flags.frames, replace(base, method=method), question)
+            n = fit_frames(lm, flags.frames, replace(base, method=method), question, video)
         _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
         settings.update_from(lm, n, base)
         enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())
@@ -537,7 +537,7 @@ def eval_cmd(
     with _oom_guard(settings):
         lm = _load_announced(flags)
         base = base.resolve(lm)
-        n = flags.frames if flags.frames is not None else lm.defaults.num_frames
+        n = flags.frames  # None: each clip's default (the model's frame count, or its fps rule)
         settings.update_from(lm, n, base)
         with Progress(console=err, disable=flags.quiet or flags.json_out or not err.is_terminal, transient=True) as bar:
             task = bar.add_task("evaluating", total=None)

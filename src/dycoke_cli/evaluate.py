@@ -165,7 +165,7 @@ def _qa_item(raw: bytes, where: str) -> EvalItem:
     return EvalItem(obj["video"], obj["question"], obj["answer"], obj.get("kind"))
 
 
-def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: CompressionOptions,
+def evaluate(lm, qa_path: Path, methods: list[Method], frames: int | None, base: CompressionOptions,
              sampling: SamplingOptions, progress=None, timeout_s: float = 60.0,
              items: list[EvalItem] | None = None, cache: FeatureCache | None = None) -> dict:
     """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``.
@@ -180,7 +180,8 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int, base: Compre
     done, total = 0, len(items) * len(methods)
     for video, group in by_video.items():
         try:
-            enc = encode_video(lm, qa_path.parent / video, frames, timeout_s=timeout_s, cache=cache)
+            path = qa_path.parent / video
+            enc = encode_video(lm, path, frames or lm.default_frames(path), timeout_s=timeout_s, cache=cache)
         except (VideoError, UsageError) as exc:
             failures.append({"video": video, "questions": len(group), "error": str(exc)})
             done += len(group) * len(methods)

@@ -35,7 +35,8 @@ def sync(device) -> None:
 
 
 def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selector=None) -> torch.Tensor:
-    """One forward pass of the language model over ``embeds`` [1, S, D] at ``positions`` [1, S].
+    """One forward pass of the language model over ``embeds`` [1, S, D] at ``positions`` [1, S]
+    (or [3, 1, S] for M-RoPE).
 
     Returns the logits of the last position [1, V]. ``selector`` (compression.selectors) sees
     its probed layer's attention; one that ``prunes == "prefill"`` also makes a prefill drop
@@ -45,19 +46,25 @@ def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selecto
     hidden = embeds
     cos, sin = decoder.rotary_emb(hidden, positions)
     mask = causal_after(cache.get_seq_length(), embeds.shape[1], embeds.device)
+    flat_ids = positions if positions.dim() == 2 else None  # 3-D (M-RoPE) ids reach only the rotary
     cut_after = None
     if selector is not None and selector.prunes == "prefill" and embeds.shape[1] > 1:
         cut_after = selector.probe_layer
     with probing(selector):
         for i, layer in enumerate(decoder.layers):
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions,
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=flat_ids,
                            past_key_values=cache, use_cache=True)
             if i == cut_after:
                 keep = selector.kept_positions(hidden.shape[1], hidden.device)
-                hidden, positions = hidden[:, keep], positions[:, keep]
+                hidden, positions = hidden[:, keep], positions[..., keep]
                 cos, sin = cos[:, keep], sin[:, keep]
     hidden = decoder.norm(hidden[:, -1:])
     return lm.lm_head(hidden)[:, -1].float()
+
+
+def batch_positions(positions: torch.Tensor) -> torch.Tensor:
+    """[S] -> [1, S]; M-RoPE's [3, S] -> [3, 1, S]."""
+    return positions.unsqueeze(0) if positions.dim() == 1 else positions.unsqueeze(1)
 
 
 def causal_after(past: int, n: int, device) -> torch.Tensor | None:
@@ -88,8 +95,8 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
                     timings: DecodeTimings | None = None, positions: torch.Tensor | None = None) -> Iterator[int]:
     """Prefill ``embeds`` [1, S, D], then yield token ids one by one until EOS or the limit.
 
-    ``positions`` [S] are the prefill's position ids (default ``0..S-1``); generated tokens
-    continue after the last one. The EOS token itself is not yielded.
+    ``positions`` [S] (or [3, S]) are the prefill's position ids (default ``0..S-1``); generated
+    tokens continue after the largest one. The EOS token itself is not yielded.
     """
     timings = timings if timings is not None else DecodeTimings()
     generator = None
@@ -106,8 +113,8 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
         t0 = time.perf_counter()
         if positions is None:
             positions = torch.arange(seq, device=embeds.device)
-        positions = positions.to(embeds.device).unsqueeze(0)
-        next_position = int(positions[0, -1]) + 1
+        positions = batch_positions(positions.to(embeds.device))
+        next_position = int(positions.max()) + 1  # 3-D positions: the text goes on after the largest
         logits = run_layers(lm, embeds, positions, cache, selector)
         token = choose_token(logits.cpu(), opts, generator)
         sync(embeds.device)

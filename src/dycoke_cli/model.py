@@ -3,7 +3,7 @@
 A *family* adapter turns one architecture into the few things the pipeline needs: encode
 frames into per-frame visual tokens, build the prompt around the video, and expose the
 language model's decoder layers and head. Adding a second family means writing one more
-adapter class and registering it in ``FAMILIES``; the pipeline does not change.
+adapter class (families/) and listing it in ``_families``; the pipeline does not change.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .checkpoint import (PICKLE_FILE, PICKLE_INDEX, SAFE_FILE, SAFE_INDEX, Weigh
                          read_json, show_json)
 from .errors import DycokeError, ModelError, UsageError
 from .options import Positions
-from .preprocess import PREPROCESSOR_FILES, FrameSpec
+from .preprocess import PREPROCESSOR_FILES, FrameSpec, preprocess_frames
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 DEMO_MODEL = "demo"
@@ -142,9 +142,10 @@ def check_folder(folder: Path, allow_pickle: bool) -> dict:
         raise ModelError(f"{folder}: not a model folder (no config.json)")
     cfg = read_json(cfg_path, "config")
     model_type = cfg.get("model_type")
-    if not isinstance(model_type, str) or model_type not in FAMILIES:
+    families = _families()
+    if not isinstance(model_type, str) or model_type not in families:
         raise ModelError(
-            f"{folder}: unsupported model type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})"
+            f"{folder}: unsupported model type {model_type!r} (supported: {', '.join(sorted(families))})"
         )
     check_config_values(cfg_path, cfg)
     check_weight_files(folder, allow_pickle)
@@ -231,16 +232,38 @@ class LoadedModel:
     device: object
     dtype: object
     adapter: "FamilyAdapter" = field(repr=False, default=None)  # type: ignore[assignment]
+    video_spec: object = None  # the family's own video preprocessing settings, if any
 
     # The calls the pipeline makes; they forward to the family adapter.
+    @property
+    def frames_per_step(self) -> int:
+        """Frames one temporal step of visual tokens covers (Qwen2.5-VL: 2)."""
+        return self.adapter.frames_per_step
+
+    def default_frames(self, path) -> int:
+        """Frames to sample from the clip at ``path`` when the user names no count."""
+        return self.adapter.default_frames(self, path)
+
+    def step_tokens(self, width: int, height: int) -> int:
+        """Visual tokens per temporal step for a clip of this display size."""
+        return self.adapter.step_tokens(self, width, height)
+
+    def preprocess(self, frames):
+        """uint8 RGB frames [T, H, W, 3] -> what ``encode_video`` takes (frames first)."""
+        return self.adapter.preprocess(self, frames)
+
+    def token_grid(self, pixels) -> tuple[int, int]:
+        """Rows and columns of one step's visual tokens for these preprocessed frames."""
+        return self.adapter.token_grid(self, pixels)
+
     def encode_video(self, pixels):
         return self.adapter.encode_video(self, pixels)
 
     def prompt_ids(self, question: str):
         return self.adapter.prompt_ids(self, question)
 
-    def positions(self, span: tuple[int, int], kept, total_visual: int, seq: int, original: bool):
-        return self.adapter.positions(span, kept, total_visual, seq, original)
+    def positions(self, span: tuple[int, int], kept, enc, seq: int, original: bool):
+        return self.adapter.positions(self, span, kept, enc, seq, original)
 
     @property
     def decoder(self):
@@ -264,65 +287,102 @@ class LoadedModel:
 
 
 class FamilyAdapter:
-    """What one model family must provide. See LlavaOneVisionAdapter."""
+    """What one model family must provide: loading, preprocessing, vision encoding, the prompt
+    layout, position ids, and the language model's parts. See LlavaOneVisionAdapter and
+    families/qwen2_5_vl.py."""
 
     model_type: str
+    frames_per_step: int = 1
 
-    def load(self, name: str, folder: Path, device, dtype, allow_pickle: bool) -> LoadedModel: ...
+    def model_class(self): ...  # the transformers class
+    def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults=None, **settings): ...
+    def folder_settings(self, folder: Path, model, defaults: "ModelDefaults") -> dict: ...
+    def default_frames(self, lm: LoadedModel, path) -> int: ...
+    def step_tokens(self, lm: LoadedModel, width: int, height: int) -> int: ...
+    def preprocess(self, lm: LoadedModel, frames): ...
+    def token_grid(self, lm: LoadedModel, pixels) -> tuple[int, int]: ...
     def encode_video(self, lm: LoadedModel, pixels): ...
-    def prompt_ids(self, lm: LoadedModel, question: str): ...
-    def positions(self, span: tuple[int, int], kept, total_visual: int, seq: int, original: bool): ...
-    def decoder(self, lm: LoadedModel): ...
-    def lm_head(self, lm: LoadedModel): ...
+    def positions(self, lm: LoadedModel, span: tuple[int, int], kept, enc, seq: int, original: bool): ...
 
-
-class LlavaOneVisionAdapter(FamilyAdapter):
-    model_type = "llava_onevision"
-
-    def load(self, name, folder, device, dtype, allow_pickle):
+    def load(self, name: str, folder: Path, device, dtype, allow_pickle: bool) -> LoadedModel:
         """Load a folder that ``check_folder`` has passed (``load_model`` sees to that)."""
         weights = find_weights(folder, allow_pickle)
-        model, tokenizer = self._from_pretrained(folder, dtype, allow_pickle, weights.label if weights else folder)
+        model, tokenizer = load_pretrained(self.model_class(), folder, dtype, allow_pickle,
+                                           weights.label if weights else folder)
         model.to(device).eval()
         chat_template = _read_chat_template(folder, tokenizer)
         if not chat_template:
             raise ModelError(f"{folder}: no chat template (chat_template.jinja or tokenizer_config.json)")
         tokenizer.chat_template = chat_template
         defaults = ModelDefaults.from_folder(folder, int(model.config.text_config.num_hidden_layers))
-        return self.wrap(model, tokenizer, name=name, path=folder, defaults=defaults,
-                         frame_spec=_frame_spec(folder, model.config.vision_config.image_size))
+        return self.wrap(model, tokenizer, name=name, path=folder, **self.folder_settings(folder, model, defaults))
 
-    @staticmethod
-    def _from_pretrained(folder: Path, dtype, allow_pickle: bool, weights_label: Path):
-        """(model, tokenizer) through transformers; any failure of theirs is one ModelError.
-        Pickles load with torch's safe loader only (weights_only=True); weights that do not
-        match the config (names or shapes) are refused, not initialised at random."""
-        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+    def prompt_ids(self, lm: LoadedModel, question: str):
+        """Token ids before and after the single video placeholder of the chat prompt."""
+        import torch
 
-        from .compression.attention import ATTENTION_NAME, register_attention
-
-        register_attention()
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         try:
-            with quiet_transformers():
-                model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                    folder,
-                    dtype=dtype,
-                    use_safetensors=None if allow_pickle else True,
-                    weights_only=True,
-                    trust_remote_code=False,
-                    output_loading_info=True,
-                    ignore_mismatched_sizes=True,  # reported in ``info`` and refused below, with a clear message
-                    attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
-                )
-                check_loading_info(weights_label, info)
-                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        except DycokeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - transformers, tokenizers and torch raise many types here
-            if _is_out_of_memory(exc):
-                raise  # the CLI turns it into advice on settings that need less memory
-            raise ModelError(f"{folder}: cannot load the model ({_first_line(exc)})") from None
-        return model, tokenizer
+            text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - jinja2 syntax or runtime errors of the checkpoint's template
+            raise ModelError(f"{lm.path}: the chat template fails ({_first_line(exc)})") from None
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        where = [i for i, t in enumerate(ids) if t == lm.video_token_id]
+        if len(where) != 1:
+            raise ModelError(f"{lm.path}: the chat template must place exactly one video token (found {len(where)})")
+        i = where[0]
+        return torch.tensor(ids[:i], dtype=torch.long), torch.tensor(ids[i + 1 :], dtype=torch.long)
+
+    def decoder(self, lm: LoadedModel):
+        return lm.model.model.language_model
+
+    def lm_head(self, lm: LoadedModel):
+        return lm.model.lm_head
+
+
+def load_pretrained(model_class, folder: Path, dtype, allow_pickle: bool, weights_label: Path):
+    """(model, tokenizer) through transformers; any failure of theirs is one ModelError.
+    Pickles load with torch's safe loader only (weights_only=True); weights that do not
+    match the config (names or shapes) are refused, not initialised at random. The text model
+    gets the probing attention (compression/attention.py)."""
+    from transformers import AutoTokenizer
+
+    from .compression.attention import ATTENTION_NAME, register_attention
+
+    register_attention()
+    try:
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(
+                folder,
+                dtype=dtype,
+                use_safetensors=None if allow_pickle else True,
+                weights_only=True,
+                trust_remote_code=False,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported in ``info`` and refused below, with a clear message
+                attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"},
+            )
+            check_loading_info(weights_label, info)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except DycokeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers, tokenizers and torch raise many types here
+        if _is_out_of_memory(exc):
+            raise  # the CLI turns it into advice on settings that need less memory
+        raise ModelError(f"{folder}: cannot load the model ({_first_line(exc)})") from None
+    return model, tokenizer
+
+
+class LlavaOneVisionAdapter(FamilyAdapter):
+    model_type = "llava_onevision"
+
+    def model_class(self):
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration
+
+    def folder_settings(self, folder, model, defaults):
+        return {"defaults": defaults, "frame_spec": _frame_spec(folder, model.config.vision_config.image_size)}
 
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, frame_spec: FrameSpec | None = None,
              defaults: ModelDefaults | None = None) -> LoadedModel:
@@ -358,6 +418,19 @@ class LlavaOneVisionAdapter(FamilyAdapter):
             adapter=self,
         )
 
+    def default_frames(self, lm, path):
+        return lm.defaults.num_frames
+
+    def step_tokens(self, lm, width, height):
+        return lm.tokens_per_frame
+
+    def preprocess(self, lm, frames):
+        return preprocess_frames(frames, lm.frame_spec)
+
+    def token_grid(self, lm, pixels):
+        side = math.isqrt(lm.tokens_per_frame)  # the pooled patch grid is square
+        return side, side
+
     def encode_video(self, lm, pixels):
         """pixels [T, 3, h, w] -> (features [T, N, D], newline [1, D]) in the model's dtype."""
         import torch
@@ -372,24 +445,7 @@ class LlavaOneVisionAdapter(FamilyAdapter):
             raise ModelError(f"{lm.path}: vision tower gave {out.shape[0]} tokens, expected {t * n + 1}")
         return out[:-1].reshape(t, n, -1), out[-1:]
 
-    def prompt_ids(self, lm, question):
-        """Token ids before and after the single video placeholder of the chat prompt."""
-        import torch
-
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        try:
-            text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - jinja2 syntax or runtime errors of the checkpoint's template
-            raise ModelError(f"{lm.path}: the chat template fails ({_first_line(exc)})") from None
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        where = [i for i, t in enumerate(ids) if t == lm.video_token_id]
-        if len(where) != 1:
-            raise ModelError(f"{lm.path}: the chat template must place exactly one video token (found {len(where)})")
-        i = where[0]
-        return torch.tensor(ids[:i], dtype=torch.long), torch.tensor(ids[i + 1 :], dtype=torch.long)
-
-    @staticmethod
-    def positions(span, kept, total_visual, seq, original):
+    def positions(self, lm, span, kept, enc, seq, original):
         """Position ids [S] of a prefill whose visual span holds the tokens at flat indices
         ``kept`` [M] of ``total_visual``; None means contiguous ``0..S-1`` (what the paper does
         after merging, and what an uncompressed prompt is). ``original``: each kept visual token
@@ -397,18 +453,12 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         compression. (1-D positions: a family with 3-D ones returns [3, S].)"""
         import torch
 
+        total_visual = enc.visual_tokens
         if not original or kept.shape[0] == total_visual:
             return None
         start, end = span
         after = torch.arange(start + total_visual, start + total_visual + seq - end)
         return torch.cat([torch.arange(start), kept.cpu() + start, after])
-
-    def decoder(self, lm):
-        return lm.model.model.language_model
-
-    def lm_head(self, lm):
-        return lm.model.lm_head
-
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
@@ -454,7 +504,10 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-FAMILIES: dict[str, FamilyAdapter] = {LlavaOneVisionAdapter.model_type: LlavaOneVisionAdapter()}
+def _families() -> dict[str, FamilyAdapter]:
+    from .families.qwen2_5_vl import Qwen25VLAdapter  # it builds on this module
+
+    return {a.model_type: a for a in (LlavaOneVisionAdapter(), Qwen25VLAdapter())}
 
 
 def _read_chat_template(folder: Path, tokenizer) -> str | None:
@@ -486,5 +539,5 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", allow_pi
     """Resolve, validate and load a video LLM. Raises ModelError / UsageError."""
     folder, cfg = locate_model(name, allow_pickle)
     dev = pick_device(device)
-    adapter = FAMILIES[cfg["model_type"]]
+    adapter = _families()[cfg["model_type"]]
     return adapter.load(name, folder, dev, pick_dtype(dtype, dev), allow_pickle)

@@ -20,10 +20,9 @@ from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
-from .generate import DecodeTimings, TextStream, generate_tokens, run_layers, sync
+from .generate import DecodeTimings, TextStream, batch_positions, generate_tokens, run_layers, sync
 from .memory import PeakMemory, process_peak
-from .options import CompressionOptions, Method, SamplingOptions
-from .preprocess import preprocess_frames
+from .options import CompressionOptions, Method, Positions, SamplingOptions
 from .prompt import build_embeds, embed_parts, fit_context, fit_frames, prefill_positions
 from .video import Video, VideoInfo, read_video
 from .results import (Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings,
@@ -54,11 +53,13 @@ def encoding(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60
         if hit is not None:
             info = VideoInfo.from_dict(hit.info)
             newline = None if hit.newline is None else hit.newline.to(lm.device)
-            return EncodedVideo(Video(None, info), hit.features.to(lm.device), newline,
-                                time.perf_counter() - t0, 0.0)
+            layout = hit.info.get("layout") or {}
+            return EncodedVideo(Video(None, info), hit.features.to(lm.device), newline, time.perf_counter() - t0,
+                                0.0, layout.get("rows", 0), layout.get("cols", 0), layout.get("step_seconds", 0.0))
     enc = yield from _read_and_encode(lm, path, num_frames, timeout_s)
     if key is not None:
-        cache.put(key, enc.features, enc.newline, enc.video.info.to_dict())
+        layout = {"rows": enc.rows, "cols": enc.cols, "step_seconds": enc.step_seconds}
+        cache.put(key, enc.features, enc.newline, {**enc.video.info.to_dict(), "layout": layout})
     return enc
 
 
@@ -76,17 +77,27 @@ def _read_and_encode(lm, path, num_frames: int, timeout_s: float) -> Generator[S
     video = read_video(path, num_frames, max_side=2 * max(spec.height, spec.width), timeout_s=timeout_s)
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pixels = preprocess_frames(video.frames, spec)
+    pixels = lm.preprocess(video.frames)
     chunks, newline = [], None
     total = pixels.shape[0]
-    for start in range(0, total, ENCODE_CHUNK):
+    for start in range(0, total, ENCODE_CHUNK):  # an even chunk: whole temporal steps
         yield Stage("encoding", start, total)
         feats, newline = lm.encode_video(pixels[start : start + ENCODE_CHUNK])
         chunks.append(feats)
     yield Stage("encoding", total, total)
     features = torch.cat(chunks)
     sync(lm.device)
-    return EncodedVideo(video, features, newline, read_s, time.perf_counter() - t0)
+    rows, cols = lm.token_grid(pixels)
+    return EncodedVideo(video, features, newline, read_s, time.perf_counter() - t0, rows, cols,
+                        step_seconds(video.info.timestamps, lm.frames_per_step))
+
+
+def step_seconds(timestamps: tuple[float, ...], frames_per_step: int) -> float:
+    """The clip time one temporal step covers: the mean interval between sampled frames times
+    the frames in a step (1 s per frame for a single frame)."""
+    if len(timestamps) < 2:
+        return float(frames_per_step)
+    return (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1) * frames_per_step
 
 
 def encode_video(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
@@ -114,10 +125,11 @@ class Prefix:
     def length(self) -> int:
         return self.keys[0].shape[2]
 
-    def next_positions(self, n: int, device) -> torch.Tensor:
-        """Position ids of ``n`` tokens after the prefix."""
-        last = self.length - 1 if self.positions is None else int(self.positions[-1])
-        return torch.arange(last + 1, last + 1 + n, device=device)
+    def next_positions(self, lm, enc: EncodedVideo, n: int) -> torch.Tensor:
+        """Position ids of ``n`` tokens after the prefix ([n], or [3, n] for 3-D positions)."""
+        whole = lm.positions(self.span, self.plan.index, enc, self.length + n,
+                             Positions(self.opts.positions) == Positions.original)
+        return torch.arange(self.length, self.length + n) if whole is None else whole[..., self.length:]
 
 
 def reuses_prefix(opts: CompressionOptions) -> bool:
@@ -139,10 +151,10 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
         embeds = embed_parts(lm, before, plan.tokens, enc.newline)
         span = (len(before), len(before) + plan.prefill_visual)
         length = embeds.shape[1]
-        positions = prefill_positions(lm, span, plan, enc.visual_tokens, length, opts.positions)
+        positions = prefill_positions(lm, span, plan, enc, length, opts.positions)
         cache = PrunedKVCache(lm.num_layers, length)
         ids = positions if positions is not None else torch.arange(length)
-        run_layers(lm, embeds, ids.to(lm.device)[None], cache)
+        run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache)
     sync(lm.device)
     keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
     values = tuple(layer.values[:, :, :length] for layer in cache.layers)
@@ -172,13 +184,13 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
     if prefix is not None:
         embeds = embed_parts(lm, lm.prompt_ids(question)[1])
         span, seq = prefix.span, prefix.length + embeds.shape[1]
-        positions = prefix.next_positions(embeds.shape[1], "cpu")
-        extent = int(positions[-1]) + 1
+        positions = prefix.next_positions(lm, enc, embeds.shape[1])
+        extent = int(positions.max()) + 1
     else:
         embeds, span = build_embeds(lm, question, plan.tokens, enc.newline)
         seq = embeds.shape[1]
-        positions = prefill_positions(lm, span, plan, enc.visual_tokens, seq, opts.positions)
-        extent = seq if positions is None else int(positions[-1]) + 1
+        positions = prefill_positions(lm, span, plan, enc, seq, opts.positions)
+        extent = seq if positions is None else int(positions.max()) + 1
     sampling = fit_context(lm, extent, span[1] - span[0], sampling)
     selector, reduced = None, None
     capacity = seq + sampling.max_new_tokens + 1

@@ -31,35 +31,44 @@ def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor 
     return embed_parts(lm, before, visual, newline, after), (len(before), len(before) + visual.shape[0])
 
 
-def prefill_positions(lm, span: tuple[int, int], plan, total_visual: int, seq: int, mode) -> torch.Tensor | None:
-    """Position ids of the prefill (None: contiguous), from the family adapter."""
-    return lm.positions(span, plan.index, total_visual, seq, Positions(mode) == Positions.original)
+def prefill_positions(lm, span: tuple[int, int], plan, enc, seq: int, mode) -> torch.Tensor | None:
+    """Position ids of the prefill (None: contiguous; [S], or [3, S] for M-RoPE), from the family adapter."""
+    return lm.positions(span, plan.index, enc, seq, Positions(mode) == Positions.original)
 
 
 def context_length(lm) -> int | None:
     return getattr(lm.model.config.text_config, "max_position_embeddings", None)
 
 
-def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str) -> int:
-    """The frame count to sample (``frames``, else the model's default), refused with the bound
-    when the prompt would not fit the model's context with ``opts`` (resolved)."""
-    n = frames if frames is not None else lm.defaults.num_frames
+def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, video=None) -> int:
+    """The frame count to sample: ``frames``, refused with the bound when the prompt would not
+    fit the model's context with ``opts`` (resolved); without ``frames``, the model's default
+    for the clip at ``video`` (its fps rule, say), cut to what fits."""
+    n = frames if frames is not None else (lm.default_frames(video) if video is not None
+                                           else lm.defaults.num_frames)
     limit = context_length(lm)
     if limit is None:
         return n
     before, after = lm.prompt_ids(question)
     room = limit - len(before) - len(after) - 2  # the newline after the video, one new token
-    per_frame = lm.tokens_per_frame
-    if prompt_visual_extent(n, per_frame, opts) <= room:
+    per_step, fps = lm.tokens_per_frame, lm.frames_per_step
+
+    def fits(count: int) -> bool:
+        return prompt_visual_extent(-(-count // fps), per_step, opts) <= room
+
+    if fits(n):
         return n
     lo, hi = 0, n  # the largest count that fits: lo fits (0 trivially), hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if prompt_visual_extent(mid, per_frame, opts) <= room else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     if lo < 1:
         return n  # not even one frame fits: fit_context names the prompt's size
+    if frames is None:
+        return lo
     raise OptionError("frames", f"must be in [1, {lo}] for this model: its {limit}-token context holds at most "
-                                f"{lo} frames of {per_frame} visual tokens with method {opts.method.value} (got {n})")
+                                f"{lo} frames of {per_step / fps:g} visual tokens with method {opts.method.value} "
+                                f"(got {n})")
 
 
 def fit_context(lm, extent: int, visual: int, sampling: SamplingOptions) -> SamplingOptions:

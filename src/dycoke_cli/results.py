@@ -27,9 +27,13 @@ class EncodedVideo:
     newline: torch.Tensor | None  # [1, D] token appended after the video, if the family has one
     read_s: float  # reading frames from the file
     encode_s: float  # the vision tower
+    rows: int = 0  # one temporal step's tokens form a rows x cols grid (positions of 3-D families)
+    cols: int = 0
+    step_seconds: float = 0.0  # time one temporal step covers in the clip (sampled timestamps)
 
     @property
     def frames(self) -> int:
+        """Temporal steps: frames, or pairs of frames for a family with frames_per_step 2."""
         return self.features.shape[0]
 
     @property

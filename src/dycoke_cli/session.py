@@ -51,7 +51,7 @@ class Session:
     def encoding(self, question: str = "?") -> Iterator[Event]:
         """Events of encoding the clip (none once it is encoded); sets ``encoded``."""
         if self.encoded is None:
-            n = fit_frames(self.lm, self.frames, self.compression, question)
+            n = fit_frames(self.lm, self.frames, self.compression, question, self.video)
             self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache)
             self._prefixes.clear()
 

@@ -1,0 +1,214 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``, model_type ``qwen2_5_vl``).
+
+What differs from LLaVA-OneVision, and where it is handled:
+
+* **Frames.** Sampled by fps (the checkpoint's, default 2) between a minimum and a maximum
+  count, unless the user names a count. Each frame is resized to ``smart_resize``'s size
+  (multiples of 28, within the checkpoint's minimum and maximum pixels, aspect kept; bicubic
+  with antialiasing) and normalised with the checkpoint's mean and std. Two consecutive frames
+  form one *temporal step* (``temporal_patch_size``; an odd count repeats the last frame), cut
+  into 14 px patches that the PatchMerger merges 2x2: a step gives (H/28)·(W/28) tokens in
+  raster order. TTM's windows run over these steps.
+* **Prompt.** ``<|vision_start|><|video_pad|>…<|vision_end|>``, no newline token.
+* **Positions (M-RoPE).** Every position is a (t, h, w) triple. Text before the video counts
+  up on all three; a video token at step t, row r, column c sits at
+  ``start + (floor(t · tokens_per_second · seconds_per_step), r, c)`` with ``seconds_per_step``
+  from the timestamps actually sampled; text after the video continues from the largest visual
+  position + 1 (the Qwen reference rule; transformers 5.23's ``get_rope_index`` advances by
+  ``max(grid_h, grid_w) // 2`` instead, which differs once the temporal positions outrun the
+  grid: long clips). Tokens kept by TTM keep their original triples, and the text after the
+  video keeps the full video's positions (as vLLM's EVS does). Decoding steps continue after
+  the largest position, the same on all three axes. ``--positions`` does not apply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..checkpoint import read_json
+from ..errors import ModelError
+from ..model import FamilyAdapter, LoadedModel, ModelDefaults, _eos_ids
+from ..preprocess import FrameSpec
+
+PATCH = 14
+MERGE = 2
+FACTOR = PATCH * MERGE  # 28: frame sides are multiples of this
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT = 200  # smart_resize refuses more elongated frames
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """The checkpoint's video preprocessing (video_preprocessor_config.json, else defaults of
+    transformers' Qwen2-VL video processor, with our own cap on frames)."""
+
+    min_pixels: int = 128 * FACTOR * FACTOR
+    max_pixels: int = 768 * FACTOR * FACTOR
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 64
+    temporal_patch: int = 2
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "VideoSpec":
+        cfg = {}
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if (folder / name).is_file():
+                cfg = read_json(folder / name, "preprocessor config")
+                break
+        size = cfg.get("size") or {}
+        spec = cls(
+            min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", cls.min_pixels))),
+            max_pixels=int(size.get("longest_edge", cfg.get("max_pixels", cls.max_pixels))),
+            mean=tuple(float(x) for x in cfg.get("image_mean", OPENAI_CLIP_MEAN)),
+            std=tuple(float(x) for x in cfg.get("image_std", OPENAI_CLIP_STD)),
+            fps=float(cfg.get("fps", cls.fps)),
+            min_frames=int(cfg.get("min_frames", cls.min_frames)),
+            max_frames=int(min(cfg.get("max_frames", cls.max_frames), cls.max_frames)),
+            temporal_patch=int(cfg.get("temporal_patch_size", 2)),
+        )
+        ok = (FACTOR * FACTOR <= spec.min_pixels <= spec.max_pixels and spec.fps > 0 and len(spec.mean) == 3
+              and len(spec.std) == 3 and all(spec.std) and 1 <= spec.min_frames <= spec.max_frames)
+        if not ok:
+            raise ModelError(f"{folder}: bad video preprocessor config (min/max pixels, fps, frame counts, mean/std)")
+        return spec
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
+    """Qwen2-VL's frame size: sides rounded to multiples of ``factor``, the area brought within
+    [min_pixels, max_pixels] keeping the aspect ratio."""
+    if max(height, width) / max(1, min(height, width)) > MAX_ASPECT:
+        raise ModelError(f"frames of {width}x{height} are too elongated for Qwen2.5-VL (aspect over {MAX_ASPECT})")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def patchify(video, temporal: int = 2):
+    """Normalised frames [F, C, H, W] -> (patches [steps·(H/14)·(W/14), C·temporal·14·14],
+    grid [[steps, H/14, W/14]]), in the order the vision tower takes: steps, then 2x2 groups of
+    patches in raster order (each group's 4 patches together), each patch as (C, t, 14, 14)."""
+    import torch
+
+    f, c, h, w = video.shape
+    if pad := -f % temporal:  # an odd count repeats the last frame
+        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+        f += pad
+    gt, gh, gw = f // temporal, h // PATCH, w // PATCH
+    x = video.reshape(gt, temporal, c, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal * PATCH * PATCH), torch.tensor([[gt, gh, gw]])
+
+
+def mrope_positions(start: int, steps: int, rows: int, cols: int, interval: float):
+    """[3, steps·rows·cols] (t, h, w) positions of a video's tokens starting at ``start``."""
+    import torch
+
+    k = torch.arange(steps * rows * cols)
+    t = k // (rows * cols)
+    return torch.stack([(t * interval).long(), (k // cols) % rows, k % cols]) + start
+
+
+class Qwen25VLAdapter(FamilyAdapter):
+    model_type = "qwen2_5_vl"
+    frames_per_step = 2
+
+    def model_class(self):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    def folder_settings(self, folder, model, defaults):
+        if not _names_frames(folder):
+            defaults = replace(defaults, num_frames=None)  # sampled by fps
+        return {"defaults": defaults, "video_spec": VideoSpec.from_folder(folder)}
+
+    def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults: ModelDefaults | None = None,
+             video_spec: VideoSpec | None = None) -> LoadedModel:
+        """Describe an already-built model; its text model must use the probing attention."""
+        config, spec = model.config, video_spec or VideoSpec()
+        text = config.text_config
+        side = math.isqrt(spec.max_pixels)
+        param = next(model.parameters())
+        return LoadedModel(
+            name=name, path=Path(path) if path is not None else Path(name), family=self.model_type, model=model,
+            tokenizer=tokenizer, frame_spec=FrameSpec(side, side, spec.mean, spec.std),
+            tokens_per_frame=spec.max_pixels // (FACTOR * FACTOR),  # per step, at the largest frames
+            video_token_id=int(config.video_token_id), num_layers=int(text.num_hidden_layers),
+            hidden_size=int(text.hidden_size), eos_token_ids=_eos_ids(model, tokenizer),
+            defaults=defaults or ModelDefaults(), device=param.device, dtype=param.dtype, adapter=self,
+            video_spec=spec,
+        )
+
+    def default_frames(self, lm, path):
+        if lm.defaults.num_frames is not None:
+            return lm.defaults.num_frames
+        from ..video import probe_video
+
+        spec = lm.video_spec
+        duration = probe_video(path).duration or 0.0
+        n = min(max(round(duration * spec.fps), spec.min_frames), spec.max_frames)
+        return max(spec.temporal_patch, n - n % spec.temporal_patch)
+
+    def step_tokens(self, lm, width, height):
+        h, w = smart_resize(height, width, lm.video_spec.min_pixels, lm.video_spec.max_pixels)
+        return (h // FACTOR) * (w // FACTOR)
+
+    def preprocess(self, lm, frames):
+        """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size."""
+        import torch
+
+        spec = lm.video_spec
+        h, w = smart_resize(frames.shape[1], frames.shape[2], spec.min_pixels, spec.max_pixels)
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        if x.shape[2:] != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True)
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+        return (x.float() - mean) / std
+
+    def token_grid(self, lm, pixels):
+        return pixels.shape[2] // FACTOR, pixels.shape[3] // FACTOR
+
+    def encode_video(self, lm, pixels):
+        """Frames [F, 3, H, W] -> (features [ceil(F/2), (H/28)·(W/28), D], None)."""
+        import torch
+
+        patches, grid = patchify(pixels, lm.video_spec.temporal_patch)
+        with torch.inference_mode():
+            out = lm.model.model.get_video_features(patches.to(lm.device, lm.dtype), grid.to(lm.device),
+                                                    return_dict=True).pooler_output[0]
+        steps, rows, cols = int(grid[0, 0]), int(grid[0, 1]) // MERGE, int(grid[0, 2]) // MERGE
+        if out.shape[0] != steps * rows * cols:
+            raise ModelError(f"{lm.path}: vision tower gave {out.shape[0]} tokens, expected {steps * rows * cols}")
+        return out.reshape(steps, rows * cols, -1), None
+
+    def positions(self, lm, span, kept, enc, seq, original):
+        """[3, S]: text before, the kept tokens' (t, h, w), text after from the full video's
+        largest position + 1 (see the module docstring)."""
+        import torch
+
+        start, end = span
+        vision = lm.model.config.vision_config
+        per_second = getattr(vision, "tokens_per_second", None) or getattr(lm.model.config, "tokens_per_second", 2)
+        video = mrope_positions(start, enc.frames, enc.rows, enc.cols, per_second * enc.step_seconds)
+        after = torch.arange(seq - end) + int(video.max()) + 1
+        return torch.cat([torch.arange(start).expand(3, -1), video[:, kept.cpu()], after.expand(3, -1)], dim=1)
+
+
+def _names_frames(folder: Path) -> bool:
+    path = folder / "dycoke.json"
+    return path.is_file() and "num_frames" in read_json(path, "DyCoke defaults")
