@@ -1,5 +1,5 @@
-"""Build small LLaVA-OneVision checkpoints from configs: a word-level tokenizer, a SigLIP
-vision tower and a Qwen2 language model, saved in the standard Hugging Face layout.
+"""Build small checkpoints from configs: a word-level tokenizer, and a LLaVA-OneVision (SigLIP
+vision tower + Qwen2 language model) or a Qwen2.5-VL, saved in the standard Hugging Face layout.
 
 Used by the test suite (tiny random models), the demo-model training script and the
 benchmark (full-size architecture, random weights). Nothing here downloads anything.
@@ -36,20 +36,29 @@ WORD_CHAT_TEMPLATE = (
 )
 
 
-def build_word_tokenizer(words: list[str]):
-    """A PreTrainedTokenizerFast over ``SPECIAL_TOKENS + words``: lowercase, split on spaces
-    and punctuation. EOS is ``<|im_end|>``."""
+# Qwen2.5-VL's vision tokens; its prompt wraps the video in start and end markers.
+VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"
+QWEN_SPECIAL_TOKENS = (PAD, UNK, IM_START, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
+QWEN_CHAT_TEMPLATE = WORD_CHAT_TEMPLATE.replace("'<video> '", f"'{VISION_START} {VIDEO_PAD} {VISION_END} '").replace(
+    "'<image> '", f"'{VISION_START} {IMAGE_PAD} {VISION_END} '")
+
+
+def build_word_tokenizer(words: list[str], family: str = "llava_onevision"):
+    """A PreTrainedTokenizerFast over the family's special tokens + ``words``: lowercase, split
+    on spaces and punctuation. EOS is ``<|im_end|>``."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
+    qwen = family == "qwen2_5_vl"
+    specials = QWEN_SPECIAL_TOKENS if qwen else SPECIAL_TOKENS
     vocab: dict[str, int] = {}
-    for w in (*SPECIAL_TOKENS, *ROLE_WORDS, *words):
+    for w in (*specials, *ROLE_WORDS, *words):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(list(specials))
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -57,9 +66,9 @@ def build_word_tokenizer(words: list[str]):
         unk_token=UNK,
         eos_token=IM_END,
         bos_token=None,
-        extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO},
+        extra_special_tokens={"image_token": IMAGE_PAD if qwen else IMAGE, "video_token": VIDEO_PAD if qwen else VIDEO},
     )
-    fast.chat_template = WORD_CHAT_TEMPLATE
+    fast.chat_template = QWEN_CHAT_TEMPLATE if qwen else WORD_CHAT_TEMPLATE
     return fast
 
 
@@ -183,3 +192,87 @@ def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None
         (folder / "dycoke.json").write_text(json.dumps(dycoke_defaults, indent=2) + "\n")
     return folder
 
+
+@dataclass(frozen=True)
+class TinyQwenSpec:
+    """Sizes of a small Qwen2.5-VL (a few hundred thousand parameters by default)."""
+
+    vision_depth: int = 2
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    window_size: int = 112  # pixels: 4 merged tokens a side
+    fullatt_block_indexes: tuple[int, ...] = (1,)
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
+    max_position_embeddings: int = 4096
+    tokens_per_second: int = 2
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+    min_pixels: int = 56 * 56
+    max_pixels: int = 112 * 112
+
+
+def build_qwen2_5_vl(tokenizer, spec: TinyQwenSpec = TinyQwenSpec(), seed: int = 0, vocab_size: int | None = None,
+                     *, dtype=None, device=None, attn_implementation=None):
+    """A randomly initialised Qwen2_5_VLForConditionalGeneration sized by ``spec``, in eval mode."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
+        ("vision_end_token_id", VISION_END))}
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, num_heads=spec.vision_heads,
+                           intermediate_size=spec.vision_intermediate, out_hidden_size=spec.text_hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=spec.window_size,
+                           fullatt_block_indexes=list(spec.fullatt_block_indexes),
+                           tokens_per_second=spec.tokens_per_second, in_channels=3),
+        text_config=dict(vocab_size=vocab_size or len(tokenizer), hidden_size=spec.text_hidden,
+                         intermediate_size=spec.text_intermediate, num_hidden_layers=spec.text_layers,
+                         num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                         max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
+                                          "mrope_section": list(spec.mrope_section)},
+                         use_sliding_window=False, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=spec.tie_word_embeddings),
+        tie_word_embeddings=spec.tie_word_embeddings, **ids)
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    if dtype is None and attn_implementation is None:
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype,
+                                                                 attn_implementation=attn_implementation)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    return model
+
+
+def save_qwen_checkpoint(model, tokenizer, folder: str | Path, spec: TinyQwenSpec = TinyQwenSpec(),
+                         dycoke_defaults: dict | None = None, fps: float = 2.0, min_frames: int = 2,
+                         max_frames: int = 16) -> Path:
+    """Write a Qwen2.5-VL ``model`` + ``tokenizer`` + chat template + video preprocessor config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from .model import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
+    preprocessor = {"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+                    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                    "temporal_patch_size": 2, "patch_size": 14, "merge_size": 2, "fps": fps,
+                    "min_frames": min_frames, "max_frames": max_frames}
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    if dycoke_defaults:
+        (folder / "dycoke.json").write_text(json.dumps(dycoke_defaults, indent=2) + "\n")
+    return folder
