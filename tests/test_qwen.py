@@ -196,3 +196,20 @@ def test_chat_and_compare_with_qwen(qwen_dir, square_clip, capsys, monkeypatch):
     code, out, _ = run_cli(["compare", str(square_clip), QUESTION, "--model", str(qwen_dir), "--json", "-q",
                             "--max-new-tokens", "2", "--methods", "none,dycoke,fastv"], capsys, monkeypatch)
     assert code == 0 and [m["method"] for m in json.loads(out)["methods"]] == ["none", "dycoke", "fastv"]
+
+
+def test_eval_and_caption_with_qwen(qwen_dir, square_clip, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    shutil.copy(square_clip, tmp_path / "a.mp4")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"video": "a.mp4", "question": QUESTION, "answer": "red"}) + "\n")
+    code, out, err = run_cli(["eval", str(qa), "--model", str(qwen_dir), "--json", "--methods", "none,dycoke",
+                              "--max-new-tokens", "2"], capsys, monkeypatch)
+    assert (code, err) == (0, "")
+    summary = json.loads(out)["summary"]
+    assert (summary["none"]["n"], summary["dycoke"]["n"]) == (1, 1)
+    assert summary["dycoke"]["mean_retention"] < summary["none"]["mean_retention"] == 1.0
+    code, out, _ = run_cli(["caption", str(square_clip), "--model", str(qwen_dir), "--json", "--max-new-tokens", "2"],
+                           capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["options"]["question"] == "Describe this video in detail."

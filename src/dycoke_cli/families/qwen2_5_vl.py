@@ -56,11 +56,15 @@ class VideoSpec:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "VideoSpec":
+        """From video_preprocessor_config.json; a checkpoint with only the image processor's
+        preprocessor_config.json lends it just its mean and std (its pixel limits are for
+        images: up to 12.8 Mpx a picture, far beyond what a video's frames get)."""
         cfg = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            if (folder / name).is_file():
-                cfg = read_json(folder / name, "preprocessor config")
-                break
+        if (folder / "video_preprocessor_config.json").is_file():
+            cfg = read_json(folder / "video_preprocessor_config.json", "video preprocessor config")
+        elif (folder / "preprocessor_config.json").is_file():
+            image = read_json(folder / "preprocessor_config.json", "preprocessor config")
+            cfg = {k: image[k] for k in ("image_mean", "image_std") if k in image}
         size = cfg.get("size") or {}
         spec = cls(
             min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", cls.min_pixels))),
