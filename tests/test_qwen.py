@@ -213,3 +213,20 @@ def test_eval_and_caption_with_qwen(qwen_dir, square_clip, tmp_path, capsys, mon
     code, out, _ = run_cli(["caption", str(square_clip), "--model", str(qwen_dir), "--json", "--max-new-tokens", "2"],
                            capsys, monkeypatch)
     assert code == 0 and json.loads(out)["options"]["question"] == "Describe this video in detail."
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"size": {"shortest_edge": "many"}}, "/video_preprocessor_config.json: unreadable preprocessor config (ValueError)"),
+    ({"fps": 0}, ": bad video preprocessor config (min/max pixels, fps, frame counts, mean/std)"),
+    ({"size": {"shortest_edge": 20000, "longest_edge": 10000}},
+     ": bad video preprocessor config (min/max pixels, fps, frame counts, mean/std)"),
+])
+def test_a_bad_video_preprocessor_config_is_one_line(config, message, qwen_dir, square_clip, tmp_path, capsys,
+                                                       monkeypatch):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(qwen_dir, folder)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(config))
+    assert run_cli(["ask", str(square_clip), QUESTION, "--model", str(folder), "-q"], capsys, monkeypatch) == (
+        1, "", f"dycoke: error: {folder}{message}\n")

@@ -65,8 +65,20 @@ class VideoSpec:
         elif (folder / "preprocessor_config.json").is_file():
             image = read_json(folder / "preprocessor_config.json", "preprocessor config")
             cfg = {k: image[k] for k in ("image_mean", "image_std") if k in image}
+        try:
+            spec = cls._from_dict(cfg)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{folder}: bad video preprocessor config ({type(exc).__name__}: {exc})") from None
+        ok = (FACTOR * FACTOR <= spec.min_pixels <= spec.max_pixels and spec.fps > 0 and len(spec.mean) == 3
+              and len(spec.std) == 3 and all(spec.std) and 1 <= spec.min_frames <= spec.max_frames)
+        if not ok:
+            raise ModelError(f"{folder}: bad video preprocessor config (min/max pixels, fps, frame counts, mean/std)")
+        return spec
+
+    @classmethod
+    def _from_dict(cls, cfg: dict) -> "VideoSpec":
         size = cfg.get("size") or {}
-        spec = cls(
+        return cls(
             min_pixels=int(size.get("shortest_edge", cfg.get("min_pixels", cls.min_pixels))),
             max_pixels=int(size.get("longest_edge", cfg.get("max_pixels", cls.max_pixels))),
             mean=tuple(float(x) for x in cfg.get("image_mean", OPENAI_CLIP_MEAN)),
@@ -76,11 +88,6 @@ class VideoSpec:
             max_frames=int(min(cfg.get("max_frames", cls.max_frames), cls.max_frames)),
             temporal_patch=int(cfg.get("temporal_patch_size", 2)),
         )
-        ok = (FACTOR * FACTOR <= spec.min_pixels <= spec.max_pixels and spec.fps > 0 and len(spec.mean) == 3
-              and len(spec.std) == 3 and all(spec.std) and 1 <= spec.min_frames <= spec.max_frames)
-        if not ok:
-            raise ModelError(f"{folder}: bad video preprocessor config (min/max pixels, fps, frame counts, mean/std)")
-        return spec
 
 
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
