@@ -101,75 +101,76 @@ def sample_spec(rng: np.random.Generator, variety: bool = True, **overrides) -> 
     """A random clip within the world's rules. ``variety`` jitters colours, proportions and
     textures the way other renderers of the same world might differ (used for training and
     held-out sets); without it canonical colours and cup proportions are used. Keyword
-    overrides fix fields (e.g. ``shape="cup", colors=("red",), motion="still"``)."""
+    overrides fix fields (e.g. ``shape="cup", colors=("red",), motion="still"``).
+    (The random draws happen in a fixed order: the same seed gives the same clip.)"""
     shape = overrides.pop("shape", None) or SHAPES[rng.integers(len(SHAPES))]
-    if "colors" in overrides:
-        colors = tuple(overrides.pop("colors"))
-    else:
-        c0 = COLORS[rng.integers(len(COLORS))]
-        if rng.random() < 0.4:
-            c1 = COLORS[rng.integers(len(COLORS) - 1)]
-            c1 = c1 if COLORS.index(c1) < COLORS.index(c0) else COLORS[COLORS.index(c1) + 1]
-            colors = (c0, c1)
-        else:
-            colors = (c0,)
+    colors = tuple(overrides.pop("colors")) if "colors" in overrides else _sample_colors(rng)
     motion = overrides.pop("motion", None) or MOTIONS[rng.integers(len(MOTIONS))]
     duration = float(overrides.pop("duration", None) or rng.choice([2.0, 2.5, 3.0, 3.5, 4.0]) + (rng.uniform(-0.2, 0.2) if variety else 0.0))
     duration = min(4.0, max(2.0, duration))
     size = float(overrides.pop("size", None) or rng.uniform(HEIGHT / 6, HEIGHT / 4) * (rng.uniform(0.9, 1.1) if variety else 1.0))
-    change_time = None
-    if len(colors) > 1:
-        change_time = float(rng.uniform(0.35, 0.65) * duration)
-    # Travel: roughly half the frame along the motion axis.
-    frac = rng.uniform(0.4, 0.6)
-    half = size * 0.75 + 4  # keep the whole object (cup handle included) inside the frame
-    if motion in ("left", "right"):
-        dist = frac * WIDTH
-        lo, hi = half, WIDTH - half - dist
-        x0 = rng.uniform(lo, max(lo, hi))
-        x0 = x0 if motion == "right" else WIDTH - x0
-        y0 = rng.uniform(half, HEIGHT - half)
-    elif motion in ("up", "down"):
-        dist = frac * HEIGHT
-        lo, hi = half, HEIGHT - half - dist
-        y0 = rng.uniform(lo, max(lo, hi))
-        y0 = y0 if motion == "down" else HEIGHT - y0
-        x0 = rng.uniform(half, WIDTH - half)
-    else:
-        dist = 0.0
-        x0, y0 = rng.uniform(half, WIDTH - half), rng.uniform(half, HEIGHT - half)
-    speed = dist / duration
+    change_time = float(rng.uniform(0.35, 0.65) * duration) if len(colors) > 1 else None
+    (x0, y0), dist = _sample_path(rng, motion, size)
     background = overrides.pop("background", None) or BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     base = rng.integers(0, 45)
     tint = rng.integers(-8, 9, size=3) if variety else np.zeros(3, dtype=int)
     bg_color = tuple(int(v) for v in np.clip(base + tint, 0, 60))
-    if variety:
-        rgbs = []
-        for c in colors:
-            variants = PALETTE[c]
-            v = np.asarray(variants[rng.integers(len(variants))], dtype=np.float64)
-            v = v * rng.uniform(0.88, 1.05) + rng.uniform(-15, 15, size=3)
-            rgbs.append(tuple(int(x) for x in np.clip(v, 0, 255)))
-        rgbs = tuple(rgbs)
-        style = {
-            "top": float(rng.uniform(0.55, 0.8)),  # cup top width / height
-            "bottom": float(rng.uniform(0.35, 0.55)),  # cup bottom width / height
-            "handle_side": int(rng.choice([-1, 1])),
-            "handle_w": float(rng.uniform(0.22, 0.38)),
-            "handle_h": float(rng.uniform(0.4, 0.65)),
-            "handle_t": float(rng.uniform(0.07, 0.13)),
-            "rim": bool(rng.random() < 0.7),
-            "box_scale": float(rng.uniform(0.85, 1.0)),
-        }
-    else:
-        rgbs = tuple(color_rgb(c) for c in colors)
-        style = {}
+    rgbs, style = _sample_look(rng, colors) if variety else (tuple(color_rgb(c) for c in colors), {})
     spec = ClipSpec(
         shape=shape, colors=colors, change_time=change_time, motion=motion, background=background,
-        size=size, position=(float(x0), float(y0)), speed=float(speed), duration=duration, rgbs=rgbs,
+        size=size, position=(float(x0), float(y0)), speed=float(dist / duration), duration=duration, rgbs=rgbs,
         bg_color=bg_color, bg_seed=int(rng.integers(2**31)), bg_param=float(rng.random()), style=style,
     )
     return replace(spec, **overrides) if overrides else spec
+
+
+def _sample_colors(rng: np.random.Generator) -> tuple[str, ...]:
+    """One colour, or (40 %) a first and a different second one."""
+    c0 = COLORS[rng.integers(len(COLORS))]
+    if rng.random() >= 0.4:
+        return (c0,)
+    c1 = COLORS[rng.integers(len(COLORS) - 1)]
+    return c0, c1 if COLORS.index(c1) < COLORS.index(c0) else COLORS[COLORS.index(c1) + 1]
+
+
+def _sample_path(rng: np.random.Generator, motion: str, size: float) -> tuple[tuple[float, float], float]:
+    """Start position and travel: roughly half the frame along the motion axis, the whole
+    object (cup handle included) inside the frame."""
+    frac = rng.uniform(0.4, 0.6)
+    half = size * 0.75 + 4
+    if motion in ("left", "right"):
+        dist = frac * WIDTH
+        lo, hi = half, WIDTH - half - dist
+        x0 = rng.uniform(lo, max(lo, hi))
+        return (x0 if motion == "right" else WIDTH - x0, rng.uniform(half, HEIGHT - half)), dist
+    if motion in ("up", "down"):
+        dist = frac * HEIGHT
+        lo, hi = half, HEIGHT - half - dist
+        y0 = rng.uniform(lo, max(lo, hi))
+        x0 = rng.uniform(half, WIDTH - half)
+        return (x0, y0 if motion == "down" else HEIGHT - y0), dist
+    return (rng.uniform(half, WIDTH - half), rng.uniform(half, HEIGHT - half)), 0.0
+
+
+def _sample_look(rng: np.random.Generator, colors: tuple[str, ...]) -> tuple[tuple, dict]:
+    """Jittered RGB of each colour and the object's proportions (the ``variety`` renderer)."""
+    rgbs = []
+    for c in colors:
+        variants = PALETTE[c]
+        v = np.asarray(variants[rng.integers(len(variants))], dtype=np.float64)
+        v = v * rng.uniform(0.88, 1.05) + rng.uniform(-15, 15, size=3)
+        rgbs.append(tuple(int(x) for x in np.clip(v, 0, 255)))
+    style = {
+        "top": float(rng.uniform(0.55, 0.8)),  # cup top width / height
+        "bottom": float(rng.uniform(0.35, 0.55)),  # cup bottom width / height
+        "handle_side": int(rng.choice([-1, 1])),
+        "handle_w": float(rng.uniform(0.22, 0.38)),
+        "handle_h": float(rng.uniform(0.4, 0.65)),
+        "handle_t": float(rng.uniform(0.07, 0.13)),
+        "rim": bool(rng.random() < 0.7),
+        "box_scale": float(rng.uniform(0.85, 1.0)),
+    }
+    return tuple(rgbs), style
 
 
 # ---------------------------------------------------------------------------------------------
