@@ -403,8 +403,11 @@ def caption(video: VideoArg, flags: Flags) -> None:
 @_with("frames", "method", *COMPRESSION, *SAMPLING, "seed", *MODEL, *OUTPUT)
 def chat(video: VideoArg, flags: Flags) -> None:
     """Many questions about one video: the model is loaded and the clip encoded once (/help).
-    FastV picks its tokens by each question, so it prefills the whole prompt every time;
-    the other methods reuse the video's prefix."""
+
+    Questions come from the terminal (a line of three double quotes starts and ends one over
+    several lines) or one per line from a pipe. Ctrl-C stops the current answer; Ctrl-D ends.
+    FastV picks its tokens by each question, so it prefills the whole prompt every time; the
+    other methods reuse the video's prefix."""
     from .chat import Chat, ChatActions, read_questions
     from .session import Session
 
