@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Benchmark: where the time and memory go, uncompressed vs DyCoke vs FastV, side by side.
 
-Builds the LLaVA-OneVision-0.5B architecture (SigLIP so400m-patch14-384 with the 26 layers
-LLaVA-OV uses + Qwen2-0.5B) with dycoke_cli.tinymodel's builder and random weights: the
+Builds, with dycoke_cli.tinymodel's builders and random weights, the LLaVA-OneVision-0.5B
+architecture (``--arch llava-ov-0.5b``, the default: SigLIP so400m-patch14-384 with the 26 layers
+LLaVA-OV uses + Qwen2-0.5B) or the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``: for a GPU, it
+needs ~16 GB in bf16); ``--quick`` builds a scaled-down model of the chosen family. The
 arithmetic and the memory traffic are those of the real checkpoint, only the answers are
 gibberish. For each frame count it encodes a synthetic clip once (the vision tower is shared by
 every method), then answers the same question with ``none``, ``dycoke`` (the paper's defaults)
 and ``fastv`` (same visual budget), forcing a fixed number of decoded tokens so the methods are
-comparable, and finally times ``model.generate`` on the uncompressed inputs against our loop.
+comparable, and finally times ``model.generate`` on the uncompressed inputs against our loop
+(not for Qwen2.5-VL: see GENERATE_SKIPPED_QWEN).
 
 Memory: "peak above the loaded model" is measured per method with dycoke_cli.memory.PeakMemory
 (on Linux the kernel's resident-set high-water mark, reset before each method after freeing
@@ -19,6 +22,7 @@ times stacked per method and frame count (bench_report.py), by default under run
 
     python benchmarks/bench_compression.py --frames 8,16,32 --json bench.json --plot bench.png
     python benchmarks/bench_compression.py --quick   # scaled-down model, well under a minute
+    python benchmarks/bench_compression.py --arch qwen2.5-vl-7b --quick --frames 8,16 --tokens 4
     dycoke bench --quick                              # the same, from a source checkout
 """
 
@@ -44,7 +48,7 @@ except ImportError:  # a source checkout without `pip install -e .`
 from bench_report import add_ratios, draw_plot, evaluate_targets, loadavg, machine_info, markdown
 from dycoke_cli.errors import DycokeError
 from dycoke_cli.memory import PeakMemory, rss_bytes
-from dycoke_cli.tinymodel import TinySpec
+from dycoke_cli.tinymodel import TinyQwenSpec, TinySpec
 
 METHODS = ("none", "dycoke", "fastv")
 MEMORY_PASS_TOKENS = 4
@@ -52,17 +56,25 @@ QUESTION = "describe the video in detail ."
 WORDS = "describe the video in detail . what happens which color moves left right".split()
 
 
+QWEN = "qwen2_5_vl"
+GENERATE_SKIPPED_QWEN = ("not timed for Qwen2.5-VL: transformers' generate from inputs_embeds does not give the "
+                         "video tokens their M-RoPE (t, h, w) positions, so its tokens are not comparable with ours")
+
+
 @dataclass(frozen=True)
 class Arch:
-    """A named LLaVA-OneVision to build (random weights): tinymodel's sizes and a vocabulary."""
+    """A named model to build (random weights): its family, tinymodel's sizes, a vocabulary and
+    the side of the synthetic square frames it is given."""
 
     name: str
     vocab: int
-    spec: TinySpec
+    spec: TinySpec | TinyQwenSpec
+    family: str = "llava_onevision"
+    frame_side: int = 0  # 0: the vision tower's image_size (LLaVA-OV)
 
     @property
-    def tokens_per_frame(self) -> int:
-        return math.ceil(self.spec.image_size // self.spec.patch_size / 2) ** 2
+    def frame_size(self) -> int:
+        return self.frame_side or self.spec.image_size
 
 
 # Qwen2-0.5B's config knobs (it ties its input and output embeddings); SigLIP's activation and eps.
@@ -81,24 +93,92 @@ QUICK = Arch("quick: scaled-down LLaVA-OneVision, random weights", 2048, TinySpe
     vision_hidden=64, vision_layers=2, vision_heads=2, vision_intermediate=128, image_size=112, patch_size=14,
     text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=128,
     max_position_embeddings=8192, **_QWEN2_SIGLIP))
+# Qwen2.5-VL-7B-Instruct's config.json: a ViT of 32 blocks (hidden 1280, 16 heads, MLP 3420, 112 px
+# attention windows, full attention in blocks 7, 15, 23, 31) merged 2x2 into 3584; the text model:
+# hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocab 152064, rope 1e6, M-RoPE 16/24/24,
+# untied embeddings. 448x448 frames stay 448x448 (within 128..768 tokens of 28x28 px), so every
+# temporal step of 2 frames gives 16x16 = 256 tokens.
+QWEN_7B = Arch("Qwen2.5-VL-7B architecture, random weights", 152064, TinyQwenSpec(
+    vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=3420, window_size=112,
+    fullatt_block_indexes=(7, 15, 23, 31), text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4,
+    text_intermediate=18944, mrope_section=(16, 24, 24), max_position_embeddings=128000, tokens_per_second=2,
+    rope_theta=1_000_000.0, tie_word_embeddings=False, min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28),
+    family=QWEN, frame_side=448)
+# TinyQwenSpec with a wider vision tower (4 decoder layers): 112x112 frames, 4x4 = 16 tokens per step.
+QWEN_QUICK = Arch("quick: scaled-down Qwen2.5-VL, random weights", 2048, TinyQwenSpec(
+    vision_hidden=64, vision_intermediate=128), family=QWEN, frame_side=112)
+ARCHS = {"llava-ov-0.5b": (FULL, QUICK), "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK)}  # --arch: (full, --quick)
+
+
+def pick_arch(option: str, quick: bool) -> Arch:
+    return ARCHS[option][1 if quick else 0]
 
 
 # ----------------------------------------------------------------------------- model
 
 
 def build_model(arch: Arch, dtype, device, seed: int = 0):
-    """A LoadedModel of ``arch`` with random weights, built directly in ``dtype`` with the
-    probing attention in the language model (what `dycoke ask` loads)."""
+    """A LoadedModel of ``arch`` with random weights, built directly in ``dtype`` (and, on CUDA,
+    on the device) with the probing attention in the language model (what `dycoke ask` loads)."""
+    import torch
+
     from dycoke_cli.compression.attention import ATTENTION_NAME, register_attention
+    from dycoke_cli.families.qwen2_5_vl import Qwen25VLAdapter, VideoSpec
     from dycoke_cli.model import LlavaOneVisionAdapter, ModelDefaults
-    from dycoke_cli.tinymodel import build_llava_onevision, build_word_tokenizer
 
     register_attention()
-    tok = build_word_tokenizer(WORDS)
-    model = build_llava_onevision(
-        tok, arch.spec, seed=seed, vocab_size=arch.vocab, dtype=dtype, device=device,
-        attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"})
+    attn = {"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"}
+    where = torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+    with where:
+        model, tok = _build_random(arch, dtype, device, seed, attn)
+    if arch.family == QWEN:
+        spec = VideoSpec(min_pixels=arch.spec.min_pixels, max_pixels=arch.spec.max_pixels)
+        return Qwen25VLAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults(), video_spec=spec)
     return LlavaOneVisionAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults())
+
+
+def _build_random(arch: Arch, dtype, device, seed: int = 0, attn=None):
+    """(model, tokenizer) of ``arch`` from tinymodel's builders."""
+    from dycoke_cli.tinymodel import build_llava_onevision, build_qwen2_5_vl, build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS, family=arch.family)
+    builder = build_qwen2_5_vl if arch.family == QWEN else build_llava_onevision
+    model = builder(tok, arch.spec, seed=seed, vocab_size=arch.vocab, dtype=dtype, device=device,
+                    attn_implementation=attn)
+    return model, tok
+
+
+def check_free_memory(arch: Arch, dtype, device) -> int:
+    """Refuse, before building, a model whose weights do not fit in the memory free on the
+    device (CPU: MemAvailable, so it fails now rather than swapping). Returns the weight bytes,
+    counted on a model built on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        model, _ = _build_random(arch, dtype, None)
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    free = _free_bytes(torch.device(device))
+    if free is not None and free < need * 1.1:  # + 10 % for activations, the KV cache, the encoded clip
+        raise DycokeError(f"{arch.name} needs {need / 2**30:.1f} GiB for its {str(dtype).replace('torch.', '')} "
+                          f"weights (+10 %); {torch.device(device)} has {free / 2**30:.1f} GiB free: run it on a "
+                          f"larger GPU, or try --quick")
+    return need
+
+
+def _free_bytes(device) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def synthetic_frames(n: int, size: int, seed: int = 0):
@@ -131,16 +211,17 @@ def stand_in_video(frames, requested: int):
 
 
 def encode_prefixes(lm, frames, counts: list[int]):
-    """Encode ``max(counts)`` frames once, in chunks that end at every count; return the features
-    and, for each count, the vision-tower seconds of its first ``count`` frames."""
+    """Encode ``max(counts)`` frames once, in chunks that end at every count (whole temporal
+    steps: counts are even for Qwen2.5-VL, and so is ENCODE_CHUNK); return the features (one
+    row per step), the newline, for each count the vision-tower seconds of its first ``count``
+    frames, and one step's token grid (rows, cols)."""
     import torch
 
     from dycoke_cli.generate import sync
     from dycoke_cli.pipeline import ENCODE_CHUNK
-    from dycoke_cli.preprocess import preprocess_frames
 
     total = max(counts)
-    pixels = preprocess_frames(frames[:total], lm.frame_spec)
+    pixels = lm.preprocess(frames[:total])
     cuts = sorted(set(range(0, total, ENCODE_CHUNK)) | set(counts) | {total})
     feats, ends, secs, newline = [], [], [], None
     for a, b in zip(cuts[:-1], cuts[1:]):
@@ -152,7 +233,19 @@ def encode_prefixes(lm, frames, counts: list[int]):
         feats.append(f)
     features = torch.cat(feats)
     per_count = {c: sum(s for s, e in zip(secs, ends) if e <= c) for c in counts}
-    return features, newline, per_count
+    return features, newline, per_count, lm.token_grid(pixels)
+
+
+def encoded(lm, frames, features, newline, encode_s: float, grid: tuple[int, int]):
+    """The EncodedVideo of ``frames`` (uint8, the synthetic clip's first frames): their steps'
+    ``features``, the token grid and the clip time of a step (4 fps timestamps: Qwen 0.5 s)."""
+    from dycoke_cli.pipeline import step_seconds
+    from dycoke_cli.results import EncodedVideo
+
+    video = stand_in_video(frames, len(frames))
+    steps = len(frames) // lm.frames_per_step
+    return EncodedVideo(video, features[:steps], newline, 0.0, encode_s, grid[0], grid[1],
+                        step_seconds(video.info.timestamps, lm.frames_per_step))
 
 
 @contextlib.contextmanager
@@ -232,7 +325,8 @@ def run_method(lm, enc, method: str, tokens: int, vision_s: float, mem: PeakMemo
     kv = s["kv_bytes"]
     llm = t["merge"] + t["prefill"] + t["decode"]
     return {
-        "frames": enc.frames,
+        "frames": enc.video.info.frame_count,
+        "steps": enc.frames,
         "method": method,
         "visual_tokens": s["visual_tokens"],
         "visual_tokens_prefill": s["visual_tokens_prefill"],
@@ -285,12 +379,13 @@ def time_generate(lm, enc, tokens: int) -> dict:
 
 
 
-def memory_pass_subprocess(args, arch: Arch, counts, per_frame: int, hidden: int, log) -> dict | None:
-    """Run ``_memory_child`` in a fresh interpreter; {"frames/method": peak bytes} or None."""
+def memory_pass_subprocess(args, counts, layout: dict, log) -> dict | None:
+    """Run ``_memory_child`` in a fresh interpreter; {"frames/method": peak bytes} or None.
+    ``layout``: the encoded clip's shape (per_step, hidden, rows, cols, newline)."""
     import subprocess
 
-    cfg = {"quick": bool(args.quick), "dtype": args.dtype, "device": args.device, "threads": args.threads,
-           "counts": list(counts), "per_frame": per_frame, "hidden": hidden}
+    cfg = {"arch": args.arch, "quick": bool(args.quick), "dtype": args.dtype, "device": args.device,
+           "threads": args.threads, "counts": list(counts), **layout}
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
             "from bench_compression import _memory_child; _memory_child(json.loads(sys.argv[1]))")
     env = dict(os.environ)
@@ -311,27 +406,27 @@ def memory_pass_subprocess(args, arch: Arch, counts, per_frame: int, hidden: int
 
 
 def _memory_child(cfg: dict) -> None:
-    """Child of memory_pass_subprocess: pin the allocator first, build the model, warm up, then one
-    answer per (frame count, method) on random visual tokens of the real shape (TTM keeps a fixed
-    number of tokens per frame, so the memory is that of real features), peaks as JSON on stdout."""
+    """Child of memory_pass_subprocess: pin the allocator first, build the same model, warm up,
+    then one answer per (frame count, method) on random visual tokens of the real shape (TTM keeps
+    a fixed number of tokens per step, so the memory is that of real features), peaks as JSON."""
     pinned = pin_malloc()
     import torch
 
     from dycoke_cli.model import pick_device, pick_dtype
-    from dycoke_cli.results import EncodedVideo
 
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)
-    lm = build_model(QUICK if cfg["quick"] else FULL, dtype, device)
+    lm = build_model(pick_arch(cfg["arch"], cfg["quick"]), dtype, device)
     mem = bench_memory(device)
     g = torch.Generator().manual_seed(0)
     top = max(cfg["counts"])
-    feats = (torch.randn(top, cfg["per_frame"], cfg["hidden"], generator=g) * 0.5).to(device, dtype)
-    newline = torch.randn(1, cfg["hidden"], generator=g).to(device, dtype)
+    steps = -(-top // lm.frames_per_step)
+    feats = (torch.randn(steps, cfg["per_step"], cfg["hidden"], generator=g) * 0.5).to(device, dtype)
+    newline = torch.randn(1, cfg["hidden"], generator=g).to(device, dtype) if cfg["newline"] else None
 
     def enc(count):
-        return EncodedVideo(stand_in_video(synthetic_frames(count, 8), count), feats[:count], newline, 0.0, 0.0)
+        return encoded(lm, synthetic_frames(count, 8), feats, newline, 0.0, (cfg["rows"], cfg["cols"]))
 
     warm = enc(min(4, top))
     for method in METHODS:
@@ -342,6 +437,7 @@ def _memory_child(cfg: dict) -> None:
         for method in METHODS:
             peaks[f"{count}/{method}"] = run_method(lm, e, method, MEMORY_PASS_TOKENS, 0.0, mem)["peak_bytes"]
     peaks["pinned"] = pinned
+    peaks["arch"] = lm.name
     print(json.dumps(peaks), flush=True)
 
 
@@ -351,13 +447,18 @@ def _memory_child(cfg: dict) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dycoke bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", default="8,16,32", help="comma-separated frame counts (default 8,16,32)")
+    p.add_argument("--arch", default="llava-ov-0.5b", choices=list(ARCHS),
+                   help="architecture to build with random weights (default llava-ov-0.5b; qwen2.5-vl-7b "
+                        "needs ~16 GB in bf16: a GPU)")
+    p.add_argument("--frames", default="8,16,32",
+                   help="comma-separated frame counts (default 8,16,32; even for qwen2.5-vl-7b)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on CUDA, else fp32")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     p.add_argument("--tokens", type=int, default=32, help="decoding steps timed after the first token (>= 1)")
-    p.add_argument("--quick", action="store_true", help="scaled-down model: a smoke test in seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="scaled-down model of the --arch family: a smoke test in seconds")
     p.add_argument("--json", default="runs/bench/bench.json", help="where to write the JSON ('' to skip)")
     p.add_argument("--plot", default="runs/bench/bench.png", help="where to write the PNG ('' to skip)")
     p.add_argument("--no-generate", action="store_true", help="skip timing model.generate")
@@ -371,6 +472,10 @@ def parse_args(argv):
         p.error(f"--frames: expected comma-separated integers (got {args.frames!r})")
     if not args.frame_counts or min(args.frame_counts) < 1:
         p.error("--frames: frame counts must be >= 1")
+    odd = [c for c in args.frame_counts if c % 2]
+    if odd and pick_arch(args.arch, False).family == QWEN:
+        p.error(f"--frames: {args.arch} encodes frames in temporal steps of 2; give even frame counts "
+                f"(got {','.join(map(str, odd))})")
     if args.tokens < 1:
         p.error("--tokens must be >= 1")
     if args.threads < 1:
@@ -389,7 +494,8 @@ def run(args, log=lambda msg: None) -> dict:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    arch = QUICK if args.quick else FULL
+    arch = pick_arch(args.arch, args.quick)
+    check_free_memory(arch, dtype, device)
     mem = bench_memory(device)
     load_start = loadavg()
     rss0 = rss_bytes()
@@ -400,18 +506,21 @@ def run(args, log=lambda msg: None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     log(f"built {arch.name}: {params / 1e6:.0f} M parameters, {weight_bytes / 2**20:.0f} MB {dtype} "
         f"in {build_s:.1f} s")
-    frames = synthetic_frames(max(args.frame_counts), arch.spec.image_size)
-    _warm_up(lm, frames, mem, not args.no_generate)
+    skipped = "--no-generate" if args.no_generate else (GENERATE_SKIPPED_QWEN if arch.family == QWEN else None)
+    frames = synthetic_frames(max(args.frame_counts), arch.frame_size)
+    _warm_up(lm, frames, mem, skipped is None)
     log(f"warm-up done ({time.perf_counter() - t_start:.0f} s)")
-    runs, generate, rss_loaded = _timed_runs(args, lm, frames, mem, log)
-    memory_method = _memory_pass(args, arch, lm, mem, runs, log)
+    runs, generate, rss_loaded, layout = _timed_runs(args, lm, frames, mem, skipped is None, log)
+    memory_method = _memory_pass(args, lm, mem, runs, layout, log)
     add_ratios(runs)
     report = {
         "machine": {**machine_info(device, dtype, args.threads), "loadavg_start": load_start},
-        "config": _config(args, arch, lm),
+        "config": {**_config(args, arch, lm), "generate_skipped": skipped},
         "model": {"parameters": params, "weight_bytes": weight_bytes, "build_s": build_s,
                   "rss_before_build_bytes": rss0, "rss_loaded_bytes": rss_loaded,
-                  "tokens_per_frame": lm.tokens_per_frame},
+                  "frames_per_step": lm.frames_per_step, "tokens_per_step": layout["per_step"],
+                  "tokens_per_frame": layout["per_step"] / lm.frames_per_step if lm.frames_per_step > 1
+                  else layout["per_step"]},
         "memory_method": memory_method,
         "runs": runs,
         "generate": generate,
@@ -424,6 +533,7 @@ def run(args, log=lambda msg: None) -> dict:
 def _config(args, arch: Arch, lm) -> dict:
     return {
         "arch": asdict(arch),
+        "arch_option": args.arch,
         "quick": bool(args.quick),
         "frames": args.frame_counts,
         "tokens": args.tokens,
@@ -439,36 +549,35 @@ def _warm_up(lm, frames, mem: PeakMemory, with_generate: bool) -> None:
     """Not timed: first calls create kernels and fault in library pages."""
     import torch
 
-    from dycoke_cli.results import EncodedVideo
-
     warm = frames[:4]
     with torch.inference_mode():
-        features, newline, _ = encode_prefixes(lm, warm, [len(warm)])
-    warm_enc = EncodedVideo(stand_in_video(warm, len(warm)), features, newline, 0.0, 0.0)
+        features, newline, _, grid = encode_prefixes(lm, warm, [len(warm)])
+    warm_enc = encoded(lm, warm, features, newline, 0.0, grid)
     for method in METHODS:
         run_method(lm, warm_enc, method, 2, 0.0, mem)
     if with_generate:
         time_generate(lm, warm_enc, 2)
 
 
-def _timed_runs(args, lm, frames, mem: PeakMemory, log) -> tuple[list[dict], list[dict], int | None]:
-    """Encode once, then every method at every frame count, and model.generate against ours."""
-    from dycoke_cli.results import EncodedVideo
-
+def _timed_runs(args, lm, frames, mem: PeakMemory, with_generate: bool, log):
+    """Encode once, then every method at every frame count, and model.generate against ours.
+    Returns (runs, generate, RSS once encoded, the encoded clip's layout for the memory pass)."""
     counts = args.frame_counts
     t0 = time.perf_counter()
-    features, newline, vision_s = encode_prefixes(lm, frames, counts)
+    features, newline, vision_s, grid = encode_prefixes(lm, frames, counts)
     log(f"vision tower: {max(counts)} frames in {time.perf_counter() - t0:.1f} s")
     rss_loaded = rss_bytes()
+    layout = {"per_step": int(features.shape[1]), "hidden": int(features.shape[2]), "rows": grid[0],
+              "cols": grid[1], "newline": newline is not None}
     runs, generate = [], []
     for count in counts:
-        enc = EncodedVideo(stand_in_video(frames[:count], count), features[:count], newline, 0.0, vision_s[count])
+        enc = encoded(lm, frames[:count], features, newline, vision_s[count], grid)
         for method in METHODS:
             r = run_method(lm, enc, method, args.tokens, vision_s[count], mem)
             runs.append(r)
             log(f"{count:3d} frames  {method:7s} prefill {r['prefill_s']:7.2f} s  decode "
                 f"{r['decode_ms_median']:7.1f} ms/token  peak {(r['peak_bytes'] or 0) / 2**20:6.0f} MB")
-        if not args.no_generate:
+        if with_generate:
             g = time_generate(lm, enc, args.tokens)
             ours = next(r for r in runs if r["frames"] == count and r["method"] == "none")
             g.update({"frames": count, "loop_s": ours["answer_wall_s"],
@@ -476,10 +585,10 @@ def _timed_runs(args, lm, frames, mem: PeakMemory, log) -> tuple[list[dict], lis
                       "same_tokens": g["token_ids"] == ours["token_ids"]})
             generate.append(g)
             log(f"{count:3d} frames  model.generate {g['generate_s']:.2f} s vs our loop {g['loop_s']:.2f} s")
-    return runs, generate, rss_loaded
+    return runs, generate, rss_loaded, layout
 
 
-def _memory_pass(args, arch: Arch, lm, mem: PeakMemory, runs: list[dict], log) -> str:
+def _memory_pass(args, lm, mem: PeakMemory, runs: list[dict], layout: dict, log) -> str:
     """The timings ran with the allocator as users get it, in a process that has already run the
     vision tower, model.generate and other methods, whose heap state moved a method's RSS peak by
     up to 1.5x. The peaks are taken again in a fresh process (as a `dycoke ask` is), with glibc's
@@ -488,8 +597,10 @@ def _memory_pass(args, arch: Arch, lm, mem: PeakMemory, runs: list[dict], log) -
     if mem.cuda or mem.method == "unavailable":
         return memory_method
     log("memory pass in a fresh process ...")
-    peaks = memory_pass_subprocess(args, arch, args.frame_counts, lm.tokens_per_frame, lm.hidden_size, log)
-    if peaks is None:
+    peaks = memory_pass_subprocess(args, args.frame_counts, layout, log)
+    if peaks is None or peaks.get("arch") != lm.name:
+        if peaks is not None:
+            log(f"memory pass built {peaks.get('arch')!r}, not {lm.name!r}; keeping the peaks of the timed runs")
         return memory_method
     for r in runs:
         r["peak_bytes"] = peaks.get(f"{r['frames']}/{r['method']}")

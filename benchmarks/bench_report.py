@@ -114,7 +114,7 @@ def _x(x):
 def markdown(report: dict) -> str:
     """The whole report as Markdown: the per-run table, the model.generate comparison, the
     machine's load and the targets."""
-    lines = _runs_table(report) + ["", *_generate_table(report["generate"])]
+    lines = _runs_table(report) + ["", *_generate_table(report["generate"], report["config"].get("generate_skipped"))]
     lines += _load_note(report)
     if report["targets"]:
         lines += ["", "| target (at %d frames) | measured | wanted | met |" % report["targets"][0]["frames"],
@@ -126,9 +126,10 @@ def markdown(report: dict) -> str:
 
 
 def _runs_table(report: dict) -> list[str]:
-    m = report["machine"]
+    m, c = report["machine"], report["config"]
+    option = f" (`--arch {c['arch_option']}{' --quick' if c['quick'] else ''}`)" if c.get("arch_option") else ""
     lines = [
-        f"### dycoke bench: {report['config']['arch']['name']}",
+        f"### dycoke bench: {c['arch']['name']}{option}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['device']}, {m['dtype']}; "
         f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. "
@@ -152,14 +153,25 @@ def _runs_table(report: dict) -> list[str]:
         )
     return lines + [
         "",
-        "vision: SigLIP + projector + pooling, shared by all methods (encoded once). LLM = TTM + prefill + decode. "
+        _vision_note(report) + " LLM = TTM + prefill + decode. "
         "TTFT and total include the vision tower. peak MB: resident memory above the loaded model and the encoded "
         f"video during the answer ({report['memory_method']}). KV MB: cache bytes held at the end, "
         "everything included (DyCoke: the attended working buffers + the store of pruned entries).",
     ]
 
 
-def _generate_table(generate: list[dict]) -> list[str]:
+def _vision_note(report: dict) -> str:
+    if report["config"]["arch"].get("family") == "qwen2_5_vl":
+        model = report["model"]
+        return (f"vision: Qwen2.5-VL ViT + 2x2 patch merger, shared by all methods (encoded once); "
+                f"{model['frames_per_step']} frames form one temporal step of {model['tokens_per_step']} "
+                f"tokens, and TTM's windows run over steps.")
+    return "vision: SigLIP + projector + pooling, shared by all methods (encoded once)."
+
+
+def _generate_table(generate: list[dict], skipped: str | None = None) -> list[str]:
+    if not generate and skipped:
+        return [f"model.generate: {'not timed (--no-generate)' if skipped == '--no-generate' else skipped}."]
     lines = ["| frames | our loop s | model.generate s | loop / generate | same tokens |",
              "|---:|---:|---:|---:|---|"]
     for g in generate:

@@ -98,7 +98,8 @@ def test_markdown_table_and_plot_show_the_runs(report):
 
 
 def test_bad_arguments_exit_with_usage_error():
-    for argv in (["--frames", "eight"], ["--frames", "0"], ["--tokens", "0"]):
+    for argv in (["--frames", "eight"], ["--frames", "0"], ["--tokens", "0"], ["--arch", "qwen3-vl"],
+                 ["--arch", "qwen2.5-vl-7b", "--frames", "8,7"]):
         with pytest.raises(SystemExit) as exc:
             bench.parse_args(argv)
         assert exc.value.code == 2
@@ -107,6 +108,68 @@ def test_bad_arguments_exit_with_usage_error():
 def test_outputs_default_to_the_ignored_runs_folder():
     args = bench.parse_args([])
     assert (args.json, args.plot) == ("runs/bench/bench.json", "runs/bench/bench.png")
+    assert args.arch == "llava-ov-0.5b" and bench.parse_args(["--frames", "7"]).frame_counts == [7]
+
+
+# --arch qwen2.5-vl-7b --quick: 112 px frames stay 112 px (its max pixels are 112x112); 14 px
+# patches merged 2x2 give 4x4 = 16 tokens per temporal step of 2 frames: 8 frames are 4 steps,
+# 16 frames 8. TTM runs over steps: one window of 4 keeps 16 + 3 * 4 = 28; decode keeps
+# floor(0.3 * 28) = 8 (two windows: 56 and 16); FastV gets the same budget.
+QWEN_EXPECTED = {  # frames: (steps, none, dycoke prefill, decode budget)
+    8: (4, 64, 28, 8),
+    16: (8, 128, 56, 16),
+}
+
+
+@pytest.fixture(scope="module")
+def qwen_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_qwen")
+    argv = ["--arch", "qwen2.5-vl-7b", "--quick", "--frames", "8,16", "--tokens", str(TOKENS), "--threads", "1",
+            "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert bench.main(argv) == 0
+    return json.loads((out / "bench.json").read_text()), buf.getvalue()
+
+
+def test_quick_qwen_bench_measures_every_method_with_exact_token_counts(qwen_report):
+    rep, _ = qwen_report
+    assert rep["config"]["arch_option"] == "qwen2.5-vl-7b" and rep["config"]["arch"]["family"] == "qwen2_5_vl"
+    assert [(r["frames"], r["method"]) for r in rep["runs"]] == [
+        (f, m) for f in (8, 16) for m in ("none", "dycoke", "fastv")]
+    assert (rep["model"]["frames_per_step"], rep["model"]["tokens_per_step"]) == (2, 16)
+    for f, (steps, full, ttm, budget) in QWEN_EXPECTED.items():
+        none, dycoke, fastv = (_run(rep, f, m) for m in ("none", "dycoke", "fastv"))
+        assert {r["steps"] for r in (none, dycoke, fastv)} == {steps}
+        assert (none["visual_tokens_prefill"], none["visual_tokens_decode"]) == (full, full)
+        assert (dycoke["visual_tokens_prefill"], dycoke["visual_tokens_decode"]) == (ttm, budget)
+        assert (fastv["visual_tokens_prefill"], fastv["visual_tokens_decode"]) == (full, budget)
+        assert none["prefill_tokens"] - dycoke["prefill_tokens"] == full - ttm
+        for r in (none, dycoke, fastv):
+            assert r["tokens_generated"] == TOKENS + 1 and len(r["token_ids"]) == TOKENS + 1
+
+
+def test_quick_qwen_bench_skips_generate_and_says_so(qwen_report):
+    rep, text = qwen_report
+    assert rep["generate"] == [] and "M-RoPE" in rep["config"]["generate_skipped"]
+    [target] = [t for t in rep["targets"] if t["key"] == "loop_vs_generate"]
+    assert (target["measured"], target["met"]) == (None, None)
+    assert "### dycoke bench: quick: scaled-down Qwen2.5-VL, random weights (`--arch qwen2.5-vl-7b --quick`)" in text
+    assert "model.generate: not timed for Qwen2.5-VL" in text and "| our loop s |" not in text
+    assert "2 frames form one temporal step of 16 tokens" in text
+    if rep["memory_method"].startswith("rss"):  # the fresh process built the same Qwen model
+        assert "fresh process" in rep["memory_method"]
+
+
+def test_the_7b_refuses_in_one_line_when_its_weights_do_not_fit(monkeypatch):
+    monkeypatch.setattr(bench, "_free_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("built despite too little memory"))
+    argv = ["--arch", "qwen2.5-vl-7b", "--dtype", "bfloat16", "--device", "cpu", "--json", "", "--plot", ""]
+    with pytest.raises(bench.DycokeError) as exc:
+        bench.main(argv)
+    # Qwen2.5-VL-7B has 8.29 B parameters (its model card): 15.4 GiB in bf16.
+    assert str(exc.value) == ("Qwen2.5-VL-7B architecture, random weights needs 15.4 GiB for its bfloat16 weights "
+                              "(+10 %); cpu has 8.0 GiB free: run it on a larger GPU, or try --quick")
 
 
 def test_the_package_does_not_ship_the_benchmark():
