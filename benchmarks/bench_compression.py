@@ -444,9 +444,16 @@ def _memory_child(cfg: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit 2, like every other dycoke command."""
+
+    def error(self, message):
+        self.exit(2, f"dycoke: error: {message} (see '{self.prog} --help')\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="dycoke bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineErrors(prog="dycoke bench", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="llava-ov-0.5b", choices=list(ARCHS),
                    help="architecture to build with random weights (default llava-ov-0.5b; qwen2.5-vl-7b "
                         "needs ~16 GB in bf16: a GPU)")

@@ -34,11 +34,12 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selector=None) -> torch.Tensor:
+def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selector=None,
+               head: bool = True) -> torch.Tensor | None:
     """One forward pass of the language model over ``embeds`` [1, S, D] at ``positions`` [1, S]
     (or [3, 1, S] for M-RoPE).
 
-    Returns the logits of the last position [1, V]. ``selector`` (compression.selectors) sees
+    Returns the logits of the last position [1, V] (None with ``head=False``). ``selector`` (compression.selectors) sees
     its probed layer's attention; one that ``prunes == "prefill"`` also makes a prefill drop
     the unselected visual hidden states after that layer, for every later layer and step.
     """
@@ -58,6 +59,8 @@ def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selecto
                 keep = selector.kept_positions(hidden.shape[1], hidden.device)
                 hidden, positions = hidden[:, keep], positions[..., keep]
                 cos, sin = cos[:, keep], sin[:, keep]
+    if not head:
+        return None  # only the cache was wanted (a prompt prefix)
     hidden = decoder.norm(hidden[:, -1:])
     return lm.lm_head(hidden)[:, -1].float()
 

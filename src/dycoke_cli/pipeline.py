@@ -23,7 +23,7 @@ from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
 from .generate import DecodeTimings, TextStream, batch_positions, generate_tokens, run_layers, sync
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Method, Positions, SamplingOptions
-from .prompt import build_embeds, embed_parts, fit_context, fit_frames, prefill_positions
+from .prompt import build_embeds, embed_parts, fit_context, prefill_positions
 from .video import Video, VideoInfo, read_video
 from .results import (Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings,
                       Token, TokenPlan)
@@ -113,9 +113,7 @@ class Prefix:
 
     opts: CompressionOptions  # resolved
     plan: TokenPlan
-    before: tuple[int, ...]  # token ids before the video
     span: tuple[int, int]  # the visual tokens' place in the prompt
-    positions: torch.Tensor | None  # [P] position ids, None when contiguous
     keys: tuple[torch.Tensor, ...]  # per layer [1, KVH, P, d]
     values: tuple[torch.Tensor, ...]
     plan_s: float  # choosing the visual tokens (TTM or a baseline)
@@ -132,12 +130,18 @@ class Prefix:
         return torch.arange(self.length, self.length + n) if whole is None else whole[..., self.length:]
 
 
-def reuses_prefix(opts: CompressionOptions) -> bool:
-    return plan_prunes(opts) != "prefill"
+def reuses_prefix(lm, opts: CompressionOptions, question: str) -> bool:
+    """Whether this answer can start from a prefix computed without its question: not for
+    FastV (it selects tokens by the question), nor for a chat template that puts text of the
+    question before the video."""
+    return Method(opts.method) != Method.fastv and _before(lm, question) == _before(lm, PREFIX_PROBE)
 
 
-def plan_prunes(opts: CompressionOptions) -> str | None:
-    return {Method.dycoke: "decode", Method.fastv: "prefill"}.get(Method(opts.method))
+def _before(lm, question: str) -> tuple[int, ...]:
+    return tuple(lm.prompt_ids(question)[0].tolist())
+
+
+PREFIX_PROBE = "?"  # any question: the prompt before the video does not depend on it
 
 
 def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
@@ -146,7 +150,7 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
     t0 = time.perf_counter()
     plan = plan_tokens(enc, opts)
     plan_s = time.perf_counter() - t0
-    before = lm.prompt_ids("?")[0]
+    before = lm.prompt_ids(PREFIX_PROBE)[0]
     with torch.inference_mode():
         embeds = embed_parts(lm, before, plan.tokens, enc.newline)
         span = (len(before), len(before) + plan.prefill_visual)
@@ -154,12 +158,11 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
         positions = prefill_positions(lm, span, plan, enc, length, opts.positions)
         cache = PrunedKVCache(lm.num_layers, length)
         ids = positions if positions is not None else torch.arange(length)
-        run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache)
+        run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache, head=False)
     sync(lm.device)
     keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
     values = tuple(layer.values[:, :, :length] for layer in cache.layers)
-    return Prefix(opts, plan, tuple(before.tolist()), span, positions, keys, values, plan_s,
-                  time.perf_counter() - t0 - plan_s)
+    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s)
 
 
 @dataclass(frozen=True)
@@ -216,10 +219,10 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     opts = opts.resolve(lm)
     t_gen = time.perf_counter() - (prefix.plan_s + prefix.compute_s if prefix_is_new else 0.0)
     built = prefix if prefix_is_new else None  # a prefix computed for this answer counts in its timings
-    if prefix is None and reuses_prefix(opts):
+    if prefix is None and reuses_prefix(lm, opts, question):
         prefix = built = build_prefix(lm, enc, opts)
-    if prefix is not None and (prefix.opts != opts or prefix.before != tuple(lm.prompt_ids(question)[0].tolist())):
-        raise ValueError("the prefix was computed for other options, or this prompt puts text before the video")
+    if prefix is not None and (prefix.opts != opts or not reuses_prefix(lm, opts, question)):
+        raise ValueError("this prefix was computed for other options, or cannot precede this question")
     prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix)
     shape = LMShape.from_config(lm.model.config.text_config)
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,

@@ -62,10 +62,12 @@ class Session:
         encoded_before = self.encoded is not None
         yield from self.encoding(question)
         enc = self.encoded
-        prefix, new = self._prefixes.get(opts), False
-        if prefix is None and reuses_prefix(opts):
-            prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts)
-            new = True
+        prefix, new = None, False
+        if reuses_prefix(self.lm, opts, question):
+            prefix = self._prefixes.get(opts)
+            if prefix is None:
+                prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts)
+                new = True
         result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new)
         result = replace(result, video=enc.video.info)
         if encoded_before:  # this answer spent no time reading or encoding the clip

@@ -1,0 +1,156 @@
+"""The command line's options: declared once, added to each command that takes them.
+
+``_OPTIONS`` maps a name to its Typer annotation and default; :func:`with_flags` adds the named
+ones to a command, which receives them as one :class:`Flags` object. Flags turn into the
+library's options (options.py), whose one validation names fields; the CLI shows flags.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from .options import REFRESH_THRESHOLD, CompressionOptions, Method, OptionError, Positions, SamplingOptions
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# name -> (annotation, default). Declared once; each command lists the ones it takes.
+
+_OPTIONS: dict[str, tuple[object, object]] = {
+    "model": (Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help="Model folder, Hugging Face id, or 'demo'. Default: $DYCOKE_MODEL or llava-hf/llava-onevision-qwen2-0.5b-ov-hf.")], None),
+    "frames": (Annotated[Optional[int], typer.Option("--frames", "-f", show_default=False, help="Frames to sample uniformly by time \\[default: the model's, 32 for LLaVA-OV]; at most what the model's context holds.")], None),
+    "method": (Annotated[Method, typer.Option("--method", help="Compression: dycoke, or a baseline at the same visual-token budget, or none.")], Method.dycoke),
+    "methods": (Annotated[str, typer.Option("--methods", help="Comma-separated methods, first = baseline: none, dycoke, fastv, random, frames.")], "none,dycoke"),
+    "ttm_k": (Annotated[Optional[float], typer.Option("--ttm-k", show_default=False, help="TTM: fraction of tokens dropped from compared frames, in [0, 1) \\[default: model's, 0.7].")], None),
+    "prune_p": (Annotated[Optional[float], typer.Option("--prune-p", show_default=False, help="Decode pruning: fraction of visual KV entries pruned, in [0, 1) \\[default: model's, 0.7].")], None),
+    "prune_layer": (Annotated[Optional[int], typer.Option("--prune-layer", show_default=False, help="First layer L whose attention is pruned (layer L-1 is probed) \\[default: model's, 3].")], None),
+    "refresh_threshold": (Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")], REFRESH_THRESHOLD),
+    "frame_coverage": (Annotated[float, typer.Option("--frame-coverage", help="Share of the decode budget spread evenly over frames, in [0, 1]; 0 = the paper's top-k (not in the paper).")], 0.0),
+    "positions": (Annotated[Optional[Positions], typer.Option("--positions", show_default=False, help="Position ids of kept visual tokens: contiguous (the paper) or original (as in the full video) \\[default: the model's, contiguous].")], None),
+    "no_compress": (Annotated[bool, typer.Option("--no-compress", help="Same as --method none.")], False),
+    "offload_pruned": (Annotated[bool, typer.Option("--offload-pruned", help="Keep pruned KV entries in host memory instead of on the accelerator.")], False),
+    "max_new_tokens": (Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")], 256),
+    "temperature": (Annotated[float, typer.Option("--temperature", help="0 = greedy, else in [0.01, 100].")], 0.0),
+    "top_p": (Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")], 1.0),
+    "seed": (Annotated[Optional[int], typer.Option("--seed", show_default=False, help="Seed for sampling and the random baseline, in [0, 2^64 - 1].")], None),
+    "device": (Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")], DeviceChoice.auto),
+    "dtype": (Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")], DtypeChoice.auto),
+    "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")], False),
+    "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Encode the clip afresh: neither read nor write the feature cache (`dycoke cache info`).")], False),
+    "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text: one object per answer, one per line.")], False),
+    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")], False),
+}
+
+MODEL = ("model", "device", "dtype", "allow_pickle", "no_cache")
+COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "frame_coverage", "positions", "offload_pruned")
+SAMPLING = ("max_new_tokens", "temperature", "top_p")
+OUTPUT = ("json_out", "quiet")
+ANSWER = ("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The shared options one command was given (those it does not take keep their defaults)."""
+
+    model: str | None = None
+    frames: int | None = None
+    method: Method = Method.dycoke
+    methods: str = "none,dycoke"
+    ttm_k: float | None = None
+    prune_p: float | None = None
+    prune_layer: int | None = None
+    refresh_threshold: float = REFRESH_THRESHOLD
+    frame_coverage: float = 0.0
+    positions: Positions | None = None
+    no_compress: bool = False
+    offload_pruned: bool = False
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    device: DeviceChoice = DeviceChoice.auto
+    dtype: DtypeChoice = DtypeChoice.auto
+    allow_pickle: bool = False
+    no_cache: bool = False
+    json_out: bool = False
+    quiet: bool = False
+
+    @property
+    def model_name(self) -> str:
+        from .model import DEFAULT_MODEL
+
+        return self.model or os.environ.get("DYCOKE_MODEL") or DEFAULT_MODEL
+
+    def compression(self, method: Method | None = None) -> CompressionOptions:
+        method = method or (Method.none if self.no_compress else self.method)
+        return CompressionOptions(method=method, ttm_k=self.ttm_k, prune_p=self.prune_p, prune_layer=self.prune_layer,
+                                  refresh_threshold=self.refresh_threshold, offload_pruned=self.offload_pruned,
+                                  seed=self.seed if self.seed is not None else 0, frame_coverage=self.frame_coverage,
+                                  positions=self.positions).validate()
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                               seed=self.seed).validate()
+
+    def check(self) -> None:
+        """Everything that can be checked before touching the video or the model."""
+        if self.frames is not None and self.frames < 1:
+            raise OptionError("frames", f"must be at least 1 (got {self.frames})")
+        self.compression()
+        self.sampling()
+
+    def feature_cache(self):
+        """The on-disk feature cache, or None with --no-cache."""
+        from .feature_cache import FeatureCache
+
+        return None if self.no_cache else FeatureCache()
+
+    def locate(self) -> None:
+        """Find and check the model folder (cheap: no weights are read)."""
+        from .model import locate_model
+
+        locate_model(self.model_name, self.allow_pickle)
+
+    def load(self):
+        from .model import load_model
+
+        return load_model(self.model_name, device=self.device.value, dtype=self.dtype.value,
+                          allow_pickle=self.allow_pickle)
+
+
+def with_flags(*names: str, **defaults):
+    """Add the shared options ``names`` to a command; it receives them as ``flags: Flags``.
+    ``defaults`` overrides a shared default for this command."""
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "flags"]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=_OPTIONS[n][0],
+                                    default=defaults.get(n, _OPTIONS[n][1])) for n in names]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            flags = Flags(**{n: kwargs.pop(n) for n in names})
+            return fn(**kwargs, flags=flags)
+
+        command.__signature__ = inspect.Signature(own + shared)
+        return command
+
+    return decorate
