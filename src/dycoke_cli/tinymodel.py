@@ -105,16 +105,22 @@ def build_llava_onevision(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0,
     """A randomly initialised LlavaOnevisionForConditionalGeneration sized by ``spec``, in eval
     mode. With ``dtype`` or ``attn_implementation`` (e.g. the probing attention, registered by
     the caller) it is built through ``_from_config`` directly in that dtype; ``device`` moves it."""
-    import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
     config = llava_onevision_config(tokenizer, spec, vocab_size)
+    return _instantiate(LlavaOnevisionForConditionalGeneration, config, tokenizer, seed, dtype, device,
+                        attn_implementation)
+
+
+def _instantiate(model_class, config, tokenizer, seed: int, dtype, device, attn_implementation):
+    """A random ``model_class`` of ``config`` (seeded), in eval mode, with the tokenizer's ids."""
+    import torch
+
     torch.manual_seed(seed)
     if dtype is None and attn_implementation is None:
-        model = LlavaOnevisionForConditionalGeneration(config)
+        model = model_class(config)
     else:
-        model = LlavaOnevisionForConditionalGeneration._from_config(
-            config, dtype=dtype, attn_implementation=attn_implementation)
+        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     if device is not None:
         model.to(device)
     model.eval()
@@ -177,6 +183,14 @@ def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None
                     dycoke_defaults: dict | None = None) -> Path:
     """Write ``model`` + ``tokenizer`` + video preprocessor config (+ optional DyCoke defaults)
     in the Hugging Face layout that :func:`dycoke_cli.model.load_model` reads."""
+    size = model.config.vision_config.image_size
+    spec = spec or FrameSpec(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return _save(model, tokenizer, folder, spec.to_dict(), dycoke_defaults)
+
+
+def _save(model, tokenizer, folder: str | Path, preprocessor: dict, dycoke_defaults: dict | None) -> Path:
+    """The Hugging Face layout: weights, tokenizer, chat template, video preprocessor config,
+    and our dycoke.json when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     from .model import quiet_transformers
@@ -185,9 +199,7 @@ def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None
         model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
-    size = model.config.vision_config.image_size
-    spec = spec or FrameSpec(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     if dycoke_defaults:
         (folder / "dycoke.json").write_text(json.dumps(dycoke_defaults, indent=2) + "\n")
     return folder
@@ -220,7 +232,6 @@ class TinyQwenSpec:
 def build_qwen2_5_vl(tokenizer, spec: TinyQwenSpec = TinyQwenSpec(), seed: int = 0, vocab_size: int | None = None,
                      *, dtype=None, device=None, attn_implementation=None):
     """A randomly initialised Qwen2_5_VLForConditionalGeneration sized by ``spec``, in eval mode."""
-    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
@@ -242,37 +253,16 @@ def build_qwen2_5_vl(tokenizer, spec: TinyQwenSpec = TinyQwenSpec(), seed: int =
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=spec.tie_word_embeddings),
         tie_word_embeddings=spec.tie_word_embeddings, **ids)
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    if dtype is None and attn_implementation is None:
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    else:
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype,
-                                                                 attn_implementation=attn_implementation)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
-    return model
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed, dtype, device,
+                        attn_implementation)
 
 
 def save_qwen_checkpoint(model, tokenizer, folder: str | Path, spec: TinyQwenSpec = TinyQwenSpec(),
                          dycoke_defaults: dict | None = None, fps: float = 2.0, min_frames: int = 2,
                          max_frames: int = 16) -> Path:
     """Write a Qwen2.5-VL ``model`` + ``tokenizer`` + chat template + video preprocessor config."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    from .model import quiet_transformers
-
-    with quiet_transformers():
-        model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
     preprocessor = {"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
                     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
                     "temporal_patch_size": 2, "patch_size": 14, "merge_size": 2, "fps": fps,
                     "min_frames": min_frames, "max_frames": max_frames}
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    if dycoke_defaults:
-        (folder / "dycoke.json").write_text(json.dumps(dycoke_defaults, indent=2) + "\n")
-    return folder
+    return _save(model, tokenizer, folder, preprocessor, dycoke_defaults)
