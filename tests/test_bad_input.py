@@ -179,7 +179,7 @@ def test_eval_skips_an_unreadable_clip_and_says_so(qa_folder, tiny_model_dir, ca
     code, out, err = run_cli(["eval", str(qa), "--model", str(tiny_model_dir), "--methods", "none,dycoke",
                               "--json", "--max-new-tokens", "2"], capsys, monkeypatch)
     b = qa_folder / "b.mp4"
-    assert (code, err) == (1, f"dycoke: error: b.mp4: {b}: damaged or truncated video file (FFmpeg cannot read it)\n")
+    assert (code, err) == (1, f"dycoke: error: {b}: damaged or truncated video file (FFmpeg cannot read it)\n")
     report = json.loads(out)
     assert [(f["video"], f["questions"]) for f in report["failures"]] == [("b.mp4", 2)]
     for method in ("none", "dycoke"):

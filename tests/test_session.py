@@ -215,3 +215,67 @@ def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_session(tiny_model_dir, c
     lines = b"".join(out).decode().splitlines()
     assert len(lines) == 3  # the interrupted answer, the next one, /stats of the next one
     assert lines[1].strip() and lines[2].startswith("[dycoke] visual tokens 32 -> 32 ")
+
+
+# -- found in review ----------------------------------------------------------------------------
+
+
+def test_eval_with_a_device_for_a_video_fails_fast(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"video": "/dev/zero", "question": QUESTIONS[0], "answer": "red"}) + "\n")
+    started = time.monotonic()
+    code, out, err = run_cli(["eval", str(qa), "--model", str(tiny_model_dir), "--methods", "dycoke", "--json"],
+                             capsys, monkeypatch)
+    assert (code, err) == (1, "dycoke: error: /dev/zero: not a regular file\n")
+    assert json.loads(out)["failures"][0]["questions"] == 1 and time.monotonic() - started < 30
+
+
+def test_a_cache_hit_reports_the_file_asked_about(tiny_model_dir, clip_path, tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(clip_path.read_bytes())
+    env = {"DYCOKE_CACHE": str(tmp_path / "c")}
+    for path in (clip_path, copy):
+        code, out, _ = run_cli(["ask", str(path), QUESTIONS[0], "--model", str(tiny_model_dir), "--json",
+                                "--max-new-tokens", "1", "--frames", "6"], capsys, monkeypatch, env=env)
+        assert code == 0 and json.loads(out)["video"]["path"] == str(path)
+    assert len(FeatureCache(tmp_path / "c").entries()) == 1  # the same content: one entry
+
+
+def test_compare_fits_the_frames_for_every_method(tiny_model_dir, clip_path, tmp_path, capsys, monkeypatch):
+    # A checkpoint whose default frame count fits DyCoke's context (2,332) but not none's (1,020).
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "dycoke.json").write_text(json.dumps({"num_frames": 2000, "prune_layer": 2}))
+    code, out, err = run_cli(["compare", str(clip_path), QUESTIONS[0], "--model", str(folder), "--json", "-q",
+                              "--max-new-tokens", "1"], capsys, monkeypatch)
+    assert (code, err) == (0, "")
+    assert [m["method"] for m in json.loads(out)["methods"]] == ["none", "dycoke"]
+
+
+def test_chat_commands_with_bad_values_keep_the_session(tiny_model_dir, clip_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/frames \u00b2\n/frames {'9' * 5000}\n{QUESTIONS[0]}\n"))
+    code, out, err = run_cli(["chat", str(clip_path), "--model", str(tiny_model_dir), "-q", "--max-new-tokens", "2"],
+                             capsys, monkeypatch)
+    assert code == 0 and len(out.splitlines()) == 1
+    assert err.splitlines()[0] == "[dycoke] /frames needs a whole number of frames, at least 1 (got '\u00b2')"
+    assert err.splitlines()[1].startswith("[dycoke] /frames needs a whole number of frames, at least 1 (got '999")
+
+
+def test_the_qwen_feature_cache_hits(tmp_path):
+    from clips import write_clip
+    from conftest import TINY_WORDS
+
+    from dycoke_cli.model import load_model
+    from dycoke_cli.tinymodel import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
+
+    tok = build_word_tokenizer(TINY_WORDS, family="qwen2_5_vl")
+    lm = load_model(str(save_qwen_checkpoint(build_qwen2_5_vl(tok), tok, tmp_path / "q")), device="cpu",
+                    dtype="float32")
+    clip = write_clip(tmp_path / "c.mp4", n_frames=20, size=(64, 48), fps=10)
+    cache = FeatureCache(tmp_path / "cache")
+    first = encode_video(lm, clip, 8, cache=cache)
+    hit = encode_video(lm, clip, 8, cache=cache)
+    assert first.frames == 4 and hit.video.frames is None and torch.equal(hit.features, first.features)
+    assert (hit.rows, hit.cols, hit.step_seconds) == (first.rows, first.cols, first.step_seconds)

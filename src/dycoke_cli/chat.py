@@ -40,20 +40,33 @@ def read_questions(stream: TextIO, interactive: bool, prompt: str = ">>> ") -> I
             pass
     while True:
         try:
-            line = input(prompt) if interactive else stream.readline()
+            line = _read(stream, interactive, prompt)
         except KeyboardInterrupt:
-            if interactive:
-                print(file=sys.stderr)  # a fresh prompt line, as shells do
+            if not interactive:
+                raise  # nobody types into a pipe: Ctrl-C ends the chat
+            print(file=sys.stderr)  # a fresh prompt line, as shells do
             continue
-        except EOFError:
+        if line is None:
             return
-        if not interactive and line == "":
-            return
-        line = line.strip()
-        if interactive and line.startswith(MULTILINE):
-            line = _multiline(line[len(MULTILINE):])
         if line:
             yield line
+
+
+def _read(stream: TextIO, interactive: bool, prompt: str) -> str | None:
+    """One question as typed (None at the end of input)."""
+    if not interactive:
+        line = stream.readline()
+        return None if line == "" else line.strip()
+    try:
+        line = input(prompt).strip()
+    except EOFError:
+        return None
+    if not line.startswith(MULTILINE):
+        return line
+    first = line[len(MULTILINE):]
+    if first.rstrip().endswith(MULTILINE):  # opened and closed on one line
+        return first.rstrip()[: -len(MULTILINE)].strip()
+    return _multiline(first)
 
 
 def _multiline(first: str) -> str:
@@ -104,10 +117,14 @@ class Chat:
         return True
 
     def _answer(self, question: str) -> None:
+        self._guarded(self.actions.answer, question, "answer interrupted")
+
+    def _guarded(self, action: Callable, arg, interrupted: str) -> None:
+        """Run one action; Ctrl-C or an error of ours ends that action, not the chat."""
         try:
-            self.actions.answer(question)
+            action(arg)
         except KeyboardInterrupt:
-            self.actions.note("answer interrupted")
+            self.actions.note(interrupted)
         except DycokeError as exc:
             self.actions.note(f"error: {exc.for_flag() if isinstance(exc, OptionError) else exc}")
 
@@ -118,10 +135,7 @@ class Chat:
         self._answer(self.session.lm.defaults.caption_prompt)
 
     def _compare(self, arg: str) -> None:
-        try:
-            self.actions.compare(arg or None)
-        except KeyboardInterrupt:
-            self.actions.note("comparison interrupted")
+        self._guarded(self.actions.compare, arg or None, "comparison interrupted")
 
     def _method(self, arg: str) -> None:
         try:
@@ -129,15 +143,17 @@ class Chat:
         except ValueError:
             self.actions.note(f"/method needs one of {', '.join(m.value for m in Method)} (got {arg!r})")
             return
-        self.session.set_compression(replace(self.session.compression, method=method))
-        self.actions.note(f"method: {method.value}")
+        self._guarded(lambda m: self.session.set_compression(replace(self.session.compression, method=m)), method,
+                      "interrupted")
+        self.actions.note(f"method: {self.session.compression.method.value}")
 
     def _frames(self, arg: str) -> None:
-        if not arg.isdigit() or int(arg) < 1:
+        count = int(arg) if arg.isascii() and arg.isdigit() and len(arg) < 10 else 0
+        if count < 1:
             self.actions.note(f"/frames needs a whole number of frames, at least 1 (got {arg!r})")
             return
-        self.session.set_frames(int(arg))
-        self.actions.note(f"frames: {int(arg)} (the clip is encoded again at the next question)")
+        self.session.set_frames(count)
+        self.actions.note(f"frames: {count} (the clip is encoded again at the next question)")
 
     def _stats(self, arg: str) -> None:
         from .display import summary_line

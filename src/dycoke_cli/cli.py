@@ -185,8 +185,9 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
                            stdout_is_terminal=bool(sys.stdout.isatty()))
     answering = Answering(display, flags.json_out)
     try:
-        for event in session.stream(question, flags.sampling()):
-            answering.show(event)
+        with oom_guard(RunSettings(session.frames, session.compression.ttm_k, session.compression.method.value)):
+            for event in session.stream(question, flags.sampling()):
+                answering.show(event)
     except KeyboardInterrupt:
         display.close()
         out(answering.interrupted_output())
@@ -234,8 +235,8 @@ def compare(
         lm = _load_announced(flags)
         base = base.resolve(lm)
         question = question if question is not None else lm.defaults.caption_prompt
-        for method in chosen:  # the frames must fit the context with every method
-            n = fit_frames(lm, flags.frames, replace(base, method=method), question, video)
+        # the frames must fit the context with every method
+        n = min(fit_frames(lm, flags.frames, replace(base, method=m), question, video) for m in chosen)
         _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
         settings.update_from(lm, n, base)
         enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())
@@ -301,7 +302,9 @@ def eval_cmd(
     else:
         out_rich(eval_table(report["summary"]))
     for failure in report["failures"]:
-        print(f"dycoke: error: {failure['video']}: {failure['error']}", file=sys.stderr)
+        error = failure["error"]  # names the file already when the reader failed
+        where = "" if failure["video"] in error else f"{failure['video']}: "
+        print(f"dycoke: error: {where}{error}", file=sys.stderr)
     if report["failures"]:
         raise typer.Exit(1)
 

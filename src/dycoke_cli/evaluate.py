@@ -13,7 +13,7 @@ import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import DycokeError, UsageError, VideoError
+from .errors import DycokeError, UsageError
 from .options import CompressionOptions, Method, SamplingOptions
 from .pipeline import answer, encode_video
 from .feature_cache import FeatureCache
@@ -170,8 +170,9 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int | None, base:
              items: list[EvalItem] | None = None, cache: FeatureCache | None = None) -> dict:
     """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``.
 
-    A clip that cannot be read is skipped with its questions and listed under ``failures``
-    (the summary counts them); the rest of the set is still evaluated."""
+    A clip that cannot be read, or an answer that fails (a question too long for the context),
+    is skipped and listed under ``failures`` (the summary counts them); the rest of the set is
+    still evaluated."""
     items = items if items is not None else read_qa(qa_path)
     by_video: dict[str, list[EvalItem]] = {}
     for item in items:
@@ -182,14 +183,17 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int | None, base:
         try:
             path = qa_path.parent / video
             enc = encode_video(lm, path, frames or lm.default_frames(path), timeout_s=timeout_s, cache=cache)
-        except (VideoError, UsageError) as exc:
+        except DycokeError as exc:  # unreadable clip, frames that do not fit, a model-specific refusal
             failures.append({"video": video, "questions": len(group), "error": str(exc)})
             done += len(group) * len(methods)
             continue
         for method in methods:
             opts = replace(base, method=method)
             for item in group:
-                records.append(_score(lm, enc, item, opts, sampling))
+                try:
+                    records.append(_score(lm, enc, item, opts, sampling))
+                except DycokeError as exc:  # e.g. this question does not fit the context
+                    failures.append({"video": video, "questions": 1, "method": method.value, "error": str(exc)})
                 done += 1
                 if progress:
                     progress(done, total)
@@ -206,16 +210,17 @@ def _score(lm, enc, item: EvalItem, opts: CompressionOptions, sampling: Sampling
 
 
 def summarize(records: list[dict], methods: list[Method], failures: list[dict] = ()) -> dict:
-    """Per method: answers scored, accuracy over them, and the questions skipped (unreadable clips)."""
+    """Per method: answers scored, accuracy over them, and the questions skipped (a clip that
+    could not be read counts for every method, a failed answer for its own)."""
     out = {}
-    skipped = sum(f["questions"] for f in failures)
+
     kinds = sorted({r["kind"] for r in records if r["kind"]})
     for method in methods:
         rs = [r for r in records if r["method"] == method.value]
         n = max(len(rs), 1)
         entry = {
             "n": len(rs),
-            "skipped": skipped,
+            "skipped": sum(f["questions"] for f in failures if f.get("method") in (None, method.value)),
             "accuracy": sum(r["correct"] for r in rs) / n,
             "mean_retention": sum(r["retention"] for r in rs) / n,
             "mean_llm_s": sum(r["llm_s"] for r in rs) / n,

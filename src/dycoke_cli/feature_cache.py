@@ -16,9 +16,12 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .video import VideoInfo
 
 DEFAULT_LIMIT_MB = 2048
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.safetensors$")
@@ -42,31 +45,44 @@ def default_limit() -> int:
 
 
 def file_digest(path: str | os.PathLike) -> str | None:
-    """SHA-256 of a file's bytes, read in chunks; None when it cannot be read (the video
-    reader then says why)."""
+    """SHA-256 of a regular file's bytes, read in chunks; None for anything else or anything
+    unreadable (the video reader then says why). Opened without blocking and checked before
+    reading: a FIFO or a device is never read (it could block or never end)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except (OSError, ValueError):
         return None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            os.set_blocking(fd, True)
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        except (OSError, ValueError):
+            return None
     return h.hexdigest()
 
 
 def model_identity(lm) -> str | None:
-    """What makes a checkpoint's features what they are: its config files and the name, size and
-    modification time of its weight files. None for a model not loaded from a folder."""
+    """What makes a checkpoint's features what they are: the family and device, its config files
+    and the name, size and modification time of its weight files (shards in subfolders too).
+    None for a model not loaded from a folder."""
     folder = Path(lm.path)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         return None
-    h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        if p.suffix == ".json":
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
-        elif p.suffix in (".safetensors", ".bin"):
-            st = p.stat()
-            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    h = hashlib.sha256(f"{lm.family}\0{getattr(lm.device, 'type', lm.device)}".encode())
+    try:
+        for p in sorted(folder.rglob("*")):
+            name = str(p.relative_to(folder)).encode()
+            if p.suffix == ".json" and p.is_file():
+                h.update(name + b"\0" + p.read_bytes())
+            elif p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file():
+                st = p.stat()
+                h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    except OSError:
+        return None  # a folder we cannot fully read: no caching rather than a wrong key
     return h.hexdigest()
 
 
@@ -117,8 +133,11 @@ class FeatureCache:
                 features = f.get_tensor("features")
                 newline = f.get_tensor("newline") if "newline" in f.keys() else None
             info = json.loads(meta["info"])
+            VideoInfo.from_dict(info)  # complete and well typed, or a miss
+            layout = info.get("layout") or {}
             ok = meta.get("key") == key.digest() and features.dim() == 3 and str(features.dtype) == key.dtype
-            ok = ok and features.shape[0] == len(info["timestamps"]) <= key.frames
+            ok = ok and 1 <= features.shape[0] <= len(info["timestamps"]) <= key.frames  # steps <= frames
+            ok = ok and all(isinstance(layout.get(k, 0), (int, float)) for k in ("rows", "cols", "step_seconds"))
         except Exception:  # noqa: BLE001 - a damaged entry of any kind is a miss, rewritten later
             return None
         if not ok:
@@ -144,7 +163,7 @@ class FeatureCache:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        except OSError:
+        except Exception:  # noqa: BLE001 - OSError, or safetensors' own error on a full disk
             return False
         self.evict()
         return True

@@ -244,10 +244,6 @@ class LoadedModel:
         """Frames to sample from the clip at ``path`` when the user names no count."""
         return self.adapter.default_frames(self, path)
 
-    def step_tokens(self, width: int, height: int) -> int:
-        """Visual tokens per temporal step for a clip of this display size."""
-        return self.adapter.step_tokens(self, width, height)
-
     def preprocess(self, frames):
         """uint8 RGB frames [T, H, W, 3] -> what ``encode_video`` takes (frames first)."""
         return self.adapter.preprocess(self, frames)
@@ -298,7 +294,6 @@ class FamilyAdapter:
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults=None, **settings): ...
     def folder_settings(self, folder: Path, model, defaults: "ModelDefaults") -> dict: ...
     def default_frames(self, lm: LoadedModel, path) -> int: ...
-    def step_tokens(self, lm: LoadedModel, width: int, height: int) -> int: ...
     def preprocess(self, lm: LoadedModel, frames): ...
     def token_grid(self, lm: LoadedModel, pixels) -> tuple[int, int]: ...
     def encode_video(self, lm: LoadedModel, pixels): ...
@@ -420,9 +415,6 @@ class LlavaOneVisionAdapter(FamilyAdapter):
 
     def default_frames(self, lm, path):
         return lm.defaults.num_frames
-
-    def step_tokens(self, lm, width, height):
-        return lm.tokens_per_frame
 
     def preprocess(self, lm, frames):
         return preprocess_frames(frames, lm.frame_spec)

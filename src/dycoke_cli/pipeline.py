@@ -1,9 +1,10 @@
 """Wires the stages: video -> frames -> vision tower -> token plan -> decoding loop -> Answer.
 
-Never prints. Progress is a stream of events (results.Stage / Planned / Token, then Done):
-:func:`run` yields them for one question about one file; :func:`encoding` and
-:func:`answering` are its two halves, generators that *return* the EncodedVideo and the
-Answer; :func:`encode_video`, :func:`answer` and :func:`ask` are the same without events.
+Never prints. Progress is a stream of events (results.Stage / Planned / Token):
+:func:`encoding` and :func:`answering` are generators that yield them and *return* the
+EncodedVideo and the Answer; :func:`encode_video` and :func:`answer` are the same without
+events. The prompt up to the question is a :class:`Prefix`, computed once per clip and
+settings. session.py strings these together (Session, run, ask).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,7 +52,7 @@ def encoding(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60
         key = _feature_key(lm, path, num_frames)
         hit = cache.get(key) if key is not None else None
         if hit is not None:
-            info = VideoInfo.from_dict(hit.info)
+            info = replace(VideoInfo.from_dict(hit.info), path=os.fsdecode(path), requested=num_frames)
             newline = None if hit.newline is None else hit.newline.to(lm.device)
             layout = hit.info.get("layout") or {}
             return EncodedVideo(Video(None, info), hit.features.to(lm.device), newline, time.perf_counter() - t0,

@@ -48,10 +48,13 @@ class Session:
     def set_compression(self, compression: CompressionOptions) -> None:
         self.compression = compression.resolve(self.lm)
 
-    def encoding(self, question: str = "?") -> Iterator[Event]:
-        """Events of encoding the clip (none once it is encoded); sets ``encoded``."""
-        if self.encoded is None:
-            n = fit_frames(self.lm, self.frames, self.compression, question, self.video)
+    def encoding(self, question: str = "?", compression: CompressionOptions | None = None) -> Iterator[Event]:
+        """Events of encoding the clip (none while the encoded frames still fit); sets ``encoded``.
+        The frame count is fitted to the context for this question and method: a method or a
+        question that needs fewer frames than were encoded re-encodes (the feature cache
+        usually has them)."""
+        n = fit_frames(self.lm, self.frames, compression or self.compression, question, self.video)
+        if self.encoded is None or self.encoded.video.info.requested != n:
             self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache)
             self._prefixes.clear()
 
@@ -59,9 +62,10 @@ class Session:
                compression: CompressionOptions | None = None) -> Iterator[Event]:
         """Events of one answer, ending with ``Done(answer)``."""
         opts = (compression or self.compression).resolve(self.lm)
-        encoded_before = self.encoded is not None
-        yield from self.encoding(question)
+        before = self.encoded
+        yield from self.encoding(question, opts)
         enc = self.encoded
+        encoded_before = enc is before
         prefix, new = None, False
         if reuses_prefix(self.lm, opts, question):
             prefix = self._prefixes.get(opts)

@@ -174,10 +174,6 @@ class Qwen25VLAdapter(FamilyAdapter):
         n = min(max(round(duration * spec.fps), spec.min_frames), spec.max_frames)
         return max(spec.temporal_patch, n - n % spec.temporal_patch)
 
-    def step_tokens(self, lm, width, height):
-        h, w = smart_resize(height, width, lm.video_spec.min_pixels, lm.video_spec.max_pixels)
-        return (h // FACTOR) * (w // FACTOR)
-
     def preprocess(self, lm, frames):
         """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size."""
         import torch
