@@ -236,7 +236,8 @@ def compare(
         base = base.resolve(lm)
         question = question if question is not None else lm.defaults.caption_prompt
         # the frames must fit the context with every method
-        n = min(fit_frames(lm, flags.frames, replace(base, method=m), question, video) for m in chosen)
+        default = lm.default_frames(video) if flags.frames is None else None  # (Qwen: probes the clip once)
+        n = min(fit_frames(lm, flags.frames, replace(base, method=m), question, default) for m in chosen)
         _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
         settings.update_from(lm, n, base)
         enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())

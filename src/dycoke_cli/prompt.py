@@ -40,12 +40,12 @@ def context_length(lm) -> int | None:
     return getattr(lm.model.config.text_config, "max_position_embeddings", None)
 
 
-def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, video=None) -> int:
+def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, default: int | None = None) -> int:
     """The frame count to sample: ``frames``, refused with the bound when the prompt would not
-    fit the model's context with ``opts`` (resolved); without ``frames``, the model's default
-    for the clip at ``video`` (its fps rule, say), cut to what fits."""
-    n = frames if frames is not None else (lm.default_frames(video) if video is not None
-                                           else lm.defaults.num_frames)
+    fit the model's context with ``opts`` (resolved); without ``frames``, ``default`` (the
+    model's default for the clip, ``lm.default_frames(path)``: its fps rule, say), cut to what
+    fits."""
+    n = frames if frames is not None else (default if default is not None else lm.defaults.num_frames)
     limit = context_length(lm)
     if limit is None:
         return n

@@ -36,6 +36,7 @@ class Session:
         self.lm, self.video, self.cache, self.timeout_s = lm, video, cache, timeout_s
         self.compression = compression.resolve(lm)
         self.frames = frames
+        self._default_frames: int | None = None  # the model's frame count for this clip (Qwen: by fps)
         self.encoded: EncodedVideo | None = None
         self._prefixes: dict[CompressionOptions, Prefix] = {}
         self.answers: list[Answer] = []
@@ -53,7 +54,9 @@ class Session:
         The frame count is fitted to the context for this question and method: a method or a
         question that needs fewer frames than were encoded re-encodes (the feature cache
         usually has them)."""
-        n = fit_frames(self.lm, self.frames, compression or self.compression, question, self.video)
+        if self.frames is None and self._default_frames is None:  # the clip's default, found once
+            self._default_frames = self.lm.default_frames(self.video)
+        n = fit_frames(self.lm, self.frames, compression or self.compression, question, self._default_frames)
         if self.encoded is None or self.encoded.video.info.requested != n:
             self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache)
             self._prefixes.clear()
