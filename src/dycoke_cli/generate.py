@@ -134,26 +134,3 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
             logits = run_layers(lm, x, pos, cache, selector)
             token = choose_token(logits.cpu() if generator is not None else logits, opts, generator)
             timings.step_s.append(time.perf_counter() - t0)
-
-
-class TextStream:
-    """Incremental detokenisation: the text each new token adds, held back while incomplete."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""  # an unfinished multi-byte character, or a merge that rewrote the tail
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-    def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = text[len(self.text) :] if text.startswith(self.text) else ""
-        self.text = text
-        return delta

@@ -21,7 +21,8 @@ from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
-from .generate import DecodeTimings, TextStream, batch_positions, generate_tokens, run_layers, sync
+from .detokenize import TextStream
+from .generate import DecodeTimings, batch_positions, generate_tokens, run_layers, sync
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Method, Positions, SamplingOptions
 from .prompt import build_embeds, embed_parts, fit_context, prefill_positions
