@@ -3,14 +3,18 @@
 
 Builds, with dycoke_cli.tinymodel's builders and random weights, the LLaVA-OneVision-0.5B
 architecture (``--arch llava-ov-0.5b``, the default: SigLIP so400m-patch14-384 with the 26 layers
-LLaVA-OV uses + Qwen2-0.5B) or the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``: for a GPU, it
-needs ~16 GB in bf16); ``--quick`` builds a scaled-down model of the chosen family. The
+LLaVA-OV uses + Qwen2-0.5B; short name ``0.5b``), the LLaVA-OneVision-7B one (``--arch llava-ov-7b``
+or ``7b``: the same SigLIP + Qwen2-7B) or the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``); the two
+7B ones need ~15-16 GB in bf16, a GPU (on CUDA every model is built directly on the device).
+``--quick`` builds a scaled-down model of the chosen family. The
 arithmetic and the memory traffic are those of the real checkpoint, only the answers are
 gibberish. For each frame count it encodes a synthetic clip once (the vision tower is shared by
 every method), then answers the same question with ``none``, ``dycoke`` (the paper's defaults)
 and ``fastv`` (same visual budget), forcing a fixed number of decoded tokens so the methods are
-comparable, and finally times ``model.generate`` on the uncompressed inputs against our loop
-(not for Qwen2.5-VL: see GENERATE_SKIPPED_QWEN).
+comparable, and finally times ``model.generate`` on the uncompressed inputs (inputs_embeds,
+default dynamic cache, greedy, the same number of tokens) against each method's answer (not for
+Qwen2.5-VL: see GENERATE_SKIPPED_QWEN). Without --frames / --tokens: 8,16,32 frames and 32
+decoded tokens on CPU, 32,64,128 frames and 64 tokens on CUDA.
 
 Memory: "peak above the loaded model" is measured per method with dycoke_cli.memory.PeakMemory
 (on Linux the kernel's resident-set high-water mark, reset before each method after freeing
@@ -23,6 +27,7 @@ times stacked per method and frame count (bench_report.py), by default under run
     python benchmarks/bench_compression.py --frames 8,16,32 --json bench.json --plot bench.png
     python benchmarks/bench_compression.py --quick   # scaled-down model, well under a minute
     python benchmarks/bench_compression.py --arch qwen2.5-vl-7b --quick --frames 8,16 --tokens 4
+    python benchmarks/bench_compression.py --arch 7b --device cuda --dtype bfloat16   # on a GPU
     dycoke bench --quick                              # the same, from a source checkout
 """
 
@@ -107,11 +112,27 @@ QWEN_7B = Arch("Qwen2.5-VL-7B architecture, random weights", 152064, TinyQwenSpe
 # TinyQwenSpec with a wider vision tower (4 decoder layers): 112x112 frames, 4x4 = 16 tokens per step.
 QWEN_QUICK = Arch("quick: scaled-down Qwen2.5-VL, random weights", 2048, TinyQwenSpec(
     vision_hidden=64, vision_intermediate=128), family=QWEN, frame_side=112)
-ARCHS = {"llava-ov-0.5b": (FULL, QUICK), "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK)}  # --arch: (full, --quick)
+# llava-onevision-qwen2-7b-ov: the same SigLIP tower (so the same 196 tokens per frame) projected
+# into Qwen2-7B: hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocab 152064, rope 1e6,
+# untied input and output embeddings. About 8.0 B parameters: ~15 GB in bf16, a GPU.
+_QWEN2_7B_SIGLIP = {**_QWEN2_SIGLIP, "tie_word_embeddings": False}
+FULL_7B = Arch("llava-onevision-qwen2-7b architecture, random weights", 152064, TinySpec(
+    vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304, image_size=384, patch_size=14,
+    text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+    max_position_embeddings=32768, **_QWEN2_7B_SIGLIP))
+# QUICK's sizes with the 7B's untied embeddings and a wider grouped-query ratio (4 heads on 1 KV head;
+# the 7B has 7 per KV head): the same 16 tokens per frame, so the same token counts as QUICK.
+QUICK_7B = Arch("quick: scaled-down LLaVA-OneVision-7B, random weights", 2048, TinySpec(
+    vision_hidden=64, vision_layers=2, vision_heads=2, vision_intermediate=128, image_size=112, patch_size=14,
+    text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=1, text_intermediate=128,
+    max_position_embeddings=8192, **_QWEN2_7B_SIGLIP))
+ARCHS = {"llava-ov-0.5b": (FULL, QUICK), "llava-ov-7b": (FULL_7B, QUICK_7B),
+         "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK)}  # --arch: (full, --quick)
+ARCH_ALIASES = {"0.5b": "llava-ov-0.5b", "7b": "llava-ov-7b"}  # short --arch names
 
 
 def pick_arch(option: str, quick: bool) -> Arch:
-    return ARCHS[option][1 if quick else 0]
+    return ARCHS[ARCH_ALIASES.get(option, option)][1 if quick else 0]
 
 
 # ----------------------------------------------------------------------------- model
@@ -444,6 +465,10 @@ def _memory_child(cfg: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+DEFAULT_FRAMES = {"cpu": "8,16,32", "cuda": "32,64,128"}  # --frames left out, by device type
+DEFAULT_TOKENS = {"cpu": 32, "cuda": 64}  # --tokens left out
+
+
 class _OneLineErrors(argparse.ArgumentParser):
     """A bad flag is one line on stderr and exit 2, like every other dycoke command."""
 
@@ -454,40 +479,62 @@ class _OneLineErrors(argparse.ArgumentParser):
 def parse_args(argv):
     p = _OneLineErrors(prog="dycoke bench", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="llava-ov-0.5b", choices=list(ARCHS),
-                   help="architecture to build with random weights (default llava-ov-0.5b; qwen2.5-vl-7b "
-                        "needs ~16 GB in bf16: a GPU)")
-    p.add_argument("--frames", default="8,16,32",
-                   help="comma-separated frame counts (default 8,16,32; even for qwen2.5-vl-7b)")
+    p.add_argument("--arch", default="llava-ov-0.5b", choices=[*ARCHS, *ARCH_ALIASES],
+                   help="architecture to build with random weights (default llava-ov-0.5b, also '0.5b'; "
+                        "llava-ov-7b, also '7b', and qwen2.5-vl-7b need ~15-16 GB in bf16: a GPU)")
+    p.add_argument("--frames", default=None,
+                   help="comma-separated frame counts (default %s on CPU, %s on CUDA; even for qwen2.5-vl-7b)"
+                        % (DEFAULT_FRAMES["cpu"], DEFAULT_FRAMES["cuda"]))
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bf16 on CPUs with AVX-512 BF16/AMX and on CUDA, else fp32")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
-    p.add_argument("--tokens", type=int, default=32, help="decoding steps timed after the first token (>= 1)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="decoding steps timed after the first token (>= 1; default %d on CPU, %d on CUDA)"
+                        % (DEFAULT_TOKENS["cpu"], DEFAULT_TOKENS["cuda"]))
     p.add_argument("--quick", action="store_true",
                    help="scaled-down model of the --arch family: a smoke test in seconds")
     p.add_argument("--json", default="runs/bench/bench.json", help="where to write the JSON ('' to skip)")
     p.add_argument("--plot", default="runs/bench/bench.png", help="where to write the PNG ('' to skip)")
+    p.add_argument("--markdown", default="", help="also write the Markdown table to this file (default: stdout only)")
     p.add_argument("--no-generate", action="store_true", help="skip timing model.generate")
     p.add_argument("--decode-attention", default="stock", choices=["stock", "packed"],
                    help="what-if: 'packed' runs single-query GQA attention as KV-head-grouped queries "
                         "(same arithmetic, a faster CPU kernel); default: stock")
     args = p.parse_args(argv)
-    try:
-        args.frame_counts = sorted({int(x) for x in args.frames.split(",") if x.strip()})
-    except ValueError:
-        p.error(f"--frames: expected comma-separated integers (got {args.frames!r})")
-    if not args.frame_counts or min(args.frame_counts) < 1:
-        p.error("--frames: frame counts must be >= 1")
-    odd = [c for c in args.frame_counts if c % 2]
-    if odd and pick_arch(args.arch, False).family == QWEN:
-        p.error(f"--frames: {args.arch} encodes frames in temporal steps of 2; give even frame counts "
-                f"(got {','.join(map(str, odd))})")
-    if args.tokens < 1:
+    args.arch = ARCH_ALIASES.get(args.arch, args.arch)
+    args.frame_counts = None if args.frames is None else _frame_counts(p, args.frames, args.arch)
+    if args.tokens is not None and args.tokens < 1:
         p.error("--tokens must be >= 1")
     if args.threads < 1:
         p.error("--threads must be >= 1")
     return args
+
+
+def _frame_counts(p, text: str, arch: str) -> list[int]:
+    """--frames as sorted distinct counts, or a usage error."""
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--frames: expected comma-separated integers (got {text!r})")
+    if not counts or min(counts) < 1:
+        p.error("--frames: frame counts must be >= 1")
+    odd = [c for c in counts if c % 2]
+    if odd and pick_arch(arch, False).family == QWEN:
+        p.error(f"--frames: {arch} encodes frames in temporal steps of 2; give even frame counts "
+                f"(got {','.join(map(str, odd))})")
+    return counts
+
+
+def apply_device_defaults(args, device) -> None:
+    """--frames and --tokens left out: the defaults of the device's type (CUDA: longer clips and
+    answers, where the GPU's decode and DyCoke's savings show; CPU: what finishes in minutes)."""
+    kind = "cuda" if getattr(device, "type", str(device)) == "cuda" else "cpu"
+    if args.frame_counts is None:
+        args.frames = DEFAULT_FRAMES[kind]
+        args.frame_counts = [int(x) for x in args.frames.split(",")]
+    if args.tokens is None:
+        args.tokens = DEFAULT_TOKENS[kind]
 
 
 def run(args, log=lambda msg: None) -> dict:
@@ -500,8 +547,10 @@ def run(args, log=lambda msg: None) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    apply_device_defaults(args, device)
     dtype = pick_dtype(args.dtype, device)
     arch = pick_arch(args.arch, args.quick)
+    log(f"{device}, {dtype}: frames {args.frames}, {args.tokens} decoded tokens")
     check_free_memory(arch, dtype, device)
     mem = bench_memory(device)
     load_start = loadavg()
@@ -585,14 +634,27 @@ def _timed_runs(args, lm, frames, mem: PeakMemory, with_generate: bool, log):
             log(f"{count:3d} frames  {method:7s} prefill {r['prefill_s']:7.2f} s  decode "
                 f"{r['decode_ms_median']:7.1f} ms/token  peak {(r['peak_bytes'] or 0) / 2**20:6.0f} MB")
         if with_generate:
-            g = time_generate(lm, enc, args.tokens)
-            ours = next(r for r in runs if r["frames"] == count and r["method"] == "none")
-            g.update({"frames": count, "loop_s": ours["answer_wall_s"],
-                      "loop_over_generate": ours["answer_wall_s"] / g["generate_s"],
-                      "same_tokens": g["token_ids"] == ours["token_ids"]})
+            g = _against_generate(lm, enc, args.tokens, [r for r in runs if r["frames"] == count])
             generate.append(g)
-            log(f"{count:3d} frames  model.generate {g['generate_s']:.2f} s vs our loop {g['loop_s']:.2f} s")
+            log(f"{count:3d} frames  model.generate {g['generate_s']:.2f} s; our loop / generate: " + ", ".join(
+                f"{m} {v['loop_over_generate']:.2f}" for m, v in g["by_method"].items()))
     return runs, generate, rss_loaded, layout
+
+
+def _against_generate(lm, enc, tokens: int, runs: list[dict]) -> dict:
+    """Time model.generate on ``enc`` uncompressed and set, on each method's run at that frame
+    count, its answer's wall time over generate's (< 1: our loop is faster). The top-level
+    loop_s / loop_over_generate / same_tokens are those of ``none`` (same inputs, same tokens)."""
+    g = time_generate(lm, enc, tokens)
+    for r in runs:
+        r["loop_over_generate"] = r["answer_wall_s"] / g["generate_s"]
+    ours = next(r for r in runs if r["method"] == "none")
+    g.update({"frames": enc.video.info.frame_count, "loop_s": ours["answer_wall_s"],
+              "loop_over_generate": ours["loop_over_generate"],
+              "same_tokens": g["token_ids"] == ours["token_ids"],
+              "by_method": {r["method"]: {"loop_s": r["answer_wall_s"], "loop_over_generate": r["loop_over_generate"]}
+                            for r in runs}})
+    return g
 
 
 def _memory_pass(args, lm, mem: PeakMemory, runs: list[dict], layout: dict, log) -> str:
@@ -642,7 +704,7 @@ def check_output_path(path: str, flag: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot"), (args.markdown, "--markdown")):
         if path:
             check_output_path(path, flag)
     start = time.perf_counter()
@@ -652,8 +714,13 @@ def main(argv=None) -> int:
 
     with decode_attention(args.decode_attention):
         report = run(args, log)
-    sys.stdout.write(markdown(report))
+    table = markdown(report)
+    sys.stdout.write(table)
     sys.stdout.flush()
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table)
+        log(f"wrote {args.markdown}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

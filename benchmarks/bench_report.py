@@ -170,14 +170,22 @@ def _vision_note(report: dict) -> str:
 
 
 def _generate_table(generate: list[dict], skipped: str | None = None) -> list[str]:
+    """model.generate on the uncompressed inputs against our loop, per method: each method's
+    answer time over generate's at the same frame count (< 1: our loop is faster)."""
     if not generate and skipped:
         return [f"model.generate: {'not timed (--no-generate)' if skipped == '--no-generate' else skipped}."]
-    lines = ["| frames | our loop s | model.generate s | loop / generate | same tokens |",
+    methods = list(generate[0].get("by_method") or {"none": None}) if generate else ["none"]
+    names = " / ".join(methods)
+    lines = [f"| frames | model.generate s | our loop s ({names}) | loop / generate ({names}) | same tokens |",
              "|---:|---:|---:|---:|---|"]
     for g in generate:
-        lines.append(f"| {g['frames']} | {_f(g['loop_s'])} | {_f(g['generate_s'])} | "
-                     f"{_f(g['loop_over_generate'], '{:.3f}')} | {'yes' if g['same_tokens'] else 'no'} |")
-    return lines
+        by = g.get("by_method") or {"none": {"loop_s": g["loop_s"], "loop_over_generate": g["loop_over_generate"]}}
+        loops = " / ".join(_f(by.get(m, {}).get("loop_s")) for m in methods)
+        ratios = " / ".join(_f(by.get(m, {}).get("loop_over_generate"), "{:.3f}") for m in methods)
+        lines.append(f"| {g['frames']} | {_f(g['generate_s'])} | {loops} | {ratios} | "
+                     f"{'yes' if g['same_tokens'] else 'no'} |")
+    return lines + ["", "model.generate: inputs_embeds of the uncompressed prompt, default (dynamic) cache, greedy, "
+                        "the same number of tokens as our loop (EOS suppressed); loop / generate < 1: ours is faster."]
 
 
 def _load_note(report: dict) -> list[str]:
@@ -195,6 +203,12 @@ def _load_note(report: dict) -> list[str]:
 
 STAGE_COLOURS = (("vision_s", "vision tower", (150, 150, 150)), ("merge_s", "TTM", (120, 80, 170)),
                  ("prefill_s", "LLM prefill", (60, 110, 200)), ("decode_s", "decode", (235, 140, 40)))
+GENERATE_COLOUR = (90, 170, 110)  # model.generate (prefill + decode), stacked on the shared vision tower
+BAR_STAGES = (*((key, colour) for key, _, colour in STAGE_COLOURS), ("generate_s", GENERATE_COLOUR))
+
+
+def _bar_total(r: dict) -> float:
+    return sum(r.get(key, 0.0) for key, _ in BAR_STAGES)
 
 
 PLOT_SIZE, PLOT_MARGINS = (980, 560), (80, 200, 60, 80)  # left, right, top, bottom
@@ -204,7 +218,7 @@ def draw_plot(report: dict, path: str | os.PathLike) -> None:
     """Stacked bars (vision, TTM, prefill, decode seconds) per method, grouped by frame count."""
     from PIL import Image, ImageDraw
 
-    runs = report["runs"]
+    runs = [*report["runs"], *_generate_bars(report)]
     img = Image.new("RGB", PLOT_SIZE, "white")
     d = ImageDraw.Draw(img)
     font, small = _fonts()
@@ -212,8 +226,10 @@ def draw_plot(report: dict, path: str | os.PathLike) -> None:
     m = report["machine"]
     d.text((left, 12), f"Stage times per answer ({report['config']['tokens'] + 1} tokens), "
            f"{m['dtype']}, {m['threads']} threads", fill="black", font=font)
-    d.text((left, 32), f"{m['cpu']} | {m['date']}", fill=(90, 90, 90), font=small)
-    vmax = max((sum(r[k] for k, _, _ in STAGE_COLOURS) for r in runs), default=1.0) or 1.0
+    d.text((left, 32), f"{m.get('gpu') or m['cpu']} | {m['date']}" + (
+        " | under each bar: its answer time / model.generate's" if report.get("generate") else ""),
+        fill=(90, 90, 90), font=small)
+    vmax = max((_bar_total(r) for r in runs), default=1.0) or 1.0
     step = _nice_step(vmax / 6)
     vmax = math.ceil(vmax / step) * step
     plot_h, plot_w = PLOT_SIZE[1] - top - bottom, PLOT_SIZE[0] - left - right
@@ -228,10 +244,13 @@ def draw_plot(report: dict, path: str | os.PathLike) -> None:
         d.text((left - 8, y), f"{tick:g}", fill="black", font=small, anchor="rm")
         tick += step
     d.text((left - 8, top - 10), "seconds", fill="black", font=small, anchor="rb")
-    _draw_bars(d, report, y_of, (font, small))
+    _draw_bars(d, report, runs, y_of, (font, small))
     d.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
     lx, ly = left + plot_w + 24, top + 10
-    for _, label, colour in reversed(STAGE_COLOURS):
+    legend = [(label, colour) for _, label, colour in reversed(STAGE_COLOURS)]
+    if report.get("generate"):
+        legend.append(("model.generate", GENERATE_COLOUR))
+    for label, colour in legend:
         d.rectangle([lx, ly, lx + 16, ly + 16], fill=colour)
         d.text((lx + 24, ly + 8), label, fill="black", font=font, anchor="lm")
         ly += 28
@@ -248,15 +267,25 @@ def _fonts():
         return ImageFont.load_default(), ImageFont.load_default()
 
 
-def _draw_bars(d, report: dict, y_of, fonts) -> None:
-    """One group of bars per frame count, one bar per method, stages stacked bottom-up."""
+def _generate_bars(report: dict) -> list[dict]:
+    """model.generate as a pseudo-run per frame count: the shared vision tower + its wall time."""
+    vision = {r["frames"]: r["vision_s"] for r in report["runs"]}
+    return [{"frames": g["frames"], "method": "generate", "vision_s": vision.get(g["frames"], 0.0),
+             "generate_s": g["generate_s"]} for g in report.get("generate") or []]
+
+
+def _draw_bars(d, report: dict, runs: list[dict], y_of, fonts) -> None:
+    """One group of bars per frame count, one bar per method (then model.generate's, when timed),
+    stages stacked bottom-up; under each method's bar, its answer time / model.generate's."""
     font, small = fonts
-    runs, methods = report["runs"], report["config"]["methods"]
+    methods = [*report["config"]["methods"], *(["generate"] if report.get("generate") else [])]
     frames = sorted({r["frames"] for r in runs})
     left, right, top, bottom = PLOT_MARGINS
     plot_h, plot_w = PLOT_SIZE[1] - top - bottom, PLOT_SIZE[0] - left - right
     group_w = plot_w / max(len(frames), 1)
     bar_w = group_w / (len(methods) + 1)
+    if report.get("generate"):
+        d.text((left - 8, top + plot_h + 22), "/ gen.", fill=(90, 90, 90), font=small, anchor="rt")
     for gi, fcount in enumerate(frames):
         gx = left + gi * group_w + bar_w / 2
         for mi, method in enumerate(methods):
@@ -265,13 +294,16 @@ def _draw_bars(d, report: dict, y_of, fonts) -> None:
                 continue
             x0, x1 = gx + mi * bar_w + 2, gx + (mi + 1) * bar_w - 2
             acc = 0.0
-            for key, _, colour in STAGE_COLOURS:
-                if r[key] > 0:
+            for key, colour in BAR_STAGES:
+                if r.get(key, 0.0) > 0:
                     d.rectangle([x0, y_of(acc + r[key]), x1, y_of(acc)], fill=colour)
-                acc += r[key]
+                acc += r.get(key, 0.0)
             d.text(((x0 + x1) / 2, y_of(acc) - 4), f"{acc:.1f}", fill="black", font=small, anchor="mb")
             d.text(((x0 + x1) / 2, top + plot_h + 6), method, fill="black", font=small, anchor="mt")
-        d.text((gx + len(methods) * bar_w / 2, top + plot_h + 28), f"{fcount} frames", fill="black", font=font,
+            if r.get("loop_over_generate") is not None:
+                d.text(((x0 + x1) / 2, top + plot_h + 22), f"{r['loop_over_generate']:.2f}", fill=(90, 90, 90),
+                       font=small, anchor="mt")
+        d.text((gx + len(methods) * bar_w / 2, top + plot_h + 42), f"{fcount} frames", fill="black", font=font,
                anchor="mt")
 
 

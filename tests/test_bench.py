@@ -97,6 +97,18 @@ def test_markdown_table_and_plot_show_the_runs(report):
         assert img.format == "PNG" and img.size == (980, 560)
 
 
+def test_each_method_is_set_against_model_generate(report):
+    rep, text, _ = report
+    for g in rep["generate"]:
+        assert list(g["by_method"]) == ["none", "dycoke", "fastv"]
+        for method, v in g["by_method"].items():
+            r = _run(rep, g["frames"], method)
+            assert v["loop_s"] == r["answer_wall_s"]
+            assert v["loop_over_generate"] == r["loop_over_generate"] == r["answer_wall_s"] / g["generate_s"]
+        assert g["loop_over_generate"] == g["by_method"]["none"]["loop_over_generate"]
+    assert "| loop / generate (none / dycoke / fastv) |" in text
+
+
 def test_bad_arguments_exit_with_usage_error():
     for argv in (["--frames", "eight"], ["--frames", "0"], ["--tokens", "0"], ["--arch", "qwen3-vl"],
                  ["--arch", "qwen2.5-vl-7b", "--frames", "8,7"]):
@@ -109,6 +121,68 @@ def test_outputs_default_to_the_ignored_runs_folder():
     args = bench.parse_args([])
     assert (args.json, args.plot) == ("runs/bench/bench.json", "runs/bench/bench.png")
     assert args.arch == "llava-ov-0.5b" and bench.parse_args(["--frames", "7"]).frame_counts == [7]
+
+
+def test_short_arch_names_are_the_llava_onevision_ones():
+    assert bench.parse_args(["--arch", "0.5b"]).arch == "llava-ov-0.5b"
+    assert bench.parse_args(["--arch", "7b"]).arch == "llava-ov-7b"
+    assert bench.pick_arch("7b", False) is bench.FULL_7B and bench.pick_arch("7b", True) is bench.QUICK_7B
+    assert bench.pick_arch("llava-ov-0.5b", True) is bench.QUICK
+
+
+def test_frames_and_tokens_left_out_take_the_device_defaults():
+    import torch
+
+    for device, frames, tokens in (("cpu", [8, 16, 32], 32), ("cuda", [32, 64, 128], 64)):
+        args = bench.parse_args([])
+        assert (args.frame_counts, args.tokens) == (None, None)
+        bench.apply_device_defaults(args, torch.device(device))
+        assert (args.frame_counts, args.tokens) == (frames, tokens)
+    args = bench.parse_args(["--frames", "4,2", "--tokens", "3"])
+    bench.apply_device_defaults(args, torch.device("cuda"))
+    assert (args.frame_counts, args.tokens) == ([2, 4], 3)
+
+
+def test_llava_ov_7b_has_the_checkpoints_size_and_refuses_without_room(monkeypatch):
+    import torch
+
+    with torch.device("meta"):
+        model, _ = bench._build_random(bench.FULL_7B, torch.bfloat16, None)
+    # llava-onevision-qwen2-7b-ov: 8.03 B parameters (its model card); Qwen2-7B unties its embeddings.
+    assert sum(p.numel() for p in model.parameters()) == 8_030_348_832
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size) == (3584, 28, 28, 4, 18944, 152064)
+    monkeypatch.setattr(bench, "_free_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("built despite too little memory"))
+    with pytest.raises(bench.DycokeError, match="^llava-onevision-qwen2-7b architecture, random weights needs "
+                                                r"15\.0 GiB for its bfloat16 weights"):
+        bench.main(["--arch", "7b", "--dtype", "bfloat16", "--device", "cpu", "--json", "", "--plot", ""])
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+def test_the_7b_is_built_directly_on_the_gpu():
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    lm = bench.build_model(bench.FULL_7B, torch.bfloat16, torch.device("cuda"))
+    built_s = time.perf_counter() - t0
+    try:
+        assert {p.device.type for p in lm.model.parameters()} == {"cuda"}
+        assert built_s < 60, f"{built_s:.0f} s: initialised on the CPU, then moved?"
+    finally:
+        del lm
+        torch.cuda.empty_cache()
 
 
 # --arch qwen2.5-vl-7b --quick: 112 px frames stay 112 px (its max pixels are 112x112); 14 px
