@@ -1,26 +1,75 @@
-"""Incremental detokenisation for streaming answers."""
+"""Incremental detokenisation for streaming answers.
+
+The technique of vLLM's incremental detokenizer: keep a prefix
+offset and a read offset into the answer's ids. The ids before the read offset are already out as
+text; those from the prefix offset to the read offset are kept only as context. Each new token
+decodes the small window from the prefix offset twice, without and with the unread ids, and emits
+the difference. The context matters because a decode treats its first token specially (a
+SentencePiece or WordPiece decoder drops that token's leading space): slicing the context's own
+text off the window's text gives exactly what the whole decode adds. While the window's text ends
+with U+FFFD (a character whose bytes span several tokens, not all here yet) the text is held back;
+once it is complete the offsets move up, so every decode sees a few ids, not the whole answer.
+
+Special tokens are skipped (``skip_special_tokens=True``), as the whole decode skips them, and are
+never put in the window: they add no text, so in it they would be held back and pile up (a long
+run of them would make every decode long again).
+"""
 
 from __future__ import annotations
 
+REPLACEMENT = "\ufffd"  # what a decode gives for an unfinished multi-byte character
+
 
 class TextStream:
-    """Incremental detokenisation: the text each new token adds, held back while incomplete."""
+    """The text each new token adds, held back while incomplete; decodes only a window of recent ids.
 
-    def __init__(self, tokenizer):
+    The concatenation of every :meth:`push` and :meth:`finish` equals
+    ``tokenizer.decode(ids, skip_special_tokens=True)``.
+    """
+
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._window: list[int] = []  # text ids from the prefix offset on (specials left out)
+        self._read = 0  # window[:_read]: ids already out as text, kept as context
+        self._skipped: dict[int, bool] = {}
 
     def push(self, token: int) -> str:
+        """Add ``token``; return the text it completes ('' while a character is unfinished)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""  # an unfinished multi-byte character, or a merge that rewrote the tail
-        delta, self.text = text[len(self.text) :], text
-        return delta
+        if self._is_skipped(token):
+            return ""
+        self._window.append(token)
+        context, text = self._decode_window()
+        if len(text) <= len(context) or text.endswith(REPLACEMENT):
+            return ""
+        return self._emit(text[len(context) :])
 
     def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = text[len(self.text) :] if text.startswith(self.text) else ""
-        self.text = text
+        """Return whatever is still held back (an unfinished character comes out as U+FFFD)."""
+        context, text = self._decode_window()
+        return self._emit(text[len(context) :])
+
+    def _decode_window(self) -> tuple[str, str]:
+        """The text of the context ids alone, and of the context plus the unread ids."""
+        decode = self.tokenizer.decode
+        context = decode(self._window[: self._read], skip_special_tokens=True) if self._read else ""
+        return context, decode(self._window, skip_special_tokens=True)
+
+    def _emit(self, delta: str) -> str:
+        """Record ``delta`` as out; the unread ids become the context (prefix offset := read offset)."""
+        self._window = self._window[self._read :]
+        self._read = len(self._window)
+        self.text += delta
         return delta
+
+    def _is_skipped(self, token: int) -> bool:
+        """Whether a decode with ``skip_special_tokens=True`` drops ``token`` (asked once per id).
+
+        Asked of the tokenizer rather than read from ``all_special_ids``, which can miss added
+        special tokens that decode skips all the same (e.g. Qwen's vision markers)."""
+        if token not in self._skipped:
+            decode = self.tokenizer.decode
+            self._skipped[token] = decode([token], skip_special_tokens=True) == "" != decode([token])
+        return self._skipped[token]
