@@ -19,13 +19,13 @@ def test_refresh_rule_reuses_selection_while_attention_is_stable():
     sel = DecodeSelector(prune_from=2, span=(3, 13), keep=3, threshold=0.9)
     sel.observe_row(row([1, 4, 7]))
     assert sel.selection.tolist() == [1, 4, 7]
-    assert (sel.counts.selections, sel.counts.refreshes, sel.version) == (1, 0, 1)
+    assert (sel.counts.selections, sel.counts.refreshes, bool(sel.refreshed)) == (1, 0, True)
     # similar attention (cos >= 0.9) with a different top-3: the selection is reused
     stable = row([1, 4, 7]) + 0.2 * row([2], base=0.0)
     assert torch.nn.functional.cosine_similarity(stable, row([1, 4, 7]), dim=0) >= 0.9
     sel.observe_row(stable)
     assert sel.selection.tolist() == [1, 4, 7]
-    assert (sel.counts.selections, sel.counts.refreshes, sel.version) == (1, 0, 1)
+    assert (sel.counts.selections, sel.counts.refreshes, bool(sel.refreshed)) == (1, 0, False)
 
 
 def test_shift_refreshes_and_recall_brings_pruned_entries_back():

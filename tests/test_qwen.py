@@ -230,3 +230,31 @@ def test_a_bad_video_preprocessor_config_is_one_line(config, message, qwen_dir, 
     (folder / "video_preprocessor_config.json").write_text(json.dumps(config))
     assert run_cli(["ask", str(square_clip), QUESTION, "--model", str(folder), "-q"], capsys, monkeypatch) == (
         1, "", f"dycoke: error: {folder}{message}\n")
+
+
+@pytest.mark.parametrize("method", [Method.dycoke, Method.none, Method.fastv])
+def test_static_steps_give_the_eager_tokens_with_3d_positions(qwen, square_clip, method):
+    enc = encode_video(qwen, square_clip, 4)
+    from dycoke_cli.pipeline import answer
+
+    runs = [answer(qwen, enc, QUESTION, CompressionOptions(method=method),
+                   SamplingOptions(max_new_tokens=8, ignore_eos=True, decode=d)) for d in ("eager", "static")]
+    assert runs[1].token_ids == runs[0].token_ids and len(runs[1].token_ids) == 8
+    assert [r.stats.decode_path for r in runs] == ["eager", "static"]
+
+
+def test_a_static_step_with_3d_positions_has_no_host_sync(qwen, square_clip):
+    from sync_probe import step_syncs
+
+    from dycoke_cli.static_decode import StaticSteps
+
+    enc = encode_video(qwen, square_clip, 4)
+    _, positions, span, plan = our_first_logits(qwen, enc, QUESTION)
+    embeds, _ = build_embeds(qwen, QUESTION, plan.tokens, enc.newline)
+    sel = DecodeSelector(prune_from=2, span=span, keep=9)
+    cache = PrunedKVCache(qwen.num_layers, embeds.shape[1] + 5, sel)
+    with torch.inference_mode():
+        token = run_layers(qwen, embeds, batch_positions(positions), cache, sel).argmax(dim=-1)
+    steps = StaticSteps(qwen, cache, sel, int(positions.max()) + 1, 3, graph=False)
+    assert step_syncs(steps, token, 4) == []
+    assert sel.counts.steps == 4 and steps.position[:, 0, 0].tolist() == [int(positions.max()) + 5] * 3

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import REFRESH_THRESHOLD, CompressionOptions, Method, OptionError, Positions, SamplingOptions
+from .options import REFRESH_THRESHOLD, CompressionOptions, Decoding, Method, OptionError, Positions, SamplingOptions
 
 
 class DeviceChoice(str, Enum):
@@ -51,6 +51,7 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "temperature": (Annotated[float, typer.Option("--temperature", help="0 = greedy, else in [0.01, 100].")], 0.0),
     "top_p": (Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")], 1.0),
     "seed": (Annotated[Optional[int], typer.Option("--seed", show_default=False, help="Seed for sampling and the random baseline, in [0, 2^64 - 1].")], None),
+    "decode": (Annotated[Decoding, typer.Option("--decode", help="Decoding steps: auto = static shapes captured as a CUDA graph on CUDA, eager elsewhere; eager = the plain loop (for checking); static = static shapes (a CUDA graph on CUDA).")], Decoding.auto),
     "device": (Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")], DeviceChoice.auto),
     "dtype": (Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")], DtypeChoice.auto),
     "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")], False),
@@ -61,7 +62,7 @@ _OPTIONS: dict[str, tuple[object, object]] = {
 
 MODEL = ("model", "device", "dtype", "allow_pickle", "no_cache")
 COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "frame_coverage", "positions", "offload_pruned")
-SAMPLING = ("max_new_tokens", "temperature", "top_p")
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "decode")
 OUTPUT = ("json_out", "quiet")
 ANSWER = ("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
 
@@ -86,6 +87,7 @@ class Flags:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    decode: Decoding = Decoding.auto
     device: DeviceChoice = DeviceChoice.auto
     dtype: DtypeChoice = DtypeChoice.auto
     allow_pickle: bool = False
@@ -108,7 +110,7 @@ class Flags:
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                               seed=self.seed).validate()
+                               seed=self.seed, decode=self.decode).validate()
 
     def check(self) -> None:
         """Everything that can be checked before touching the video or the model."""

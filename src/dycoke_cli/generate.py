@@ -1,14 +1,21 @@
-"""The decoding loop: prefill, one decoding step, and a generator of chosen tokens.
+"""The decoding loop: prefill, the decoding steps, and a generator of chosen tokens.
 
 The language model is driven layer by layer through its public modules (embeddings are
 built by the pipeline; rotary embeddings, decoder layers, final norm and head come from the
 checkpoint), which lets a one-shot baseline drop hidden states mid-prefill and lets the
-probing attention function see which layer it runs in. Batch size is 1 and nothing is padded,
-so a mask is needed only for a prompt prefilled after a cached prefix (:func:`causal_after`).
+probing attention function see which layer it runs in. Batch size is 1 and nothing is padded.
+
+A long prompt is prefilled in chunks of ``PREFILL_CHUNK`` tokens, layer by layer, so the
+activations stay bounded. Tokens are chosen on the device (:func:`sample_token`); the host
+reads one small tensor per token (the id, with DyCoke's live counters). The steps run either
+eagerly (:class:`EagerSteps`, exact-length tensors) or with static shapes
+(:class:`~.static_decode.StaticSteps`, captured as a CUDA graph on CUDA): ``decode`` in
+:class:`~.options.SamplingOptions`; both give the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -16,13 +23,19 @@ from typing import Iterator
 import torch
 
 from .compression.attention import probing
-from .options import SamplingOptions
+from .options import Decoding, SamplingOptions
+
+PREFILL_CHUNK = 4096  # prompt tokens per attention call in a long prefill (bounds activation memory)
 
 
 @dataclass
 class DecodeTimings:
     prefill_s: float = 0.0
     step_s: list[float] = field(default_factory=list)  # one per decoding step after the first token
+    path: str | None = None  # how the steps ran: "eager", "static" or "cuda-graph" (None: no step ran)
+    path_note: str | None = None  # why a CUDA graph was not used, when it was asked for and failed
+    refreshes: int | None = None  # DyCoke's live counters, read with each token
+    recalled: int | None = None
 
     @property
     def decode_s(self) -> float:
@@ -34,27 +47,41 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def attention_backends(device, phase: str):
+    """SDPA kernels per phase on CUDA: never cuDNN, whose attention builds a new plan for every
+    new key length (2-4.5 ms of CPU per call, NOTES section 6). Prefill prefers flash (no mask)
+    then memory-efficient (masked chunks); a decoding step attends under a mask: memory-efficient.
+    Elsewhere nothing changes."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if phase == "decode":
+        order[:2] = order[1::-1]
+    return sdpa_kernel(order)
+
+
 def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selector=None,
-               head: bool = True) -> torch.Tensor | None:
+               head: bool = True, chunk: int | None = None) -> torch.Tensor | None:
     """One forward pass of the language model over ``embeds`` [1, S, D] at ``positions`` [1, S]
-    (or [3, 1, S] for M-RoPE).
+    (or [3, 1, S] for M-RoPE), in chunks of ``chunk`` tokens (default ``PREFILL_CHUNK``).
 
     Returns the logits of the last position [1, V] (None with ``head=False``). ``selector`` (compression.selectors) sees
     its probed layer's attention; one that ``prunes == "prefill"`` also makes a prefill drop
     the unselected visual hidden states after that layer, for every later layer and step.
+    The chunks go through the model layer by layer (every chunk through a layer, then the
+    next layer), so a one-shot pruner's cut still sees the whole prompt's last query.
     """
     decoder = lm.decoder
     hidden = embeds
     cos, sin = decoder.rotary_emb(hidden, positions)
-    mask = causal_after(cache.get_seq_length(), embeds.shape[1], embeds.device)
-    flat_ids = positions if positions.dim() == 2 else None  # 3-D (M-RoPE) ids reach only the rotary
     cut_after = None
     if selector is not None and selector.prunes == "prefill" and embeds.shape[1] > 1:
         cut_after = selector.probe_layer
     with probing(selector):
         for i, layer in enumerate(decoder.layers):
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=flat_ids,
-                           past_key_values=cache, use_cache=True)
+            hidden = _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk or PREFILL_CHUNK)
             if i == cut_after:
                 keep = selector.kept_positions(hidden.shape[1], hidden.device)
                 hidden, positions = hidden[:, keep], positions[..., keep]
@@ -63,6 +90,27 @@ def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selecto
         return None  # only the cache was wanted (a prompt prefix)
     hidden = decoder.norm(hidden[:, -1:])
     return lm.lm_head(hidden)[:, -1].float()
+
+
+def _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk: int) -> torch.Tensor:
+    """One decoder layer over ``hidden`` [1, S, D], ``chunk`` queries at a time. A pruned
+    cache layer takes its whole prompt in one piece (it files the visual part at its first
+    update), and a last piece of one query would pass for a decoding step: both are avoided."""
+    seq = hidden.shape[1]
+    if seq <= chunk or getattr(cache.layers[layer.self_attn.layer_idx], "whole_prompt", False):
+        bounds = [(0, seq)]
+    else:
+        bounds = [(a, min(a + chunk, seq)) for a in range(0, seq, chunk)]
+        if bounds[-1][1] - bounds[-1][0] == 1:
+            bounds[-2:] = [(bounds[-2][0], seq)]
+    flat_ids = positions if positions.dim() == 2 else None  # 3-D (M-RoPE) ids reach only the rotary
+    outs = []
+    for a, b in bounds:
+        mask = causal_after(cache.layers[layer.self_attn.layer_idx].get_seq_length(), b - a, hidden.device)
+        outs.append(layer(hidden[:, a:b], attention_mask=mask, position_embeddings=(cos[:, a:b], sin[:, a:b]),
+                          position_ids=None if flat_ids is None else flat_ids[:, a:b], past_key_values=cache,
+                          use_cache=True))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def batch_positions(positions: torch.Tensor) -> torch.Tensor:
@@ -80,18 +128,78 @@ def causal_after(past: int, n: int, device) -> torch.Tensor | None:
     return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
 
 
-def choose_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
+def make_generator(opts: SamplingOptions, device) -> torch.Generator | None:
+    """A generator on the model's device for sampling (None when greedy): seeded with
+    ``opts.seed``, else freshly; torch's global RNG is left alone."""
     if opts.temperature <= 0:
-        return int(logits.argmax(dim=-1))
-    probs = torch.softmax(logits[0] / opts.temperature, dim=-1)
+        return None
+    generator = torch.Generator(device=device)
+    if opts.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(opts.seed)
+    return generator
+
+
+def sample_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token id [1] on the logits' device, with no host sync: greedy when temperature
+    is 0, else temperature + nucleus (top-p). The draw is an exponential race (argmax of
+    p / E with E ~ Exp(1), which picks i with probability p_i), one kernel instead of
+    multinomial's host-side checks."""
+    if opts.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits[0].float() / opts.temperature, dim=-1)
     if opts.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = sorted_probs.cumsum(0)
-        cut = cumulative - sorted_probs > opts.top_p  # drop tokens once the mass before them exceeds p
-        sorted_probs[cut] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        cut = sorted_probs.cumsum(0) - sorted_probs > opts.top_p  # drop tokens once the mass before them exceeds p
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(cut, 0.0))
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax().view(1)
+
+
+def choose_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> int:
+    """:func:`sample_token` read on the host."""
+    return int(sample_token(logits, opts, generator))
+
+
+class EagerSteps:
+    """Decoding steps as plain calls: exact-length tensors, host reads where convenient."""
+
+    path = "eager"
+
+    def __init__(self, lm, cache, selector, next_position: int):
+        self.lm, self.cache, self.selector = lm, cache, selector
+        self.position = next_position
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] after feeding ``token`` [1] (a device tensor)."""
+        pos = torch.tensor([[self.position]], device=token.device)
+        self.position += 1
+        x = self.lm.decoder.embed_tokens(token.view(1, 1))
+        return run_layers(self.lm, x, pos, self.cache, self.selector)
+
+
+def pick_steps(lm, cache, selector, opts: SamplingOptions, next_position: int, position_dims: int = 2):
+    """The decoding steps ``opts.decode`` asks for; ``auto``: static on CUDA unless the pruned
+    entries are offloaded to the host (their gather needs host indices), eager elsewhere."""
+    mode = Decoding(opts.decode)
+    if mode == Decoding.auto:
+        mode = Decoding.static if lm.device.type == "cuda" and not cache.offloaded else Decoding.eager
+    if mode == Decoding.eager:
+        return EagerSteps(lm, cache, selector, next_position)
+    from .static_decode import StaticSteps
+
+    return StaticSteps(lm, cache, selector, next_position, position_dims, graph=lm.device.type == "cuda")
+
+
+def _read(token: torch.Tensor, selector, timings: DecodeTimings) -> int:
+    """The one host read per token: the id, and DyCoke's live counters in the same transfer."""
+    counters = getattr(selector, "counters", None)
+    if counters is None:
+        return int(token)
+    values = torch.cat([token.view(1), counters[2:]]).tolist()
+    timings.refreshes, timings.recalled = values[1], values[2]
+    return values[0]
 
 
 def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, selector=None,
@@ -102,35 +210,33 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
     tokens continue after the largest one. The EOS token itself is not yielded.
     """
     timings = timings if timings is not None else DecodeTimings()
-    generator = None
-    if opts.temperature > 0:
-        generator = torch.Generator(device="cpu")
-        if opts.seed is None:
-            generator.seed()  # a fresh seed for this generator only; torch's global RNG is untouched
-        else:
-            generator.manual_seed(opts.seed)
+    device = embeds.device
+    generator = make_generator(opts, device)
     eos = set() if opts.ignore_eos else set(lm.eos_token_ids)
-    seq = embeds.shape[1]
-    embed_tokens = lm.decoder.embed_tokens
     with torch.inference_mode():
         t0 = time.perf_counter()
         if positions is None:
-            positions = torch.arange(seq, device=embeds.device)
-        positions = batch_positions(positions.to(embeds.device))
+            positions = torch.arange(embeds.shape[1], device=device)
+        positions = batch_positions(positions.to(device))
         next_position = int(positions.max()) + 1  # 3-D positions: the text goes on after the largest
-        logits = run_layers(lm, embeds, positions, cache, selector)
-        token = choose_token(logits.cpu(), opts, generator)
-        sync(embeds.device)
+        with attention_backends(device, "prefill"):
+            token = sample_token(run_layers(lm, embeds, positions, cache, selector), opts, generator)
+        value = _read(token, selector, timings)
         timings.prefill_s = time.perf_counter() - t0
+        steps = None
         for step in range(opts.max_new_tokens):
-            if token in eos:
+            if value in eos:
                 return
-            yield token
+            yield value
             if step + 1 == opts.max_new_tokens:
                 return
             t0 = time.perf_counter()
-            pos = torch.tensor([[next_position + step]], device=embeds.device)
-            x = embed_tokens(torch.tensor([[token]], device=embeds.device))
-            logits = run_layers(lm, x, pos, cache, selector)
-            token = choose_token(logits.cpu() if generator is not None else logits, opts, generator)
+            if steps is None:
+                steps = pick_steps(lm, cache, selector, opts, next_position, positions.dim())
+            with attention_backends(device, "decode"):
+                token = sample_token(steps(token), opts, generator)
+            value = _read(token, selector, timings)
             timings.step_s.append(time.perf_counter() - t0)
+            timings.path, timings.path_note = steps.path, getattr(steps, "note", None)
+
+

@@ -40,6 +40,14 @@ class Positions(str, Enum):
     original = "original"  # as in the full video; the text after it sits where it would
 
 
+class Decoding(str, Enum):
+    """How the decoding steps run."""
+
+    auto = "auto"  # static on CUDA, eager elsewhere
+    eager = "eager"  # the plain loop: exact-length tensors, host reads where convenient (CPU; checking)
+    static = "static"  # static shapes, no host sync inside a step; captured as a CUDA graph on CUDA
+
+
 class OptionError(UsageError):
     """An option out of range. ``name`` is the field; the CLI shows the flag instead."""
 
@@ -126,9 +134,11 @@ class SamplingOptions:
     top_p: float = 1.0  # nucleus sampling mass
     seed: int | None = None  # None: a fresh seed per run (torch's global RNG is left alone)
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks: fixed decode length)
+    decode: Decoding = Decoding.auto
 
     def validate(self) -> "SamplingOptions":
         check_count("max_new_tokens", self.max_new_tokens)
+        _enum(Decoding, "decode", self.decode)
         if self.temperature != 0 and not TEMPERATURE_MIN <= self.temperature <= TEMPERATURE_MAX:
             raise OptionError("temperature", f"must be 0 (greedy) or in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}] "
                                              f"(got {self.temperature})")
@@ -138,7 +148,7 @@ class SamplingOptions:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "decode": Decoding(self.decode).value}
 
 
 def _enum(kind: type[Enum], name: str, value):

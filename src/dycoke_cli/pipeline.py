@@ -22,7 +22,7 @@ from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
 from .detokenize import TextStream
-from .generate import DecodeTimings, batch_positions, generate_tokens, run_layers, sync
+from .generate import DecodeTimings, attention_backends, batch_positions, generate_tokens, run_layers, sync
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Method, Positions, SamplingOptions
 from .prompt import build_embeds, embed_parts, fit_context, prefill_positions
@@ -160,7 +160,8 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
         positions = prefill_positions(lm, span, plan, enc, length, opts.positions)
         cache = PrunedKVCache(lm.num_layers, length)
         ids = positions if positions is not None else torch.arange(length)
-        run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache, head=False)
+        with attention_backends(lm.device, "prefill"):
+            run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache, head=False)
     sync(lm.device)
     keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
     values = tuple(layer.values[:, :, :length] for layer in cache.layers)
@@ -239,9 +240,9 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
                 yield Stage("generating")
             ids.append(token)
             if delta := stream.push(token):
-                yield _token_event(delta, len(ids), ttft, timings, prep.selector)
+                yield _token_event(delta, len(ids), ttft, timings)
     if tail := stream.finish():
-        yield _token_event(tail, len(ids), ttft or 0.0, timings, prep.selector)
+        yield _token_event(tail, len(ids), ttft or 0.0, timings)
     gen_s = time.perf_counter() - t_gen
     stats = _stats(lm, enc, prep, shape, len(ids), timings, built, ttft if ttft is not None else gen_s, gen_s,
                    memory.peak_above_start)
@@ -254,10 +255,10 @@ def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampl
     return drain(answering(lm, enc, question, opts, sampling, prefix))
 
 
-def _token_event(text: str, generated: int, ttft: float, timings: DecodeTimings, selector) -> Token:
+def _token_event(text: str, generated: int, ttft: float, timings: DecodeTimings) -> Token:
+    """The live figures: DyCoke's counters as read with the token (no read of their own)."""
     rate = len(timings.step_s) / timings.decode_s if timings.decode_s > 0 else None
-    counts = selector.counts if isinstance(selector, DecodeSelector) else None
-    return Token(text, generated, ttft, rate, counts and counts.refreshes, counts and counts.recalled)
+    return Token(text, generated, ttft, rate, timings.refreshes, timings.recalled)
 
 
 def _stats(lm, enc: EncodedVideo, prep: _Prepared, shape: LMShape, generated: int, timings: DecodeTimings,
@@ -281,7 +282,7 @@ def _stats(lm, enc: EncodedVideo, prep: _Prepared, shape: LMShape, generated: in
         decode_ms_per_token_median=_median_ms(timings.step_s),
         kv_bytes=prep.cache.kv_bytes(), peak_memory_bytes=process_peak(lm.device),
         peak_memory_above_start_bytes=peak_above_start, flops_estimate=flops, flops_ratio_estimate=ratio,
-        selection=selection,
+        selection=selection, decode_path=timings.path, decode_path_note=timings.path_note,
     )
 
 

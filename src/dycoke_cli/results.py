@@ -159,6 +159,8 @@ class AnswerStats:
     flops_estimate: float
     flops_ratio_estimate: float  # uncompressed LLM FLOPs / this answer's
     selection: SelectionStats | None
+    decode_path: str | None = None  # how the decoding steps ran: "eager", "static" or "cuda-graph"
+    decode_path_note: str | None = None  # why not a CUDA graph, when one was wanted and failed
 
     @property
     def prefill_retention(self) -> float:

@@ -42,7 +42,7 @@ def register_attention() -> None:
     def dycoke_sdpa(module, query, key, value, attention_mask, **kwargs):
         selector = _active.get()
         if selector is not None and getattr(module, "layer_idx", None) == selector.probe_layer:
-            selector.observe(query, key, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+            selector.observe(query, key, kwargs.get("scaling") or query.shape[-1] ** -0.5, attention_mask)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION_NAME, dycoke_sdpa)

@@ -1,6 +1,10 @@
 """The KV cache of the decoding loop; every cache internal of the project lives here.
 
-Layers ``< L`` hold everything in a preallocated buffer (appending writes in place). With a
+Layers ``< L`` hold everything in a preallocated buffer (appending writes in place).
+After the prefill, :meth:`PrunedKVCache.make_static` switches every layer to static shapes
+for the decoding steps: a step writes its keys at a device index (``base + steps``) and
+attention reads the whole capacity under a length mask (:meth:`PrunedKVCache.step_masks`), so
+the step has the same shapes and addresses every time and can be captured as a CUDA graph. With a
 :class:`~.selectors.DecodeSelector`, each layer ``>= L`` keeps a compact working buffer
 ``[text before | selected visual slot | everything after]`` that attention reads directly,
 plus a store of every visual entry. The slot is rewritten only when the selection changes (one
@@ -30,6 +34,7 @@ class _BufferLayer(CacheLayerMixin):
         super().__init__()
         self.capacity = capacity
         self.length = 0
+        self.steps: torch.Tensor | None = None  # static mode: the shared device count of decoding steps
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
@@ -47,10 +52,33 @@ class _BufferLayer(CacheLayerMixin):
         self.length += n
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.steps is not None:
+            return self._write_static(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(key_states, value_states)
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def make_static(self, steps: torch.Tensor) -> None:
+        """From now on one token per update, written at ``length + steps`` (a device index)."""
+        if self.length + 1 > self.capacity:
+            raise RuntimeError(f"KV cache full ({self.capacity} positions)")
+        # The unused capacity is read under the mask: zeros, never stale memory (a NaN there
+        # would reach the output through 0 * NaN).
+        self.keys[:, :, self.length :].zero_()
+        self.values[:, :, self.length :].zero_()
+        self.steps = steps
+
+    def _write_static(self, k, v):
+        at = (self.steps + self.length).view(1)
+        self.keys.index_copy_(2, at, k)
+        self.values.index_copy_(2, at, v)
+        return self.keys, self.values
+
+    def step_mask(self) -> torch.Tensor:
+        """Static mode: the keys in use after this step's write, [1, 1, 1, capacity] (True = attend)."""
+        used = torch.arange(self.capacity, device=self.steps.device) <= self.steps + self.length
+        return used.view(1, 1, 1, -1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -72,7 +100,6 @@ class _PrunedLayer(_BufferLayer):
         super().__init__(capacity)
         self.selector = selector
         self.offload_store = offload  # (not `offload`: that name is a method of the base class)
-        self.version = 0
         self.store_k: torch.Tensor | None = None
         self.store_v: torch.Tensor | None = None
         self.seen = 0  # positions this layer has been given (its logical length)
@@ -80,6 +107,9 @@ class _PrunedLayer(_BufferLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         sel = self.selector
+        if self.steps is not None:
+            self._gather_slot()  # branch-free: the selection this step's probe kept or replaced
+            return self._write_static(key_states, value_states)
         if not self.is_initialized:
             # Prefill: attention sees everything; file the visual part in the store and leave
             # a slot of `keep` entries for the selection between the text before and after.
@@ -97,7 +127,7 @@ class _PrunedLayer(_BufferLayer):
             self._append(key_states[:, :, sel.end :], value_states[:, :, sel.end :])
             self.seen = s
             return key_states, value_states
-        if sel.selection is None:
+        if not sel.started:
             if key_states.shape[2] == 1:
                 raise RuntimeError("pruned KV layer: no selection arrived before a decoding step (the probing "
                                    f"attention '{ATTENTION_NAME}' must run at layer {sel.probe_layer})")
@@ -106,7 +136,7 @@ class _PrunedLayer(_BufferLayer):
             self._append(key_states, value_states)
             self.seen += key_states.shape[2]
             return self._everything()
-        if self.version != sel.version:
+        if key_states.shape[2] == 1 and bool(sel.refreshed):  # eager: a host read decides
             self._rebuild_slot()
         self._append(key_states, value_states)
         self.seen += key_states.shape[2]
@@ -120,17 +150,30 @@ class _PrunedLayer(_BufferLayer):
                 torch.cat([v[:, :, :a], self.store_v.to(self.device), v[:, :, b : self.length]], dim=2))
 
     def _rebuild_slot(self) -> None:
-        sel = self.selector
         t0 = time.perf_counter()
+        self._gather_slot()
+        self.rebuild_seconds += time.perf_counter() - t0
+
+    def _gather_slot(self) -> None:
+        """Write the selected visual entries into the working buffer's slot."""
+        sel = self.selector
         idx = sel.selection.to(self.store_k.device)
         a, b = sel.start, sel.start + sel.keep
         self.keys[:, :, a:b] = self.store_k.index_select(2, idx).to(self.device, non_blocking=True)
         self.values[:, :, a:b] = self.store_v.index_select(2, idx).to(self.device, non_blocking=True)
-        self.version = sel.version
-        self.rebuild_seconds += time.perf_counter() - t0
+
+    def make_static(self, steps: torch.Tensor) -> None:
+        if self.offload_store:
+            raise RuntimeError("static decoding reads the visual store on the device; it is offloaded")
+        super().make_static(steps)
 
     def get_seq_length(self) -> int:
         return self.seen
+
+    @property
+    def whole_prompt(self) -> bool:
+        """The first update (the prompt) must come in one piece: it files the visual part."""
+        return not self.is_initialized
 
     def store_bytes(self) -> int:
         return 0 if self.store_k is None else 2 * self.store_k.numel() * self.store_k.element_size()
@@ -159,12 +202,36 @@ class PrunedKVCache(Cache):
                 layers.append(_BufferLayer(capacity))
         super().__init__(layers=layers)
         self.selector = selector
+        self.steps: torch.Tensor | None = None  # static mode's device step counter
 
     def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Fill every layer with a prompt prefix's keys and values [1, KVH, P, d] computed earlier
         (it must hold the whole visual span): as if the model had just prefilled it."""
         for layer, k, v in zip(self.layers, keys, values):
             layer.update(k, v)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the pruned entries' store lives in host memory."""
+        return any(isinstance(layer, _PrunedLayer) and layer.offload_store for layer in self.layers)
+
+    def make_static(self) -> torch.Tensor:
+        """Switch every layer to static-shape decoding (see the module docstring); returns the
+        device step counter, which :meth:`advance` moves on after each step."""
+        device = self.layers[0].keys.device
+        with torch.inference_mode():  # the buffers were made under it
+            self.steps = torch.zeros((), dtype=torch.long, device=device)
+            for layer in self.layers:
+                layer.make_static(self.steps)
+        return self.steps
+
+    def step_masks(self) -> list[torch.Tensor]:
+        """Static mode: each layer's attention mask for this step (one tensor per distinct layout)."""
+        masks: dict[tuple[int, int], torch.Tensor] = {}
+        return [masks.setdefault((layer.length, layer.capacity), layer.step_mask()) for layer in self.layers]
+
+    def advance(self) -> None:
+        self.steps += 1
 
     def rebuild_seconds(self) -> float:
         return sum(layer.rebuild_seconds for layer in self.layers if isinstance(layer, _PrunedLayer))
@@ -173,7 +240,7 @@ class PrunedKVCache(Cache):
         """Bytes held: attended on the device, and in the pruned-entry stores (and where)."""
         working = sum(layer.held_bytes() for layer in self.layers)
         store = sum(layer.store_bytes() for layer in self.layers if isinstance(layer, _PrunedLayer))
-        offloaded = any(isinstance(layer, _PrunedLayer) and layer.offload_store for layer in self.layers)
+        offloaded = self.offloaded
         on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.layers)
         # saved_on_device: what --offload-pruned took off the accelerator (a CPU's store is host memory anyway)
         return KVBytes(working=working, store=store, store_on_host=offloaded,

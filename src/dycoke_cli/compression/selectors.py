@@ -31,44 +31,77 @@ class Selector(Protocol):
     prune_from: int  # the first layer that sees only the selection
     keep: int
 
-    def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None: ...
+    def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                mask: torch.Tensor | None = None) -> None: ...
 
 
-def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention probabilities of one query over all keys, averaged over heads.
 
-    query [1, H, 1, d] (the last query), key [1, KVH, S, d] (grouped-query heads share keys) -> [S] float32.
+    query [1, H, 1, d] (the last query), key [1, KVH, S, d] (grouped-query heads share keys),
+    mask (optional, True = attend) broadcastable to [S]: keys it excludes (the unused capacity
+    of a static-shape cache) get no probability. -> [S] float32.
     """
     _, h, _, d = query.shape
     kvh = key.shape[1]
     q = query.float().reshape(kvh, h // kvh, d)  # heads grouped by the KV head they read
     scores = torch.einsum("gqd,gsd->gqs", q, key[0].float()) * scaling  # [KVH, group, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(1, 1, -1), float("-inf"))
     return scores.softmax(dim=-1).mean(dim=(0, 1))
 
 
-def balanced_topk(row: torch.Tensor, keep: int, frame_of: torch.Tensor, coverage: float) -> torch.Tensor:
-    """Top-``keep`` positions of ``row`` with a share reserved for every frame.
+def ascending_topk(row: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` highest positions of ``row``, ascending [keep] (static shape, no host sync)."""
+    return torch.sort(torch.topk(row, keep, sorted=False).indices).values
+
+
+class BalancedTopk:
+    """Top-``keep`` positions of a row with a share reserved for every frame.
 
     ``coverage`` of the budget is spread evenly: each frame first gets its
     ``floor(coverage * keep / frames)`` highest-attention positions; the rest of the budget goes
     to the highest remaining positions overall. ``coverage = 0`` is plain top-k (the paper's
     rule). Not in the paper: plain top-k by one token's attention can drop whole frames at the
     step that decides whether the answer goes on (NOTES section 5); this keeps every frame in
-    view. Returns ascending positions [keep].
+    view. The frames' layout is read once, here; a call is static-shape tensor work with no
+    host sync (a padded [frames, longest] gather, two top-k, one stable sort).
     """
-    frames = torch.unique(frame_of)
-    per_frame = int(coverage * keep // len(frames))
-    chosen = torch.zeros_like(row, dtype=torch.bool)
-    if per_frame > 0:
-        for f in frames.tolist():
+
+    def __init__(self, keep: int, frame_of: torch.Tensor, coverage: float):
+        frame_of = frame_of.cpu()
+        total = frame_of.numel()
+        frames, sizes = torch.unique(frame_of, return_counts=True)
+        self.keep = keep
+        self.per_frame = min(int(coverage * keep // len(frames)), int(sizes.max()))
+        groups = torch.full((len(frames), int(sizes.max())), total)  # padding points at a -inf slot
+        for g, f in enumerate(frames.tolist()):
             where = torch.nonzero(frame_of == f).flatten()
-            best = torch.topk(row[where], min(per_frame, len(where)), sorted=False).indices
-            chosen[where[best]] = True
-    rest = keep - int(chosen.sum())
-    if rest > 0:
-        remaining = row.masked_fill(chosen, float("-inf"))
-        chosen[torch.topk(remaining, rest, sorted=False).indices] = True
-    return torch.nonzero(chosen).flatten()
+            groups[g, : len(where)] = where
+        self.groups = groups
+        self.rest = keep - int(sizes.clamp(max=self.per_frame).sum())  # a constant: no count at run time
+
+    def __call__(self, row: torch.Tensor) -> torch.Tensor:
+        total = row.shape[0]
+        chosen = torch.zeros(total + 1, dtype=torch.bool, device=row.device)
+        if self.per_frame > 0:
+            padded = torch.cat([row, row.new_full((1,), float("-inf"))])
+            if self.groups.device != row.device:
+                self.groups = self.groups.to(row.device)  # once: a step copies nothing from the host
+            groups = self.groups
+            best = torch.topk(padded[groups], self.per_frame, dim=1, sorted=False).indices
+            chosen[groups.gather(1, best).flatten()] = True  # a frame's padding lands on the extra slot
+        chosen = chosen[:total]
+        if self.rest > 0:
+            chosen[torch.topk(row.masked_fill(chosen, float("-inf")), self.rest, sorted=False).indices] = True
+        # the chosen positions in ascending order: exactly `keep` of them, so a static shape
+        return torch.argsort((~chosen).to(torch.uint8), stable=True)[: self.keep]
+
+
+def balanced_topk(row: torch.Tensor, keep: int, frame_of: torch.Tensor, coverage: float) -> torch.Tensor:
+    """:class:`BalancedTopk` of one row (ascending positions [keep])."""
+    return BalancedTopk(keep, frame_of, coverage)(row)
 
 
 @dataclass
@@ -81,6 +114,13 @@ class SelectionCounts:
 
 class DecodeSelector:
     """DyCoke's dynamic selection of visual KV entries (see the module docstring).
+
+    The rule runs on the device, branch-free, with no host sync: every step computes the
+    candidate selection and the similarity to the reference row, and keeps the old selection
+    and reference where the similarity is at or above the threshold (``torch.where``). The
+    selection, reference and counters are tensors updated in place, so a decoding step can be
+    captured once as a CUDA graph and replayed. ``refreshed`` tells whether the last step took
+    a new selection; ``counts`` reads the counters (one transfer; at the end, or with the token).
 
     Args:
         prune_from: the first pruned layer L; attention is probed at layer ``probe_layer`` = L - 1.
@@ -97,52 +137,63 @@ class DecodeSelector:
             raise ValueError("the pruning layer must be >= 1 (layer L - 1 is probed)")
         if coverage > 0 and frame_of is None:
             raise ValueError("coverage needs frame_of (the frame of each visual position)")
-        self.frame_of = frame_of
-        self.coverage = coverage
         self.probe_layer = prune_from - 1
         self.prune_from = prune_from
         self.start, self.end = span
         self.keep = keep
         self.threshold = threshold
-        self.selection: torch.Tensor | None = None  # ascending visual offsets, [keep]
-        self.reference: torch.Tensor | None = None  # the row the selection came from
-        self.version = 0  # bumped at every new selection; layers compare with theirs
-        self.last_row: torch.Tensor | None = None
-        self.counts = SelectionCounts()
+        self._candidates = BalancedTopk(keep, frame_of, coverage) if coverage > 0 else None
+        self.started = False  # a decoding step has been observed (host-side: set once)
+        self.selection: torch.Tensor | None = None  # ascending visual offsets [keep], updated in place
+        self.reference: torch.Tensor | None = None  # the row the selection came from [total]
+        self.refreshed: torch.Tensor | None = None  # bool []: the last step took a new selection
+        self.counters: torch.Tensor | None = None  # int64 [4]: steps, selections, refreshes, recalled
 
     @property
     def total(self) -> int:
         return self.end - self.start
 
-    def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """The probed layer's attention: query [1, H, q, d], key [1, KVH, S, d]."""
+    @property
+    def counts(self) -> SelectionCounts:
+        """The counters, read from the device (a host sync: read them at the end)."""
+        if self.counters is None:
+            return SelectionCounts()
+        return SelectionCounts(*self.counters.tolist())
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                mask: torch.Tensor | None = None) -> None:
+        """The probed layer's attention: query [1, H, q, d], key [1, KVH, S, d], mask (static
+        shapes) True where a key is in use."""
         if query.shape[2] != 1:
             return  # prefill (many queries) is never pruned; decode steps have one query
-        row = last_query_attention(query, key, scaling)[self.start : self.end]
+        row = last_query_attention(query, key, scaling, mask)[self.start : self.end]
         self.observe_row(row)
 
-    def observe_row(self, row: torch.Tensor) -> None:
-        """Apply the refresh rule to one step's visual attention row [total]."""
-        self.counts.steps += 1
-        self.last_row = row
-        if self.reference is not None:
-            similarity = torch.nn.functional.cosine_similarity(row, self.reference, dim=0).item()
-            if similarity >= self.threshold:
-                return  # stable attention: reuse the current selection
-            self.counts.refreshes += 1
-        self._select(row)
+    def candidates(self, row: torch.Tensor) -> torch.Tensor:
+        return ascending_topk(row, self.keep) if self._candidates is None else self._candidates(row)
 
-    def _select(self, row: torch.Tensor) -> None:
-        if self.coverage > 0:
-            new = balanced_topk(row, self.keep, self.frame_of.to(row.device), self.coverage)
-        else:
-            new = torch.sort(torch.topk(row, self.keep, sorted=False).indices).values
-        if self.selection is not None:
-            self.counts.recalled += int((~torch.isin(new, self.selection)).sum())
-        self.selection = new
-        self.reference = row
-        self.version += 1
-        self.counts.selections += 1
+    def observe_row(self, row: torch.Tensor) -> None:
+        """Apply the refresh rule to one step's visual attention row [total], on the device."""
+        if self.counters is None:
+            self._allocate(row.device)
+        candidate = self.candidates(row)
+        has_reference = self.counters[1] > 0  # a selection exists
+        similarity = torch.nn.functional.cosine_similarity(row, self.reference, dim=0)
+        refresh = ~has_reference | (similarity < self.threshold)
+        again = refresh & has_reference
+        member = torch.zeros(self.total, dtype=torch.bool, device=row.device).index_fill_(0, self.selection, True)
+        recalled = (~member[candidate]).sum() * again
+        self.counters += torch.stack([torch.ones_like(recalled), refresh.long(), again.long(), recalled])
+        self.selection.copy_(torch.where(refresh, candidate, self.selection))
+        self.reference.copy_(torch.where(refresh, row.float(), self.reference))
+        self.refreshed.copy_(refresh)
+        self.started = True
+
+    def _allocate(self, device) -> None:
+        self.selection = torch.zeros(self.keep, dtype=torch.long, device=device)
+        self.reference = torch.zeros(self.total, dtype=torch.float32, device=device)
+        self.refreshed = torch.zeros((), dtype=torch.bool, device=device)
+        self.counters = torch.zeros(4, dtype=torch.long, device=device)
 
 
 class PrefillSelector:
@@ -165,11 +216,16 @@ class PrefillSelector:
     def total(self) -> int:
         return self.end - self.start
 
-    def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        if query.shape[2] == 1 or self.selection is not None:
-            return
-        row = last_query_attention(query[:, :, -1:], key, scaling)[self.start : self.end]
-        self.selection = torch.sort(torch.topk(row, self.keep, sorted=False).indices).values
+    def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                mask: torch.Tensor | None = None) -> None:
+        """A prefill's probed layer; in a chunked prefill the last chunk (the prompt's last
+        query, over every key) runs last and decides."""
+        if query.shape[2] == 1 or key.shape[2] < self.end:
+            return  # a decoding step, or an early chunk that has not reached the video's end
+        if mask is not None:
+            mask = mask[..., -1, :]  # the last query's row of a chunk's mask
+        row = last_query_attention(query[:, :, -1:], key, scaling, mask)[self.start : self.end]
+        self.selection = ascending_topk(row, self.keep)
 
     def kept_positions(self, seq_len: int, device) -> torch.Tensor:
         """Sequence positions that survive: text before, the selection, everything after."""
