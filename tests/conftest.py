@@ -45,3 +45,15 @@ def clip_path(tmp_path_factory):
     from clips import write_clip
 
     return write_clip(tmp_path_factory.mktemp("clips") / "clip.mp4", n_frames=30, size=(64, 48), fps=10)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is available; elsewhere they are skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -93,6 +93,7 @@ def test_kv_bytes_held(tiny_lm, encoded):
         "store_on_host": True,
         "device_total": per_token_layer * (full_layers * (seq + fed) + pruned_layers * (seq - 14 + 4 + fed)),
         "saved_on_device": 0,  # a CPU run: nothing to take off an accelerator
+        "moved_to_device": 0,  # nor anything copied back onto one
     }
 
 

@@ -41,18 +41,20 @@ def test_shift_refreshes_and_recall_brings_pruned_entries_back():
 
 def test_pruned_layer_serves_text_selected_visual_and_new_tokens():
     sel = DecodeSelector(prune_from=1, span=(2, 8), keep=2)
-    layer = _PrunedLayer(capacity=8 + 3, selector=sel, offload=True)
+    cache = PrunedKVCache(2, capacity=8 + 3, selector=sel, offload=True)
+    layer = cache.layers[1]
+    assert isinstance(layer, _PrunedLayer) and not isinstance(cache.layers[0], _PrunedLayer)
     keys = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1).repeat(1, 2, 1, 3)
-    k, v = layer.update(keys, -keys)
+    k, v = cache.update(keys, -keys, 1)
     assert torch.equal(k, keys)  # prefill sees everything
     sel.observe_row(row([1, 4], total=6))
     new = torch.full((1, 2, 1, 3), 100.0)
-    k, v = layer.update(new, -new)
+    k, v = cache.update(new, -new, 1)
     # text before (0, 1), visual offsets 1 and 4 (positions 3 and 6), newline/after (none), new token
     assert k[0, 0, :, 0].tolist() == [0, 1, 3, 6, 100]
     assert torch.equal(v, -k)
     sel.observe_row(row([0, 5], total=6))  # a shift: positions 2 and 7 come back
-    k, _ = layer.update(new + 1, -new - 1)
+    k, _ = cache.update(new + 1, -new - 1, 1)
     assert k[0, 0, :, 0].tolist() == [0, 1, 2, 7, 100, 101]
     assert layer.get_seq_length() == 10
     assert layer.store_k.device.type == "cpu"

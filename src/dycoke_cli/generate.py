@@ -97,6 +97,9 @@ def _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk: int) -> t
     cache layer takes its whole prompt in one piece (it files the visual part at its first
     update), and a last piece of one query would pass for a decoding step: both are avoided."""
     seq = hidden.shape[1]
+    if seq == 1:  # a decoding step
+        return layer(hidden, position_embeddings=(cos, sin), position_ids=positions if positions.dim() == 2 else None,
+                     past_key_values=cache, use_cache=True)
     if seq <= chunk or getattr(cache.layers[layer.self_attn.layer_idx], "whole_prompt", False):
         bounds = [(0, seq)]
     else:

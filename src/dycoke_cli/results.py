@@ -136,6 +136,7 @@ class KVBytes:
     store_on_host: bool
     device_total: int
     saved_on_device: int  # what --offload-pruned took off the accelerator
+    moved_to_device: int = 0  # bytes copied from an offloaded store to the accelerator (its price)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ class StaticSteps:
         shape = (3, 1, 1) if position_dims == 3 else (1, 1)  # M-RoPE: the text's three ids are equal
         self.position = torch.full(shape, next_position, dtype=torch.long, device=device)
         cache.make_static()
+        if selector is not None and selector.prunes == "decode":
+            selector.branch_free = True
         self.logits: torch.Tensor | None = None
         self.want_graph = graph
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -104,6 +104,10 @@ class _PrunedLayer(_BufferLayer):
         self.store_v: torch.Tensor | None = None
         self.seen = 0  # positions this layer has been given (its logical length)
         self.rebuild_seconds = 0.0  # writing selections into the working buffer
+        self.pending = False  # eager: this step took a new selection, not yet in the slot
+        self.ready: torch.cuda.Event | None = None  # an offloaded slot's copy in flight (CUDA)
+        self.staging: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned host buffers for that copy
+        self.moved_bytes = 0  # bytes copied from an offloaded store to the accelerator
 
     def update(self, key_states, value_states, *args, **kwargs):
         sel = self.selector
@@ -136,8 +140,9 @@ class _PrunedLayer(_BufferLayer):
             self._append(key_states, value_states)
             self.seen += key_states.shape[2]
             return self._everything()
-        if key_states.shape[2] == 1 and bool(sel.refreshed):  # eager: a host read decides
+        if key_states.shape[2] == 1 and self.pending:  # eager: the cache read the decision once a step
             self._rebuild_slot()
+            self.pending = False
         self._append(key_states, value_states)
         self.seen += key_states.shape[2]
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
@@ -151,16 +156,40 @@ class _PrunedLayer(_BufferLayer):
 
     def _rebuild_slot(self) -> None:
         t0 = time.perf_counter()
-        self._gather_slot()
+        if self.ready is not None:  # copied ahead on the side stream: wait for it on the device only
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+            self.ready = None
+        else:
+            self._gather_slot()
         self.rebuild_seconds += time.perf_counter() - t0
+
+    def prefetch(self, idx: torch.Tensor, stream) -> None:
+        """An offloaded store on a CUDA model: gather the selection ``idx`` (host) into pinned
+        staging buffers and copy them into the slot on ``stream``, so the copy overlaps the
+        layers before this one; :meth:`_rebuild_slot` makes the compute stream wait for it."""
+        sel = self.selector
+        a, b = sel.start, sel.start + sel.keep
+        if self.staging is None:
+            shape = (*self.store_k.shape[:2], sel.keep, self.store_k.shape[3])
+            self.staging = tuple(torch.empty(shape, dtype=self.store_k.dtype, pin_memory=True) for _ in range(2))
+        torch.index_select(self.store_k, 2, idx, out=self.staging[0])
+        torch.index_select(self.store_v, 2, idx, out=self.staging[1])
+        with torch.cuda.stream(stream):
+            self.keys[:, :, a:b].copy_(self.staging[0], non_blocking=True)
+            self.values[:, :, a:b].copy_(self.staging[1], non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+        self.moved_bytes += 2 * self.staging[0].numel() * self.staging[0].element_size()
 
     def _gather_slot(self) -> None:
         """Write the selected visual entries into the working buffer's slot."""
         sel = self.selector
         idx = sel.selection.to(self.store_k.device)
         a, b = sel.start, sel.start + sel.keep
-        self.keys[:, :, a:b] = self.store_k.index_select(2, idx).to(self.device, non_blocking=True)
-        self.values[:, :, a:b] = self.store_v.index_select(2, idx).to(self.device, non_blocking=True)
+        self.keys[:, :, a:b] = self.store_k.index_select(2, idx).to(self.device)
+        self.values[:, :, a:b] = self.store_v.index_select(2, idx).to(self.device)
+        if self.store_k.device != self.keys.device:
+            self.moved_bytes += 2 * self.keys[:, :, a:b].numel() * self.keys.element_size()
 
     def make_static(self, steps: torch.Tensor) -> None:
         if self.offload_store:
@@ -203,12 +232,37 @@ class PrunedKVCache(Cache):
         super().__init__(layers=layers)
         self.selector = selector
         self.steps: torch.Tensor | None = None  # static mode's device step counter
+        self._copy_stream = None  # CUDA: where an offloaded store's slots are copied
 
     def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Fill every layer with a prompt prefix's keys and values [1, KVH, P, d] computed earlier
         (it must hold the whole visual span): as if the model had just prefilled it."""
         for layer, k, v in zip(self.layers, keys, values):
             layer.update(k, v)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        sel = self.selector
+        if (sel is not None and layer_idx == sel.prune_from and self.steps is None and sel.started
+                and key_states.shape[2] == 1):
+            self._take_selection()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _take_selection(self) -> None:
+        """Eager step, at the first pruned layer: read once whether the probe took a new
+        selection; if so every pruned layer rewrites its slot (an offloaded store on CUDA:
+        all copies start now on a side stream, each layer waits only for its own)."""
+        if not bool(self.selector.refreshed):
+            return
+        pruned = [layer for layer in self.layers if isinstance(layer, _PrunedLayer)]
+        for layer in pruned:
+            layer.pending = True
+        if pruned[0].keys.device.type == "cuda" and self.offloaded:
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(pruned[0].keys.device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(pruned[0].keys.device))
+            idx = self.selector.selection.cpu()
+            for layer in pruned:
+                layer.prefetch(idx, self._copy_stream)
 
     @property
     def offloaded(self) -> bool:
@@ -243,6 +297,7 @@ class PrunedKVCache(Cache):
         offloaded = self.offloaded
         on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.layers)
         # saved_on_device: what --offload-pruned took off the accelerator (a CPU's store is host memory anyway)
+        moved = sum(layer.moved_bytes for layer in self.layers if isinstance(layer, _PrunedLayer))
         return KVBytes(working=working, store=store, store_on_host=offloaded,
                        device_total=working + (0 if offloaded else store),
-                       saved_on_device=store if offloaded and on_accelerator else 0)
+                       saved_on_device=store if offloaded and on_accelerator else 0, moved_to_device=moved)

@@ -115,12 +115,14 @@ class SelectionCounts:
 class DecodeSelector:
     """DyCoke's dynamic selection of visual KV entries (see the module docstring).
 
-    The rule runs on the device, branch-free, with no host sync: every step computes the
+    For static decoding (``branch_free``) the rule runs on the device with no host sync: every step computes the
     candidate selection and the similarity to the reference row, and keeps the old selection
     and reference where the similarity is at or above the threshold (``torch.where``). The
     selection, reference and counters are tensors updated in place, so a decoding step can be
     captured once as a CUDA graph and replayed. ``refreshed`` tells whether the last step took
     a new selection; ``counts`` reads the counters (one transfer; at the end, or with the token).
+    The eager loop reads the similarity on the host and skips the top-k of a stable step; the
+    selections, and so the tokens, are the same.
 
     Args:
         prune_from: the first pruned layer L; attention is probed at layer ``probe_layer`` = L - 1.
@@ -144,6 +146,7 @@ class DecodeSelector:
         self.threshold = threshold
         self._candidates = BalancedTopk(keep, frame_of, coverage) if coverage > 0 else None
         self.started = False  # a decoding step has been observed (host-side: set once)
+        self.branch_free = False  # set by static decoding: no host read inside a step
         self.selection: torch.Tensor | None = None  # ascending visual offsets [keep], updated in place
         self.reference: torch.Tensor | None = None  # the row the selection came from [total]
         self.refreshed: torch.Tensor | None = None  # bool []: the last step took a new selection
@@ -176,9 +179,13 @@ class DecodeSelector:
         """Apply the refresh rule to one step's visual attention row [total], on the device."""
         if self.counters is None:
             self._allocate(row.device)
+        similarity = torch.nn.functional.cosine_similarity(row, self.reference, dim=0)
+        if not self.branch_free and self.started and similarity.item() >= self.threshold:
+            self.counters[0] += 1  # eager steps may branch on the host: a stable step costs no top-k
+            self.refreshed.fill_(False)
+            return
         candidate = self.candidates(row)
         has_reference = self.counters[1] > 0  # a selection exists
-        similarity = torch.nn.functional.cosine_similarity(row, self.reference, dim=0)
         refresh = ~has_reference | (similarity < self.threshold)
         again = refresh & has_reference
         member = torch.zeros(self.total, dtype=torch.bool, device=row.device).index_fill_(0, self.selection, True)
