@@ -170,3 +170,15 @@ def test_the_same_seed_gives_the_same_sampled_answer(tiny_lm, enc):
     other = answer(tiny_lm, enc, QUESTION, CompressionOptions(),
                    SamplingOptions(max_new_tokens=12, ignore_eos=True, temperature=1.5, seed=12)).token_ids
     assert first == again and first != other
+
+
+def test_static_decoding_refuses_an_offloaded_store(tiny_lm, enc):
+    from dycoke_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--decode static reads the pruned entries on the device; "
+                                         r"--offload-pruned keeps them in host memory: use --decode eager"):
+        answer(tiny_lm, enc, QUESTION, CompressionOptions(offload_pruned=True),
+               SamplingOptions(max_new_tokens=2, decode="static"))
+    auto = answer(tiny_lm, enc, QUESTION, CompressionOptions(offload_pruned=True),
+                  SamplingOptions(max_new_tokens=4, ignore_eos=True))
+    assert auto.stats.decode_path == "eager" and auto.stats.kv_bytes.store_on_host

@@ -164,11 +164,6 @@ def sample_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.G
     return (probs / race).argmax().view(1)
 
 
-def choose_token(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> int:
-    """:func:`sample_token` read on the host."""
-    return int(sample_token(logits, opts, generator))
-
-
 class EagerSteps:
     """Decoding steps as plain calls: exact-length tensors, host reads where convenient."""
 

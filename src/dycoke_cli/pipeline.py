@@ -20,11 +20,12 @@ from .compression.baselines import plan_tokens
 from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector
-from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
 from .detokenize import TextStream
+from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
 from .generate import DecodeTimings, attention_backends, batch_positions, generate_tokens, run_layers, sync
 from .memory import PeakMemory, process_peak
-from .options import CompressionOptions, Method, Positions, SamplingOptions
+from .errors import UsageError
+from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
 from .prompt import build_embeds, embed_parts, fit_context, prefill_positions
 from .video import Video, VideoInfo, read_video
 from .results import (Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings,
@@ -226,6 +227,9 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
         prefix = built = build_prefix(lm, enc, opts)
     if prefix is not None and (prefix.opts != opts or not reuses_prefix(lm, opts, question)):
         raise ValueError("this prefix was computed for other options, or cannot precede this question")
+    if opts.offload_pruned and Decoding(sampling.decode) == Decoding.static and Method(opts.method) == Method.dycoke:
+        raise UsageError("--decode static reads the pruned entries on the device; --offload-pruned keeps them "
+                         "in host memory: use --decode eager (or auto) with it")
     prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix)
     shape = LMShape.from_config(lm.model.config.text_config)
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
