@@ -136,3 +136,26 @@ def test_selector_with_coverage():
     sel = DecodeSelector(prune_from=1, span=(0, 6), keep=2, frame_of=torch.tensor([0, 0, 0, 1, 1, 1]), coverage=1.0)
     sel.observe_row(torch.tensor([5.0, 4.0, 3.0, 0.1, 0.3, 0.2]))
     assert sel.selection.tolist() == [0, 4]
+
+
+def _reference_balanced(row, keep, frame_of, coverage):
+    """The rule in plain Python: each frame's best floor(coverage * keep / frames), then the best rest."""
+    frames = sorted(set(frame_of.tolist()))
+    per_frame = int(coverage * keep // len(frames))
+    chosen = set()
+    for f in frames:
+        mine = sorted((i for i in range(len(row)) if frame_of[i] == f), key=lambda i: -row[i])
+        chosen.update(mine[:per_frame])
+    rest = sorted((i for i in range(len(row)) if i not in chosen), key=lambda i: -row[i])
+    chosen.update(rest[: keep - len(chosen)])
+    return sorted(chosen)
+
+
+def test_balanced_topk_matches_the_rule_on_uneven_frames():
+    g = torch.Generator().manual_seed(4)
+    frame_of = torch.tensor([0] * 7 + [1] * 2 + [2] * 5 + [3] * 1 + [4] * 6)  # TTM leaves frames uneven
+    for keep, coverage in [(6, 1.0), (10, 0.5), (15, 1.0), (3, 0.0), (21, 0.7)]:
+        for _ in range(20):
+            r = torch.rand(21, generator=g)
+            assert balanced_topk(r, keep, frame_of, coverage).tolist() == \
+                _reference_balanced(r.tolist(), keep, frame_of, coverage), (keep, coverage)

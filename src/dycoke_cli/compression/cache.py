@@ -7,8 +7,9 @@ attention reads the whole capacity under a length mask (:meth:`PrunedKVCache.ste
 the step has the same shapes and addresses every time and can be captured as a CUDA graph. With a
 :class:`~.selectors.DecodeSelector`, each layer ``>= L`` keeps a compact working buffer
 ``[text before | selected visual slot | everything after]`` that attention reads directly,
-plus a store of every visual entry. The slot is rewritten only when the selection changes (one
-gather per layer per refresh), never copied per step. With ``offload=True`` the store lives in
+plus a store of every visual entry; the pruned layers' buffers are views of one block, so a
+selection reaches every layer's slot in one gather. Eager steps rewrite the slots only when the
+selection changes; static steps gather every step (branch-free). With ``offload=True`` the store lives in
 host memory (the accelerator holds only what is attended). Pruned entries stay in the store
 and come back when a later selection ranks them high again.
 """
@@ -93,44 +94,93 @@ class _BufferLayer(CacheLayerMixin):
         return 0 if self.keys is None else 2 * self.keys[:, :, : self.length].numel() * self.keys.element_size()
 
 
-class _PrunedLayer(_BufferLayer):
-    """A layer >= L: working buffer [before | selected slot | after] plus the visual store."""
+class _PrunedBlock:
+    """Storage shared by the pruned layers: one working buffer [2 (k, v), layers, B, H, capacity, d]
+    and one store of every visual entry [2, layers, B, H, visual, d], so that a selection is
+    written into every layer's slot by one gather and one copy (two kernels, not four per layer).
+    Allocated at the first pruned layer's prefill, when the shapes are known."""
 
-    def __init__(self, capacity: int, selector: DecodeSelector, offload: bool):
+    def __init__(self, layers: int, selector: DecodeSelector, offload: bool):
+        self.layers, self.selector, self.offload = layers, selector, offload
+        self.work: torch.Tensor | None = None
+        self.store: torch.Tensor | None = None
+        self.staging: torch.Tensor | None = None  # offloaded store on CUDA: pinned [2, layers, B, H, keep, d]
+        self.moved_bytes = 0  # bytes copied from an offloaded store to the accelerator
+        self.rebuild_seconds = 0.0  # writing selections into the slots
+
+    def allocate(self, like: torch.Tensor, capacity: int) -> None:
+        b, h, _, d = like.shape
+        sel = self.selector
+        self.work = like.new_empty(2, self.layers, b, h, capacity, d)
+        pin = self.offload and like.device.type == "cuda"
+        store_device = "cpu" if self.offload else like.device
+        self.store = torch.empty(2, self.layers, b, h, sel.total, d, dtype=like.dtype, device=store_device,
+                                 pin_memory=pin)
+
+    @property
+    def slot(self) -> slice:
+        return slice(self.selector.start, self.selector.start + self.selector.keep)
+
+    def gather(self) -> None:
+        """Every layer's slot <- the selected entries of its store (no host sync when the store is
+        on the device; an offloaded store needs the selection on the host)."""
+        idx = self.selector.selection.to(self.store.device)
+        self.work[..., self.slot, :] = self.store.index_select(4, idx).to(self.work.device)
+        if self.store.device != self.work.device:
+            self.moved_bytes += self.work[..., self.slot, :].numel() * self.work.element_size()
+
+    def prefetch(self, stream) -> list:
+        """An offloaded store on CUDA: gather the selection into pinned staging on the host, then
+        copy each layer's part on ``stream``; returns one event per layer, so layer L+k's copy
+        overlaps layers L..L+k-1."""
+        if self.staging is None:
+            shape = (*self.store.shape[:4], self.selector.keep, self.store.shape[5])
+            self.staging = torch.empty(shape, dtype=self.store.dtype, pin_memory=True)
+        torch.index_select(self.store, 4, self.selector.selection.cpu(), out=self.staging)
+        events = []
+        with torch.cuda.stream(stream):
+            for j in range(self.layers):
+                self.work[:, j, ..., self.slot, :].copy_(self.staging[:, j], non_blocking=True)
+                events.append(torch.cuda.Event())
+                events[-1].record(stream)
+        self.moved_bytes += self.staging.numel() * self.staging.element_size()
+        return events
+
+
+class _PrunedLayer(_BufferLayer):
+    """A layer >= L: working buffer [before | selected slot | after] plus the visual store, both
+    views of the block shared by the pruned layers."""
+
+    def __init__(self, capacity: int, block: _PrunedBlock, index: int):
         super().__init__(capacity)
-        self.selector = selector
-        self.offload_store = offload  # (not `offload`: that name is a method of the base class)
+        self.block, self.index = block, index
+        self.selector = block.selector
         self.store_k: torch.Tensor | None = None
         self.store_v: torch.Tensor | None = None
         self.seen = 0  # positions this layer has been given (its logical length)
-        self.rebuild_seconds = 0.0  # writing selections into the working buffer
-        self.pending = False  # eager: this step took a new selection, not yet in the slot
-        self.ready: torch.cuda.Event | None = None  # an offloaded slot's copy in flight (CUDA)
-        self.staging: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned host buffers for that copy
-        self.moved_bytes = 0  # bytes copied from an offloaded store to the accelerator
+        self.ready = None  # eager, offloaded on CUDA: the event of this layer's slot copy
+
+    @property
+    def offload_store(self) -> bool:
+        return self.block.offload
+
+    def lazy_initialization(self, key_states, value_states):
+        block = self.block
+        if block.work is None:
+            block.allocate(key_states, self.capacity)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = block.work[0, self.index], block.work[1, self.index]
+        self.store_k, self.store_v = block.store[0, self.index], block.store[1, self.index]
+        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         sel = self.selector
         if self.steps is not None:
-            self._gather_slot()  # branch-free: the selection this step's probe kept or replaced
+            if self.index == 0:
+                self.block.gather()  # branch-free: the selection this step's probe kept or replaced
             return self._write_static(key_states, value_states)
         if not self.is_initialized:
-            # Prefill: attention sees everything; file the visual part in the store and leave
-            # a slot of `keep` entries for the selection between the text before and after.
-            s = key_states.shape[2]
-            self.capacity = self.capacity - sel.total + sel.keep
-            self.lazy_initialization(key_states, value_states)
-            store_device = "cpu" if self.offload_store else key_states.device
-            pin = self.offload_store and key_states.device.type == "cuda"
-            self.store_k = key_states[:, :, sel.start : sel.end].to(store_device, copy=True)
-            self.store_v = value_states[:, :, sel.start : sel.end].to(store_device, copy=True)
-            if pin:
-                self.store_k, self.store_v = self.store_k.pin_memory(), self.store_v.pin_memory()
-            self._append(key_states[:, :, : sel.start], value_states[:, :, : sel.start])
-            self.length += sel.keep  # the slot, filled at the first selection
-            self._append(key_states[:, :, sel.end :], value_states[:, :, sel.end :])
-            self.seen = s
-            return key_states, value_states
+            return self._file_prompt(key_states, value_states)
         if not sel.started:
             if key_states.shape[2] == 1:
                 raise RuntimeError("pruned KV layer: no selection arrived before a decoding step (the probing "
@@ -140,12 +190,26 @@ class _PrunedLayer(_BufferLayer):
             self._append(key_states, value_states)
             self.seen += key_states.shape[2]
             return self._everything()
-        if key_states.shape[2] == 1 and self.pending:  # eager: the cache read the decision once a step
-            self._rebuild_slot()
-            self.pending = False
+        if self.ready is not None:  # eager, offloaded: this layer's slot is being copied ahead
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+            self.ready = None
         self._append(key_states, value_states)
         self.seen += key_states.shape[2]
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def _file_prompt(self, key_states, value_states):
+        """Prefill: attention sees everything; file the visual part in the store and leave a slot
+        of ``keep`` entries for the selection between the text before and after."""
+        sel = self.selector
+        self.capacity = self.capacity - sel.total + sel.keep
+        self.lazy_initialization(key_states, value_states)
+        self.store_k.copy_(key_states[:, :, sel.start : sel.end])
+        self.store_v.copy_(value_states[:, :, sel.start : sel.end])
+        self._append(key_states[:, :, : sel.start], value_states[:, :, : sel.start])
+        self.length += sel.keep  # the slot, filled at the first selection
+        self._append(key_states[:, :, sel.end :], value_states[:, :, sel.end :])
+        self.seen = key_states.shape[2]
+        return key_states, value_states
 
     def _everything(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[before | every visual entry | after], in position order (a copy: prefill only)."""
@@ -153,43 +217,6 @@ class _PrunedLayer(_BufferLayer):
         k, v = self.keys, self.values
         return (torch.cat([k[:, :, :a], self.store_k.to(self.device), k[:, :, b : self.length]], dim=2),
                 torch.cat([v[:, :, :a], self.store_v.to(self.device), v[:, :, b : self.length]], dim=2))
-
-    def _rebuild_slot(self) -> None:
-        t0 = time.perf_counter()
-        if self.ready is not None:  # copied ahead on the side stream: wait for it on the device only
-            torch.cuda.current_stream(self.device).wait_event(self.ready)
-            self.ready = None
-        else:
-            self._gather_slot()
-        self.rebuild_seconds += time.perf_counter() - t0
-
-    def prefetch(self, idx: torch.Tensor, stream) -> None:
-        """An offloaded store on a CUDA model: gather the selection ``idx`` (host) into pinned
-        staging buffers and copy them into the slot on ``stream``, so the copy overlaps the
-        layers before this one; :meth:`_rebuild_slot` makes the compute stream wait for it."""
-        sel = self.selector
-        a, b = sel.start, sel.start + sel.keep
-        if self.staging is None:
-            shape = (*self.store_k.shape[:2], sel.keep, self.store_k.shape[3])
-            self.staging = tuple(torch.empty(shape, dtype=self.store_k.dtype, pin_memory=True) for _ in range(2))
-        torch.index_select(self.store_k, 2, idx, out=self.staging[0])
-        torch.index_select(self.store_v, 2, idx, out=self.staging[1])
-        with torch.cuda.stream(stream):
-            self.keys[:, :, a:b].copy_(self.staging[0], non_blocking=True)
-            self.values[:, :, a:b].copy_(self.staging[1], non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(stream)
-        self.moved_bytes += 2 * self.staging[0].numel() * self.staging[0].element_size()
-
-    def _gather_slot(self) -> None:
-        """Write the selected visual entries into the working buffer's slot."""
-        sel = self.selector
-        idx = sel.selection.to(self.store_k.device)
-        a, b = sel.start, sel.start + sel.keep
-        self.keys[:, :, a:b] = self.store_k.index_select(2, idx).to(self.device)
-        self.values[:, :, a:b] = self.store_v.index_select(2, idx).to(self.device)
-        if self.store_k.device != self.keys.device:
-            self.moved_bytes += 2 * self.keys[:, :, a:b].numel() * self.keys.element_size()
 
     def make_static(self, steps: torch.Tensor) -> None:
         if self.offload_store:
@@ -222,9 +249,12 @@ class PrunedKVCache(Cache):
     def __init__(self, num_layers: int, capacity: int, selector: DecodeSelector | None = None,
                  offload: bool = False, reduced: tuple[int, int] | None = None):
         layers: list[CacheLayerMixin] = []
+        self.block = None
+        if selector is not None:
+            self.block = _PrunedBlock(num_layers - selector.prune_from, selector, offload)
         for i in range(num_layers):
             if selector is not None and i >= selector.prune_from:
-                layers.append(_PrunedLayer(capacity, selector, offload))
+                layers.append(_PrunedLayer(capacity, self.block, i - selector.prune_from))
             elif reduced is not None and i >= reduced[0]:
                 layers.append(_BufferLayer(reduced[1]))  # a one-shot pruner left fewer tokens here
             else:
@@ -249,25 +279,27 @@ class PrunedKVCache(Cache):
 
     def _take_selection(self) -> None:
         """Eager step, at the first pruned layer: read once whether the probe took a new
-        selection; if so every pruned layer rewrites its slot (an offloaded store on CUDA:
-        all copies start now on a side stream, each layer waits only for its own)."""
+        selection; if so write it into every pruned layer's slot (an offloaded store on CUDA:
+        the copies start now on a side stream, each layer waits only for its own)."""
         if not bool(self.selector.refreshed):
             return
-        pruned = [layer for layer in self.layers if isinstance(layer, _PrunedLayer)]
-        for layer in pruned:
-            layer.pending = True
-        if pruned[0].keys.device.type == "cuda" and self.offloaded:
+        t0 = time.perf_counter()
+        block = self.block
+        if block.offload and block.work.device.type == "cuda":
             if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream(pruned[0].keys.device)
-            self._copy_stream.wait_stream(torch.cuda.current_stream(pruned[0].keys.device))
-            idx = self.selector.selection.cpu()
-            for layer in pruned:
-                layer.prefetch(idx, self._copy_stream)
+                self._copy_stream = torch.cuda.Stream(block.work.device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(block.work.device))
+            pruned = [layer for layer in self.layers if isinstance(layer, _PrunedLayer)]
+            for layer, event in zip(pruned, block.prefetch(self._copy_stream)):
+                layer.ready = event
+        else:
+            block.gather()
+        block.rebuild_seconds += time.perf_counter() - t0
 
     @property
     def offloaded(self) -> bool:
         """Whether the pruned entries' store lives in host memory."""
-        return any(isinstance(layer, _PrunedLayer) and layer.offload_store for layer in self.layers)
+        return self.block is not None and self.block.offload
 
     def make_static(self) -> torch.Tensor:
         """Switch every layer to static-shape decoding (see the module docstring); returns the
@@ -288,7 +320,7 @@ class PrunedKVCache(Cache):
         self.steps += 1
 
     def rebuild_seconds(self) -> float:
-        return sum(layer.rebuild_seconds for layer in self.layers if isinstance(layer, _PrunedLayer))
+        return 0.0 if self.block is None else self.block.rebuild_seconds
 
     def kv_bytes(self) -> KVBytes:
         """Bytes held: attended on the device, and in the pruned-entry stores (and where)."""
@@ -297,7 +329,7 @@ class PrunedKVCache(Cache):
         offloaded = self.offloaded
         on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.layers)
         # saved_on_device: what --offload-pruned took off the accelerator (a CPU's store is host memory anyway)
-        moved = sum(layer.moved_bytes for layer in self.layers if isinstance(layer, _PrunedLayer))
+        moved = 0 if self.block is None else self.block.moved_bytes
         return KVBytes(working=working, store=store, store_on_host=offloaded,
                        device_total=working + (0 if offloaded else store),
                        saved_on_device=store if offloaded and on_accelerator else 0, moved_to_device=moved)
