@@ -10,9 +10,9 @@
 # Everything lands in $OUT (the device tool returns it; default runs/gpu_session): one log per
 # step (NN-step.log), bench_<arch>.{json,png,md}, summary.txt.
 #
-# Steps, in this order: install info gpu-tests suite bench-0.5b bench-7b. Name some to run only
+# Steps, in this order: install info gpu-tests attention suite bench-0.5b bench-7b. Name some to run only
 # those (install always runs):  bash benchmarks/gpu_session.sh bench-7b
-# Each step runs under `timeout`: its cap in seconds (T_INSTALL 60, T_INFO 30, T_GPU_TESTS 90,
+# Each step runs under `timeout`: its cap in seconds (T_INSTALL 60, T_INFO 30, T_GPU_TESTS 90, T_ATTENTION 45,
 # T_BENCH_05B 110, T_BENCH_7B 150; the suite, T_SUITE, gets by default what is left once the
 # benchmarks' caps are set aside, about 250 s), never past the session's deadline (BUDGET_S, default
 # 560 s from the start). A failed step does not stop the next ones; the exit status is 1 when
@@ -96,7 +96,7 @@ bench() {
         --json "$OUT/bench_$arch.json" --plot "$OUT/bench_$arch.png" --markdown "$OUT/bench_$arch.md"
 }
 
-STEPS="install info gpu-tests suite bench-0.5b bench-7b"
+STEPS="install info gpu-tests attention suite bench-0.5b bench-7b"
 for step in "$@"; do
     case " $STEPS " in
         *" $step "*) ;;
@@ -119,6 +119,8 @@ run_step install "${T_INSTALL:-60}" bash -c install_wheels
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 wanted info "$@" && run_step info "${T_INFO:-30}" bash -c print_versions
 wanted gpu-tests "$@" && run_step gpu-tests "${T_GPU_TESTS:-90}" --no-tests-ok "$PY" -m pytest -q -m gpu tests
+wanted attention "$@" && run_step attention "${T_ATTENTION:-45}" \
+    "$PY" benchmarks/bench_attention.py --arch 7b --json "$OUT/attention_7b.json"
 T_BENCH_05B=${T_BENCH_05B:-110}
 T_BENCH_7B=${T_BENCH_7B:-150}
 # The suite (~500 tests) gets what is left once the benchmarks' caps are set aside.

@@ -1,4 +1,5 @@
 import io
+import re
 
 from rich.console import Console
 
@@ -63,9 +64,12 @@ def test_comparison_table_marks_changed_words():
                      "visual_tokens_prefill": 128, "visual_tokens_decode": 18, "overall_retention": 0.14,
                      "prefill_s": 0.5, "ttft_s": 0.6, "decode_tokens_per_s": 10.0, "llm_total_s": 1.0,
                      "peak_memory_above_start_bytes": 1024, "speedup": 1.0, "memory_ratio": 1.0,
-                     "flops_ratio_estimate": 1.0})
+                     "flops_ratio_estimate": 1.0, "decode_path": "cuda-graph" if method == "dycoke" else None})
     buf = io.StringIO()
     Console(file=buf, width=100, force_terminal=True, color_system="standard").print(comparison_table(rows, "q", 8))
     out = buf.getvalue()
     assert "\x1b[1;31mball\x1b[0m" in out  # bold red
     assert "\x1b[1;31mcup" not in out
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    assert [[cell.strip() for cell in line.split("│")[1:4]] for line in plain.splitlines()
+            if "decoding steps" in line] == [["decoding steps", "n/a", "cuda-graph"]]

@@ -259,6 +259,7 @@ def comparison_table(rows: list[dict], question: str, frames: int):
     row("speedup (measured)", "speedup", ".2f", "x")
     row("memory ratio", "memory_ratio", ".2f", "x")
     row("FLOPs ratio (est.)", "flops_ratio_estimate", ".2f", "x")
+    table.add_row("decoding steps", *[r.get("decode_path") or "n/a" for r in rows])
     return table
 
 

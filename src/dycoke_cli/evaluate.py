@@ -96,6 +96,7 @@ class Comparison:
                 "speedup": base_total / total if total > 0 else None,
                 "memory_ratio": (base_mem / mem) if mem and base_mem else None,
                 "flops_ratio_estimate": s.flops_ratio_estimate,
+                "decode_path": s.decode_path,
             })
         return out
 
