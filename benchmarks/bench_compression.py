@@ -41,7 +41,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 try:
@@ -115,17 +115,13 @@ QWEN_QUICK = Arch("quick: scaled-down Qwen2.5-VL, random weights", 2048, TinyQwe
 # llava-onevision-qwen2-7b-ov: the same SigLIP tower (so the same 196 tokens per frame) projected
 # into Qwen2-7B: hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocab 152064, rope 1e6,
 # untied input and output embeddings. About 8.0 B parameters: ~15 GB in bf16, a GPU.
-_QWEN2_7B_SIGLIP = {**_QWEN2_SIGLIP, "tie_word_embeddings": False}
-FULL_7B = Arch("llava-onevision-qwen2-7b architecture, random weights", 152064, TinySpec(
-    vision_hidden=1152, vision_layers=26, vision_heads=16, vision_intermediate=4304, image_size=384, patch_size=14,
-    text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
-    max_position_embeddings=32768, **_QWEN2_7B_SIGLIP))
+_QWEN2_7B = dict(text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+                 tie_word_embeddings=False)
+FULL_7B = Arch("llava-onevision-qwen2-7b architecture, random weights", 152064, replace(FULL.spec, **_QWEN2_7B))
 # QUICK's sizes with the 7B's untied embeddings and a wider grouped-query ratio (4 heads on 1 KV head;
 # the 7B has 7 per KV head): the same 16 tokens per frame, so the same token counts as QUICK.
-QUICK_7B = Arch("quick: scaled-down LLaVA-OneVision-7B, random weights", 2048, TinySpec(
-    vision_hidden=64, vision_layers=2, vision_heads=2, vision_intermediate=128, image_size=112, patch_size=14,
-    text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=1, text_intermediate=128,
-    max_position_embeddings=8192, **_QWEN2_7B_SIGLIP))
+QUICK_7B = Arch("quick: scaled-down LLaVA-OneVision-7B, random weights", 2048,
+                replace(QUICK.spec, text_kv_heads=1, tie_word_embeddings=False))
 ARCHS = {"llava-ov-0.5b": (FULL, QUICK), "llava-ov-7b": (FULL_7B, QUICK_7B),
          "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK)}  # --arch: (full, --quick)
 ARCH_ALIASES = {"0.5b": "llava-ov-0.5b", "7b": "llava-ov-7b"}  # short --arch names
