@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fetch, on the dev machine (it has PyPI access), the wheels the GPU machine lacks, into .whl/
 # (git-ignored through .git/info/exclude), for benchmarks/gpu_session.sh to install there.
-# The GPU image has Python 3.12, transformers 5.17 and no PyAV; see NOTES.md section 6.
+# The GPU image has Python 3.12, transformers 5.17 and no PyAV; see NOTES.md section 6. The
+# suite's property tests need hypothesis, which the image may lack (pure-Python wheels, small).
 #
-#   bash benchmarks/fetch_gpu_wheels.sh                  # transformers 5.23.0 + av 19.0.2, ~48 MB
+#   bash benchmarks/fetch_gpu_wheels.sh                  # transformers 5.23.0 + av 19.0.2 + hypothesis, ~49 MB
 #   bash benchmarks/fetch_gpu_wheels.sh pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
 #                          # extra requirements are appended (here: if the image lacked pytest)
 #
@@ -25,7 +26,8 @@ fi
 # The recipe of NOTES.md section 6: binary wheels for CPython 3.12 on manylinux x86_64, no deps.
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl transformers==5.23.0 av==19.0.2 "$@" || { echo "pip download failed" >&2; exit 1; }
+    -d .whl transformers==5.23.0 av==19.0.2 hypothesis==6.170.15 sortedcontainers==2.4.0 "$@" \
+    || { echo "pip download failed" >&2; exit 1; }
 
 ls -l .whl
 size_mb=$(du -sm .whl | cut -f1)
