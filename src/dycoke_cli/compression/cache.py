@@ -312,9 +312,13 @@ class PrunedKVCache(Cache):
         return self.steps
 
     def step_masks(self) -> list[torch.Tensor]:
-        """Static mode: each layer's attention mask for this step (one tensor per distinct layout)."""
-        masks: dict[tuple[int, int], torch.Tensor] = {}
-        return [masks.setdefault((layer.length, layer.capacity), layer.step_mask()) for layer in self.layers]
+        """Static mode: each layer's attention mask for this step. Layers with the same room left
+        (capacity - length: every layout here) share one mask, a smaller buffer its trailing part:
+        ``arange(c) <= steps + length`` is the last ``c`` entries of the widest layer's."""
+        widest: dict[int, torch.Tensor] = {}
+        for layer in sorted(self.layers, key=lambda layer: -layer.capacity):
+            widest.setdefault(layer.capacity - layer.length, layer.step_mask())
+        return [widest[layer.capacity - layer.length][..., -layer.capacity :] for layer in self.layers]
 
     def advance(self) -> None:
         self.steps += 1

@@ -48,7 +48,7 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float,
     q = query.float().reshape(kvh, h // kvh, d)  # heads grouped by the KV head they read
     scores = torch.einsum("gqd,gsd->gqs", q, key[0].float()) * scaling  # [KVH, group, S]
     if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(1, 1, -1), float("-inf"))
+        scores = torch.where(mask.reshape(1, 1, -1), scores, float("-inf"))
     return scores.softmax(dim=-1).mean(dim=(0, 1))
 
 
@@ -186,14 +186,17 @@ class DecodeSelector:
             return
         candidate = self.candidates(row)
         has_reference = self.counters[1] > 0  # a selection exists
-        refresh = ~has_reference | (similarity < self.threshold)
-        again = refresh & has_reference
+        again = (similarity < self.threshold) & has_reference  # a refresh after the first selection
+        refresh = again | ~has_reference
         member = torch.zeros(self.total, dtype=torch.bool, device=row.device).index_fill_(0, self.selection, True)
         recalled = (~member[candidate]).sum() * again
-        self.counters += torch.stack([torch.ones_like(recalled), refresh.long(), again.long(), recalled])
-        self.selection.copy_(torch.where(refresh, candidate, self.selection))
-        self.reference.copy_(torch.where(refresh, row.float(), self.reference))
-        self.refreshed.copy_(refresh)
+        self.counters[0] += 1
+        self.counters[1:] += torch.stack([refresh, again, recalled])
+        # in place (out= the tensor itself): the addresses a captured step reads stay the same
+        torch.where(refresh, candidate, self.selection, out=self.selection)
+        torch.where(refresh, row, self.reference, out=self.reference)
+        if not self.branch_free:
+            self.refreshed.copy_(refresh)  # what the eager cache reads; static steps gather regardless
         self.started = True
 
     def _allocate(self, device) -> None:
