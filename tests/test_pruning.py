@@ -2,7 +2,7 @@ import torch
 from torch.testing import assert_close
 
 from dycoke_cli.compression.cache import PrunedKVCache, _PrunedLayer
-from dycoke_cli.compression.selectors import DecodeSelector, balanced_topk, last_query_attention
+from dycoke_cli.compression.selectors import BalancedTopk, DecodeSelector, last_query_attention
 from dycoke_cli.generate import generate_tokens, run_layers
 from dycoke_cli.options import SamplingOptions
 from dycoke_cli.prompt import build_embeds
@@ -127,9 +127,9 @@ def test_keep_everything_gives_exactly_the_uncompressed_tokens(tiny_lm):
 def test_balanced_topk_keeps_every_frame_in_view():
     frame_of = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     r = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 0.3, 0.2, 0.1])  # frame 2 barely attended
-    assert balanced_topk(r, 3, frame_of, 0.0).tolist() == [0, 1, 2]  # plain top-k drops frames 1 and 2
-    assert balanced_topk(r, 3, frame_of, 1.0).tolist() == [0, 3, 6]  # one per frame
-    assert balanced_topk(r, 6, frame_of, 0.5).tolist() == [0, 1, 2, 3, 4, 6]  # 1 each, then the best 3 left
+    assert BalancedTopk(3, frame_of, 0.0)(r).tolist() == [0, 1, 2]  # plain top-k drops frames 1 and 2
+    assert BalancedTopk(3, frame_of, 1.0)(r).tolist() == [0, 3, 6]  # one per frame
+    assert BalancedTopk(6, frame_of, 0.5)(r).tolist() == [0, 1, 2, 3, 4, 6]  # 1 each, then the best 3 left
 
 
 def test_selector_with_coverage():
@@ -157,5 +157,5 @@ def test_balanced_topk_matches_the_rule_on_uneven_frames():
     for keep, coverage in [(6, 1.0), (10, 0.5), (15, 1.0), (3, 0.0), (21, 0.7)]:
         for _ in range(20):
             r = torch.rand(21, generator=g)
-            assert balanced_topk(r, keep, frame_of, coverage).tolist() == \
+            assert BalancedTopk(keep, frame_of, coverage)(r).tolist() == \
                 _reference_balanced(r.tolist(), keep, frame_of, coverage), (keep, coverage)

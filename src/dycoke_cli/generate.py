@@ -168,6 +168,7 @@ class EagerSteps:
     """Decoding steps as plain calls: exact-length tensors, host reads where convenient."""
 
     path = "eager"
+    note = None  # (static steps say here why they run without a CUDA graph)
 
     def __init__(self, lm, cache, selector, next_position: int):
         self.lm, self.cache, self.selector = lm, cache, selector
@@ -239,6 +240,6 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
                 token = sample_token(steps(token), opts, generator)
             value = _read(token, selector, timings)
             timings.step_s.append(time.perf_counter() - t0)
-            timings.path, timings.path_note = steps.path, getattr(steps, "note", None)
+            timings.path, timings.path_note = steps.path, steps.note
 
 

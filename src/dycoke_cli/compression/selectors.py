@@ -99,11 +99,6 @@ class BalancedTopk:
         return torch.argsort((~chosen).to(torch.uint8), stable=True)[: self.keep]
 
 
-def balanced_topk(row: torch.Tensor, keep: int, frame_of: torch.Tensor, coverage: float) -> torch.Tensor:
-    """:class:`BalancedTopk` of one row (ascending positions [keep])."""
-    return BalancedTopk(keep, frame_of, coverage)(row)
-
-
 @dataclass
 class SelectionCounts:
     steps: int = 0  # decoding steps observed
