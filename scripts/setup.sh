@@ -13,7 +13,7 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && [ -z "${DYCOKE_CPU_TORCH:-}" ]; then
     echo "setup: NVIDIA GPU found; installing the default (CUDA) torch build" >&2
-    "$VPY" -m pip install -q "torch>=2.4"
+    "$VPY" -m pip install -q "torch>=2.11,<2.14"  # the range pyproject.toml declares (tested)
   else
     "$VPY" -m pip install -q "torch==2.13.0"
   fi

@@ -86,6 +86,17 @@ def test_empty_question(clip_path, capsys, monkeypatch):
     assert run_cli(["ask", str(clip_path), "   "], capsys, monkeypatch) == (2, "", "dycoke: error: the question is empty\n")
 
 
+@pytest.mark.parametrize("name,shown", [
+    ("no such\nfile.mp4", "no such\\nfile.mp4"),
+    ("tab\there\r.mp4", "tab\\there\\r.mp4"),
+    ("\x1b[31mred\x85\u2028.mp4", "\\x1b[31mred\\x85\\u2028.mp4"),
+])
+def test_control_characters_in_a_name_are_escaped_so_the_error_is_one_line(name, shown, tmp_path, tiny_model_dir,
+                                                                           capsys, monkeypatch):
+    code, out, err = run_cli(["ask", str(tmp_path / name), "q", "--model", str(tiny_model_dir)], capsys, monkeypatch)
+    assert (code, out, err) == (1, "", f"dycoke: error: {tmp_path}/{shown}: no such file\n")
+
+
 def test_bad_inputs(tmp_path, tiny_model_dir, capsys, monkeypatch):
     model = ["--model", str(tiny_model_dir)]
     missing = tmp_path / "nope.mp4"

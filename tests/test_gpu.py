@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector
 from dycoke_cli.generate import run_layers, sample_token
+from dycoke_cli.layer_call import call_layer
 from dycoke_cli.model import load_model
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import answer, encode_video
@@ -73,8 +74,8 @@ def test_pruned_cache_logits_equal_the_masked_full_cache_on_cuda(cuda_lm):
         mask = torch.ones(1, 1, 1, seq + 1, dtype=torch.bool, device="cuda")
         mask[..., [p for p in range(*span) if p not in kept]] = False
         for i, layer in enumerate(dec.layers):
-            hidden = layer(hidden, attention_mask=mask if i >= 2 else None, position_embeddings=cos_sin,
-                           position_ids=pos, past_key_values=full, use_cache=True)
+            hidden = call_layer(layer, hidden, full, attention_mask=mask if i >= 2 else None,
+                                position_embeddings=cos_sin, position_ids=pos)
         want = cuda_lm.lm_head(dec.norm(hidden))[:, -1].float()
     assert len(kept) == 9
     assert_close(got, want, rtol=1e-4, atol=1e-4)

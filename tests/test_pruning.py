@@ -4,6 +4,7 @@ from torch.testing import assert_close
 from dycoke_cli.compression.cache import PrunedKVCache, _PrunedLayer
 from dycoke_cli.compression.selectors import BalancedTopk, DecodeSelector, last_query_attention
 from dycoke_cli.generate import generate_tokens, run_layers
+from dycoke_cli.layer_call import call_layer
 from dycoke_cli.options import SamplingOptions
 from dycoke_cli.prompt import build_embeds
 
@@ -83,8 +84,8 @@ def _reference_step_logits(lm, embeds, token, pruned_positions, prune_from):
         mask = torch.ones(1, 1, 1, seq + 1, dtype=torch.bool)
         mask[..., pruned_positions] = False
         for i, layer in enumerate(decoder.layers):
-            hidden = layer(hidden, attention_mask=mask if i >= prune_from else None, position_embeddings=cos_sin,
-                           position_ids=pos, past_key_values=cache, use_cache=True)
+            hidden = call_layer(layer, hidden, cache, attention_mask=mask if i >= prune_from else None,
+                                position_embeddings=cos_sin, position_ids=pos)
         return lm.lm_head(decoder.norm(hidden))[:, -1].float()
 
 

@@ -17,6 +17,7 @@ from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector
 from dycoke_cli.families.qwen2_5_vl import patchify, smart_resize
 from dycoke_cli.generate import batch_positions, run_layers
+from dycoke_cli.layer_call import call_layer
 from dycoke_cli.model import load_model
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import encode_video
@@ -133,8 +134,8 @@ def _masked_step(lm, embeds, positions, token, step, pruned):
     mask = torch.ones(1, 1, 1, seq + 1, dtype=torch.bool)
     mask[..., pruned] = False
     for i, layer in enumerate(dec.layers):
-        hidden = layer(hidden, attention_mask=mask if i >= 2 else None, position_embeddings=cos_sin,
-                       position_ids=None, past_key_values=cache, use_cache=True)
+        hidden = call_layer(layer, hidden, cache, attention_mask=mask if i >= 2 else None,
+                            position_embeddings=cos_sin, position_ids=None)
     return lm.lm_head(dec.norm(hidden))[:, -1].float()
 
 

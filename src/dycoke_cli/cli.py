@@ -19,7 +19,7 @@ import typer
 from . import __version__, interrupts
 from .cli_flags import ANSWER, COMPRESSION, MODEL, OUTPUT, SAMPLING, Flags, with_flags
 from .cli_output import Answering, ReaderLeft, out, out_rich, silence_stdout
-from .errors import DycokeError, OutputError, UsageError
+from .errors import DycokeError, OutputError, UsageError, one_line
 from .oom import RunSettings, is_oom, oom_advice, oom_guard
 from .options import CompressionOptions, Method, OptionError
 
@@ -305,7 +305,7 @@ def eval_cmd(
     for failure in report["failures"]:
         error = failure["error"]  # names the file already when the reader failed
         where = "" if failure["video"] in error else f"{failure['video']}: "
-        print(f"dycoke: error: {where}{error}", file=sys.stderr)
+        _error(f"{where}{error}")
     if report["failures"]:
         raise typer.Exit(1)
 
@@ -372,7 +372,7 @@ def bench(ctx: typer.Context) -> None:
 
 
 def _error(message: str) -> None:
-    print(f"dycoke: error: {message}", file=sys.stderr)
+    print(f"dycoke: error: {one_line(message)}", file=sys.stderr)
 
 
 def _run_command(args: list[str], debug: bool) -> int:

@@ -3,6 +3,8 @@ message as one line and exits with ``exit_code``."""
 
 from __future__ import annotations
 
+import re
+
 
 class DycokeError(Exception):
     """Base class: a problem we can explain in one line."""
@@ -26,3 +28,14 @@ class ModelError(DycokeError):
 
 class OutputError(DycokeError):
     """Standard output cannot be written (a full disk, a closed descriptor)."""
+
+
+# C0 and C1 control characters and the Unicode line and paragraph separators: any of them in a
+# file name would break a message's one line (or drive the terminal).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped as Python writes them (``\\n``, ``\\x1b``), so
+    a message that quotes a user's file name stays one line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from .compression.attention import probing
+from .layer_call import call_layer
 from .options import Decoding, SamplingOptions
 
 # Prompt tokens per piece of a long prefill on CUDA (bounds activation memory). Not on the CPU:
@@ -102,8 +103,8 @@ def _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk: int) -> t
     update), and a last piece of one query would pass for a decoding step: both are avoided."""
     seq = hidden.shape[1]
     if seq == 1:  # a decoding step
-        return layer(hidden, position_embeddings=(cos, sin), position_ids=positions if positions.dim() == 2 else None,
-                     past_key_values=cache, use_cache=True)
+        return call_layer(layer, hidden, cache, position_embeddings=(cos, sin),
+                          position_ids=positions if positions.dim() == 2 else None)
     if seq <= chunk or getattr(cache.layers[layer.self_attn.layer_idx], "whole_prompt", False):
         bounds = [(0, seq)]
     else:
@@ -114,9 +115,9 @@ def _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk: int) -> t
     outs = []
     for a, b in bounds:
         mask = causal_after(cache.layers[layer.self_attn.layer_idx].get_seq_length(), b - a, hidden.device)
-        outs.append(layer(hidden[:, a:b], attention_mask=mask, position_embeddings=(cos[:, a:b], sin[:, a:b]),
-                          position_ids=None if flat_ids is None else flat_ids[:, a:b], past_key_values=cache,
-                          use_cache=True))
+        outs.append(call_layer(layer, hidden[:, a:b], cache, attention_mask=mask,
+                               position_embeddings=(cos[:, a:b], sin[:, a:b]),
+                               position_ids=None if flat_ids is None else flat_ids[:, a:b]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 

@@ -17,6 +17,7 @@ import os
 import torch
 
 from .compression.attention import probing
+from .layer_call import call_layer
 
 
 class StaticSteps:
@@ -63,8 +64,8 @@ class StaticSteps:
         masks = self.cache.step_masks()
         with probing(self.selector):
             for layer, mask in zip(decoder.layers, masks):
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=flat_ids,
-                               past_key_values=self.cache, use_cache=True)
+                hidden = call_layer(layer, hidden, self.cache, attention_mask=mask, position_embeddings=(cos, sin),
+                                    position_ids=flat_ids)
         logits = self.lm.lm_head(decoder.norm(hidden))[:, -1].float()
         if self.logits is None:
             self.logits = logits
