@@ -253,9 +253,9 @@ def test_the_package_does_not_ship_the_benchmark():
 
 
 def test_dycoke_bench_outside_a_source_checkout_is_one_line(tmp_path, capsys, monkeypatch):
-    import dycoke_cli.cli
+    import dycoke_cli.cli.app
 
-    monkeypatch.setattr(dycoke_cli.cli, "__file__", str(tmp_path / "site-packages" / "dycoke_cli" / "cli.py"))
+    monkeypatch.setattr(dycoke_cli.cli.app, "__file__", str(tmp_path / "site-packages" / "dycoke_cli" / "cli" / "app.py"))
     assert run_cli(["bench", "--quick"], capsys, monkeypatch) == (
         1, "", "dycoke: error: the benchmark ships with the source checkout (benchmarks/bench_compression.py), "
                "not with the installed package\n")

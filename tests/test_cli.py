@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dycoke_cli import __version__
-from dycoke_cli.cli import main
+from dycoke_cli.cli.app import main
 
 
 def run_cli(args, capsys, monkeypatch, env=None):
@@ -27,7 +27,7 @@ def test_version(capsys, monkeypatch):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from dycoke_cli.cli import app; print('torch' in sys.modules)"
+    code = "import sys; from dycoke_cli.cli.app import app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

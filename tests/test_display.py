@@ -3,7 +3,7 @@ import re
 
 from rich.console import Console
 
-from dycoke_cli.display import LiveState, PlainDisplay, comparison_table, render, summary_line
+from dycoke_cli.cli.display import LiveState, PlainDisplay, comparison_table, render, summary_line
 
 STATS = {
     "visual_tokens": 6272, "visual_tokens_prefill": 2968, "prefill_retention": 2968 / 6272,

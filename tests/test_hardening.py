@@ -29,7 +29,6 @@ import pytest
 from clips import write_audio, write_clip, write_image
 from test_cli import run_cli
 
-
 MP4 = "mov,mp4,m4a,3gp,3g2,mj2"
 MKV = "matroska,webm"
 QUESTION = "what color is the cup?"
@@ -172,7 +171,7 @@ def test_bad_inputs_are_one_line_errors(name, make, message, tmp_path, tiny_mode
 
 def _quiet_cli(args: list[str]) -> list:
     """The CLI in-process without pytest's capture: [exit code, stdout, stderr]."""
-    from dycoke_cli.cli import main
+    from dycoke_cli.cli.app import main
 
     saved = sys.argv
     sys.argv = ["dycoke", *args]
@@ -366,7 +365,7 @@ def vm(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 model, margin, runs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-from dycoke_cli.cli import main
+from dycoke_cli.cli.app import main
 from dycoke_cli.model import load_model
 load_model(model, device="cpu", dtype="float32")
 limit = vm("VmPeak") + margin

@@ -3,7 +3,7 @@
 import sys
 
 try:  # an interrupt before the handler is installed is an interrupt too, not a traceback
-    from dycoke_cli.entry import main
+    from dycoke_cli.cli.entry import main
 except KeyboardInterrupt:
     sys.stderr.write("dycoke: interrupted\n")
     sys.exit(130)

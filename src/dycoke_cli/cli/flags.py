@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import REFRESH_THRESHOLD, CompressionOptions, Decoding, Method, OptionError, Positions, SamplingOptions
+from ..options import REFRESH_THRESHOLD, CompressionOptions, Decoding, Method, OptionError, Positions, SamplingOptions
 
 
 class DeviceChoice(str, Enum):
@@ -97,7 +97,7 @@ class Flags:
 
     @property
     def model_name(self) -> str:
-        from .model import DEFAULT_MODEL
+        from ..model import DEFAULT_MODEL
 
         return self.model or os.environ.get("DYCOKE_MODEL") or DEFAULT_MODEL
 
@@ -121,18 +121,18 @@ class Flags:
 
     def feature_cache(self):
         """The on-disk feature cache, or None with --no-cache."""
-        from .feature_cache import FeatureCache
+        from ..feature_cache import FeatureCache
 
         return None if self.no_cache else FeatureCache()
 
     def locate(self) -> None:
         """Find and check the model folder (cheap: no weights are read)."""
-        from .model import locate_model
+        from ..model import locate_model
 
         locate_model(self.model_name, self.allow_pickle)
 
     def load(self):
-        from .model import load_model
+        from ..model import load_model
 
         return load_model(self.model_name, device=self.device.value, dtype=self.dtype.value,
                           allow_pickle=self.allow_pickle)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .errors import OutputError
+from ..errors import OutputError
 
 
 class ReaderLeft(Exception):
@@ -60,7 +60,7 @@ class Answering:
         self.answer = None  # results.Answer, at the end
 
     def show(self, event) -> None:
-        from .results import Done, Token
+        from ..results import Done, Token
 
         self.display.show(event)
         if isinstance(event, Token):
@@ -79,7 +79,7 @@ class Answering:
         return ""
 
     def final_output(self, model: dict) -> str:
-        from .results import answer_json
+        from ..results import answer_json
 
         if self.json_out:
             return json.dumps(answer_json(self.answer, model), default=str) + "\n"

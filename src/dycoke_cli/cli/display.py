@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .results import Done, Planned, Stage, Token
+from ..results import Done, Planned, Stage, Token
 
 STAGES = ("reading frames", "encoding", "prefill", "generating", "done")
 

@@ -11,6 +11,6 @@ def main() -> None:
     from . import interrupts
 
     interrupts.install()
-    from .cli import main as cli_main
+    from .app import main as cli_main
 
     cli_main()

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from .errors import DycokeError
-from .options import Method, OptionError, SamplingOptions
+from ..errors import DycokeError
+from ..options import Method, OptionError, SamplingOptions
 
 HELP = """commands:
   /caption           describe the clip (the model's caption prompt)

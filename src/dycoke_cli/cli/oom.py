@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 
-from .errors import DycokeError
-from .options import Method
+from ..errors import DycokeError
+from ..options import Method
 
 
 class RunSettings:

@@ -1,8 +1,8 @@
 """The `dycoke` command line: parse, call the pipeline, show progress, map errors to exits.
 
 Kept thin and fast to import: torch and transformers are imported only inside commands, so
-`dycoke --help` does not pay for them. The options live in cli_flags.py (declared once), what
-goes to stdout in cli_output.py, the out-of-memory advice in oom.py.
+`dycoke --help` does not pay for them. The options live in flags.py (declared once), what
+goes to stdout in output.py, the out-of-memory advice in oom.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__, interrupts
-from .cli_flags import ANSWER, COMPRESSION, MODEL, OUTPUT, SAMPLING, Flags, with_flags
-from .cli_output import Answering, ReaderLeft, out, out_rich, silence_stdout
-from .errors import DycokeError, OutputError, UsageError, one_line
+from .. import __version__
+from ..errors import DycokeError, OutputError, UsageError, one_line
+from ..options import CompressionOptions, Method, OptionError
+from . import interrupts
+from .flags import ANSWER, COMPRESSION, MODEL, OUTPUT, SAMPLING, Flags, with_flags
 from .oom import RunSettings, is_oom, oom_advice, oom_guard
-from .options import CompressionOptions, Method, OptionError
+from .output import Answering, ReaderLeft, out, out_rich, silence_stdout
 
 app = typer.Typer(
     name="dycoke",
@@ -63,7 +64,7 @@ def _decode_timeout() -> float:
 
 def _check_video(path: Path) -> None:
     """Fail fast on a bad video, before paying for a model load."""
-    from .video import probe_video
+    from ..video import probe_video
 
     probe_video(path, timeout_s=_decode_timeout())
 
@@ -90,8 +91,8 @@ def _run_answers(video: Path, questions: list[str | None], flags: Flags) -> None
 
 def _answer_one(video: Path, question: str | None, flags: Flags, session, settings: RunSettings):
     """One answer through the display and stdout; loads the model into a new session first."""
+    from ..session import Session
     from .display import make_display
-    from .session import Session
 
     display = make_display(flags.quiet, flags.json_out, flags.model_name, flags.compression().method.value,
                            stdout_is_terminal=bool(sys.stdout.isatty()))
@@ -155,8 +156,8 @@ def chat(video: VideoArg, flags: Flags) -> None:
     several lines) or one per line from a pipe. Ctrl-C stops the current answer; Ctrl-D ends.
     FastV picks its tokens by each question, so it prefills the whole prompt every time; the
     other methods reuse the video's prefix."""
+    from ..session import Session
     from .chat import Chat, ChatActions, read_questions
-    from .session import Session
 
     flags.check()
     _check_video(video)
@@ -198,8 +199,8 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
 
 
 def _chat_compare(session, question: str | None, flags: Flags) -> None:
-    from .evaluate import compare as run_compare
-    from .pipeline import drain
+    from ..evaluate import compare as run_compare
+    from ..pipeline import drain
 
     drain(session.encoding())
     methods = [Method.none, session.compression.method] if session.compression.method != Method.none else [Method.none]
@@ -208,7 +209,7 @@ def _chat_compare(session, question: str | None, flags: Flags) -> None:
 
 
 def _prepare_methods(flags: Flags) -> tuple[list[Method], CompressionOptions]:
-    from .evaluate import parse_methods
+    from ..evaluate import parse_methods
 
     chosen = parse_methods(flags.methods)
     flags.check()
@@ -226,9 +227,9 @@ def compare(
     chosen, base = _prepare_methods(flags)
     _check_question(question)
     _check_video(video)
-    from .evaluate import compare as run_compare
-    from .pipeline import encode_video
-    from .prompt import fit_frames
+    from ..evaluate import compare as run_compare
+    from ..pipeline import encode_video
+    from ..prompt import fit_frames
 
     settings = RunSettings()
     with oom_guard(settings):
@@ -277,7 +278,7 @@ def eval_cmd(
     flags: Flags,
 ) -> None:
     """Accuracy of each method on a QA set (each video encoded once). Exits 1 if any item failed."""
-    from .evaluate import evaluate, read_qa
+    from ..evaluate import evaluate, read_qa
 
     chosen, base = _prepare_methods(flags)
     items = read_qa(qa)
@@ -318,7 +319,7 @@ def toyworld(
     force: Annotated[bool, typer.Option("--force", help="Write into a folder that already holds files, replacing its qa.jsonl and clips/ files of the same names.")] = False,
 ) -> None:
     """Write clips of the demo model's toy world and a QA file for `dycoke eval`."""
-    from .toyworld.dataset import write_dataset
+    from ..toyworld.dataset import write_dataset
 
     if not 1 <= n <= MAX_TOYWORLD_CLIPS:
         raise OptionError("n", f"must be in [1, {MAX_TOYWORLD_CLIPS}] (got {n})")
@@ -334,7 +335,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("info")
 def cache_info(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Where the cache is, how many entries it holds, and their size against the limit."""
-    from .feature_cache import FeatureCache
+    from ..feature_cache import FeatureCache
 
     cache = FeatureCache()
     entries, size = cache.entries(), cache.size()
@@ -348,7 +349,7 @@ def cache_info(json_out: Annotated[bool, typer.Option("--json", help="Print JSON
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Remove every cache entry (only files the cache wrote)."""
-    from .feature_cache import FeatureCache
+    from ..feature_cache import FeatureCache
 
     cache = FeatureCache()
     out(f"{cache.folder}: removed {cache.clear()} entries\n")
@@ -357,7 +358,7 @@ def cache_clear() -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context) -> None:
     """Benchmark none / dycoke / fastv against model.generate on random-weight architectures (--arch 0.5b, 7b, qwen2.5-vl-7b). `dycoke bench --help` for flags."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compression.py"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_compression.py"
     if not script.is_file():
         raise DycokeError("the benchmark ships with the source checkout (benchmarks/bench_compression.py), "
                           "not with the installed package")
