@@ -218,7 +218,7 @@ def synthetic_frames(n: int, size: int, seed: int = 0):
 
 
 def stand_in_video(frames, requested: int):
-    from dycoke_cli.video import Video, VideoInfo
+    from dycoke_cli.video.read import Video, VideoInfo
 
     t, h, w = frames.shape[:3]
     info = VideoInfo(path="<synthetic>", container="synthetic", codec="rawvideo", width=w, height=h,

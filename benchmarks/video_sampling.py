@@ -44,7 +44,7 @@ def measure(path: str, mode: str, frames: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from clips import frame_index_of
 
-    from dycoke_cli import video
+    from dycoke_cli.video import read as video
 
     if mode == "forward":
         video.SEEK_AFTER_S = float("inf")

@@ -100,7 +100,7 @@ GOOD = [
     ("raw-h264-no-duration", "clip.h264", dict(n_frames=20),
      dict(container="h264", duration=0.8, fps=25.0, frame_count=None,
           timestamps=[0.04, 0.16, 0.24, 0.36, 0.44, 0.56, 0.64, 0.76])),
-    # a still image is a one-frame clip (the documented choice, see video.py)
+    # a still image is a one-frame clip (the documented choice, see video/read.py)
     ("png-still", "still.png", "image",
      dict(container="png_pipe", codec="png", duration=0.04, fps=25.0, frame_count=None, sampled=1, timestamps=[0.0])),
 ]

@@ -192,7 +192,7 @@ def test_demo_model_answers_the_sample_clips():
     if not (folder / "model.safetensors").is_file() or not (samples / "qa.jsonl").is_file():
         pytest.skip("demo model or sample clips not present")
     try:
-        from dycoke_cli.video import read_video
+        from dycoke_cli.video.read import read_video
     except ImportError:
         pytest.skip("dycoke_cli.video not available")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from clips import frame_index_of, write_clip, write_image
 
-from dycoke_cli import video as video_mod
-from dycoke_cli.video import Video, VideoInfo, probe_video, read_video
+from dycoke_cli.video import read as video_mod
+from dycoke_cli.video.read import Video, VideoInfo, probe_video, read_video
 
 MP4 = "mov,mp4,m4a,3gp,3g2,mj2"
 MKV = "matroska,webm"

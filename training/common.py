@@ -26,7 +26,7 @@ def read_clip(path: str | Path, num_frames: int) -> np.ndarray:
     """uint8 [T, H, W, 3]: the frames nearest the centres of ``num_frames`` equal time
     segments of the clip (presentation time). Uses dycoke_cli.video.read_video when present."""
     try:
-        from dycoke_cli.video import read_video  # the product's reader, once it exists
+        from dycoke_cli.video.read import read_video  # the product's reader, once it exists
     except Exception:  # pragma: no cover - fallback while the product's reader is missing
         read_video = None
     if read_video is not None:

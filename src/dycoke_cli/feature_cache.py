@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .video import VideoInfo
+from .video.read import VideoInfo
 
 DEFAULT_LIMIT_MB = 2048
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.safetensors$")

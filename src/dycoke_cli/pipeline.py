@@ -27,7 +27,7 @@ from .generate import DecodeTimings, attention_backends, batch_positions, genera
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
 from .prompt import build_embeds, embed_parts, fit_context, prefill_positions
-from .video import Video, VideoInfo, read_video
+from .video.read import Video, VideoInfo, read_video
 from .results import (Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings,
                       Token, TokenPlan)
 

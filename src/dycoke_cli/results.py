@@ -11,11 +11,52 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-    from .video import Video, VideoInfo
-
 SCHEMA_VERSION = 1  # of the --json output; bump on any change that is not an added key
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What was read and how. Times are in seconds."""
+
+    path: str
+    container: str  # FFmpeg format name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+    codec: str  # codec name, e.g. "h264", "hevc", "vp9", "av1"
+    width: int  # display size of the source, after rotation
+    height: int
+    duration: float | None  # stream duration, else container's, else measured (see Duration)
+    fps: float | None  # average frame rate, if the file says
+    frame_count: int | None  # as the stream reports it (None when it does not)
+    stream_index: int  # the video stream read (the default one, else the first)
+    video_streams: int  # how many video streams the file has (cover art not counted)
+    rotation: int  # counter-clockwise degrees applied: 0, 90, 180 or 270
+    requested: int  # frames asked for
+    timestamps: tuple[float, ...]  # presentation time of each returned frame
+    lost: int = 0  # sampled frames that could not be decoded (damaged packets)
+
+    @property
+    def sampled(self) -> int:
+        return len(self.timestamps)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoInfo":
+        """The inverse of :meth:`to_dict`."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**fields, "timestamps": tuple(fields["timestamps"])})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["timestamps"] = list(self.timestamps)
+        d["sampled"] = self.sampled
+        return d
+
+
+@dataclass(frozen=True)
+class Video:
+    frames: np.ndarray | None  # uint8 [T, H, W, 3] RGB, T == info.sampled (None: features came from a cache)
+    info: VideoInfo
 
 
 @dataclass(frozen=True)

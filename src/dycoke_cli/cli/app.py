@@ -64,7 +64,7 @@ def _decode_timeout() -> float:
 
 def _check_video(path: Path) -> None:
     """Fail fast on a bad video, before paying for a model load."""
-    from ..video import probe_video
+    from ..video.read import probe_video
 
     probe_video(path, timeout_s=_decode_timeout())
 

@@ -167,7 +167,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     def default_frames(self, lm, path):
         if lm.defaults.num_frames is not None:
             return lm.defaults.num_frames
-        from ..video import probe_video
+        from ..video.read import probe_video
 
         spec = lm.video_spec
         duration = probe_video(path).duration or 0.0

@@ -1,5 +1,5 @@
 """Decode a video stream and pick the sampled frames: the decoding half of
-:mod:`dycoke_cli.video`, whose docstring states the rules (Sampling rule, How, Damage, Rotation).
+:mod:`dycoke_cli.video.read`, whose docstring states the rules (Sampling rule, How, Damage, Rotation).
 
 ``Decoder``     seeks, and decodes frames in presentation order with the holes between them
 ``first_frame`` the first decoded frame (its rotation and size set the output's)
@@ -7,7 +7,7 @@
 ``Picker``      keeps the frame nearest each target time, counting those lost to holes
 ``Converter``   turns a picked frame into an RGB array, downscaled and rotated for display
 
-Internal to :mod:`dycoke_cli.video`.
+Internal to :mod:`dycoke_cli.video.read`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from .video_container import Source
+from .container import Source
 
 # FFmpeg's AVCOL_SPC_UNSPECIFIED and AVCOL_RANGE_UNSPECIFIED.
 _UNSPECIFIED_COLORSPACE = 2

@@ -64,69 +64,28 @@ decodable frame, too slow) raises :class:`VideoError` with one line that names t
 file is only read, never written.
 
 Layout
-    This module holds the public names and joins the two halves: ``video_container`` opens
+    This module holds the public names and joins the two halves: ``container`` opens
     the file, chooses the stream and measures the timing (Duration, Timeline);
-    ``video_frames`` decodes and picks the frames (Sampling rule, How, Damage, Rotation).
+    ``frames`` decodes and picks the frames (Sampling rule, How, Damage, Rotation). What a read
+    returns (``Video``, ``VideoInfo``) are values, defined in results.py.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 
 import av
 import numpy as np
 
-# MAX_PIXELS and VideoError are imported for those who import them from here.
-from .errors import UsageError, VideoError  # noqa: F401
-from .video_container import MAX_PIXELS, Reading, Source, Timing, measure_timing  # noqa: F401
-from .video_frames import Converter, Decoder, Picker, first_frame, rotation, sample
+# MAX_PIXELS, VideoError, Video and VideoInfo are imported for those who import them from here.
+from ..errors import UsageError, VideoError  # noqa: F401
+from ..results import Video, VideoInfo  # noqa: F401
+from .container import MAX_PIXELS, Reading, Source, Timing, measure_timing  # noqa: F401
+from .frames import Converter, Decoder, Picker, first_frame, rotation, sample
 
 # Clips longer than this (seconds) are sampled by seeking to each target instead of decoding
 # every frame; below it one forward pass is faster than the seeks.
 SEEK_AFTER_S = 60.0
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What was read and how. Times are in seconds."""
-
-    path: str
-    container: str  # FFmpeg format name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
-    codec: str  # codec name, e.g. "h264", "hevc", "vp9", "av1"
-    width: int  # display size of the source, after rotation
-    height: int
-    duration: float | None  # stream duration, else container's, else measured (see Duration)
-    fps: float | None  # average frame rate, if the file says
-    frame_count: int | None  # as the stream reports it (None when it does not)
-    stream_index: int  # the video stream read (the default one, else the first)
-    video_streams: int  # how many video streams the file has (cover art not counted)
-    rotation: int  # counter-clockwise degrees applied: 0, 90, 180 or 270
-    requested: int  # frames asked for
-    timestamps: tuple[float, ...]  # presentation time of each returned frame
-    lost: int = 0  # sampled frames that could not be decoded (damaged packets)
-
-    @property
-    def sampled(self) -> int:
-        return len(self.timestamps)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VideoInfo":
-        """The inverse of :meth:`to_dict`."""
-        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**{**fields, "timestamps": tuple(fields["timestamps"])})
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["timestamps"] = list(self.timestamps)
-        d["sampled"] = self.sampled
-        return d
-
-
-@dataclass(frozen=True)
-class Video:
-    frames: np.ndarray | None  # uint8 [T, H, W, 3] RGB, T == info.sampled (None: features came from a cache)
-    info: VideoInfo
 
 
 def probe_video(path: str | os.PathLike, *, timeout_s: float = 60.0) -> VideoInfo:

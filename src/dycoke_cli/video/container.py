@@ -1,4 +1,4 @@
-"""Open a video file and describe its video stream: the probing half of :mod:`dycoke_cli.video`,
+"""Open a video file and describe its video stream: the probing half of :mod:`dycoke_cli.video.read`,
 whose docstring states the rules (Duration, Timeline, which problems are errors).
 
 ``Reading``        one read of one file: the name its errors cite, and its deadline
@@ -6,7 +6,7 @@ whose docstring states the rules (Duration, Timeline, which problems are errors)
 ``measure_timing`` the clip's duration and end (a ``Timing``), checked against its packets
 ``Timeline``       makes jumping timestamps (MPEG-TS, MPEG-PS) continuous
 
-Internal to :mod:`dycoke_cli.video`.
+Internal to :mod:`dycoke_cli.video.read`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fractions import Fraction
 
 import av
 
-from .errors import UsageError, VideoError
+from ..errors import UsageError, VideoError
 
 # Frames with more pixels than this are refused (8K UHD is 33 Mpx): such sizes come from
 # damaged headers, and one RGB frame would take gigabytes.
