@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: where the time and memory go, uncompressed vs DyCoke vs FastV, side by side.
 
-Builds, with dycoke_cli.tinymodel's builders and random weights, the LLaVA-OneVision-0.5B
+Builds, with dycoke_cli.models.tiny's builders and random weights, the LLaVA-OneVision-0.5B
 architecture (``--arch llava-ov-0.5b``, the default: SigLIP so400m-patch14-384 with the 26 layers
 LLaVA-OV uses + Qwen2-0.5B; short name ``0.5b``), the LLaVA-OneVision-7B one (``--arch llava-ov-7b``
 or ``7b``: the same SigLIP + Qwen2-7B) or the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``); the two
@@ -51,9 +51,10 @@ except ImportError:  # a source checkout without `pip install -e .`
     import dycoke_cli
 
 from bench_report import add_ratios, draw_plot, evaluate_targets, loadavg, machine_info, markdown
+
 from dycoke_cli.errors import DycokeError
 from dycoke_cli.memory import PeakMemory, rss_bytes
-from dycoke_cli.tinymodel import TinyQwenSpec, TinySpec
+from dycoke_cli.models.tiny import TinyQwenSpec, TinySpec
 
 METHODS = ("none", "dycoke", "fastv")
 MEMORY_PASS_TOKENS = 4
@@ -68,7 +69,7 @@ GENERATE_SKIPPED_QWEN = ("not timed for Qwen2.5-VL: transformers' generate from 
 
 @dataclass(frozen=True)
 class Arch:
-    """A named model to build (random weights): its family, tinymodel's sizes, a vocabulary and
+    """A named model to build (random weights): its family, models/tiny.py's sizes, a vocabulary and
     the side of the synthetic square frames it is given."""
 
     name: str
@@ -140,8 +141,9 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
     import torch
 
     from dycoke_cli.compression.attention import ATTENTION_NAME, register_attention
-    from dycoke_cli.families.qwen2_5_vl import Qwen25VLAdapter, VideoSpec
-    from dycoke_cli.model import LlavaOneVisionAdapter, ModelDefaults
+    from dycoke_cli.models.base import ModelDefaults
+    from dycoke_cli.models.llava_onevision import LlavaOneVisionAdapter
+    from dycoke_cli.models.qwen2_5_vl import Qwen25VLAdapter, VideoSpec
 
     register_attention()
     attn = {"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"}
@@ -155,8 +157,8 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
 
 
 def _build_random(arch: Arch, dtype, device, seed: int = 0, attn=None):
-    """(model, tokenizer) of ``arch`` from tinymodel's builders."""
-    from dycoke_cli.tinymodel import build_llava_onevision, build_qwen2_5_vl, build_word_tokenizer
+    """(model, tokenizer) of ``arch`` from models/tiny.py's builders."""
+    from dycoke_cli.models.tiny import build_llava_onevision, build_qwen2_5_vl, build_word_tokenizer
 
     tok = build_word_tokenizer(WORDS, family=arch.family)
     builder = build_qwen2_5_vl if arch.family == QWEN else build_llava_onevision
@@ -429,7 +431,7 @@ def _memory_child(cfg: dict) -> None:
     pinned = pin_malloc()
     import torch
 
-    from dycoke_cli.model import pick_device, pick_dtype
+    from dycoke_cli.models.loader import pick_device, pick_dtype
 
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
@@ -538,7 +540,7 @@ def run(args, log=lambda msg: None) -> dict:
     model.generate, redo the memory peaks in a fresh process; the report as a dict."""
     import torch
 
-    from dycoke_cli.model import pick_device, pick_dtype
+    from dycoke_cli.models.loader import pick_device, pick_dtype
 
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ def save_model(arch, folder: Path, dtype: str) -> Path:
     """The architecture with random weights, saved in the Hugging Face layout."""
     import torch
 
-    from dycoke_cli.tinymodel import build_llava_onevision, build_word_tokenizer, save_checkpoint
+    from dycoke_cli.models.tiny import build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     tok = build_word_tokenizer(WORDS)
     model = build_llava_onevision(tok, arch.spec, vocab_size=arch.vocab, dtype=getattr(torch, dtype))
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from dycoke_cli.model import cpu_supports_bf16, load_model
+    from dycoke_cli.models.loader import cpu_supports_bf16, load_model
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dtype = args.dtype or ("bfloat16" if cpu_supports_bf16() else "float32")

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from dycoke_cli.models.preprocess import preprocess_frames
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import answer, encode_video
-from dycoke_cli.preprocess import preprocess_frames
 
 QUESTION = "what color is the cup?"
 

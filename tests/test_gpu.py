@@ -13,7 +13,7 @@ from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector
 from dycoke_cli.generate import run_layers, sample_token
 from dycoke_cli.layer_call import call_layer
-from dycoke_cli.model import load_model
+from dycoke_cli.models.loader import load_model
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import answer, encode_video
 from dycoke_cli.prompt import build_embeds

@@ -366,7 +366,7 @@ def vm(key):
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 model, margin, runs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 from dycoke_cli.cli.app import main
-from dycoke_cli.model import load_model
+from dycoke_cli.models.loader import load_model
 load_model(model, device="cpu", dtype="float32")
 limit = vm("VmPeak") + margin
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -395,7 +395,7 @@ def oom_runs(tmp_path_factory):
     `ask` and with `compare` (do not: 256 x 3 x 384 x 384 float32 is 453 MB per copy)."""
     from conftest import TINY_WORDS
 
-    from dycoke_cli.tinymodel import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
+    from dycoke_cli.models.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     folder = tmp_path_factory.mktemp("oom")
     tok = build_word_tokenizer(TINY_WORDS)
@@ -493,12 +493,19 @@ def test_hour_long_clip_in_bounded_time_and_memory(tmp_path, tiny_model_dir):
     assert snapshot(folder) == before
 
 
-def test_ctrl_c_with_json_prints_the_partial_answer_as_json(tiny_model_dir, clip_path):
+def test_ctrl_c_with_json_prints_the_partial_answer_as_json(tiny_model_dir, clip_path, tmp_path):
     cmd = [sys.executable, "-m", "dycoke_cli", "ask", str(clip_path), QUESTION, "--model", str(tiny_model_dir),
            "--max-new-tokens", "100000", "--no-compress", "--dtype", "float32", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "DYCOKE_CACHE": str(cache)})
     try:
-        time.sleep(5)  # model load is ~2 s; generating to the 4096-token context takes ~20 s more
+        # The clip's features reach the feature cache once encoded: the answer is being generated
+        # then (to the 4096-token context: seconds more). A fixed sleep raced a fast machine.
+        deadline = time.monotonic() + 120
+        while not any(cache.rglob("*.safetensors")) and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.01)
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=15)

@@ -15,7 +15,6 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from test_cli import run_cli
 
 QUESTION = "what color is the cup?"

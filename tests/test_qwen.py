@@ -15,10 +15,10 @@ from torch.testing import assert_close
 from dycoke_cli.compression.baselines import plan_tokens
 from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector
-from dycoke_cli.families.qwen2_5_vl import patchify, smart_resize
 from dycoke_cli.generate import batch_positions, run_layers
 from dycoke_cli.layer_call import call_layer
-from dycoke_cli.model import load_model
+from dycoke_cli.models.loader import load_model
+from dycoke_cli.models.qwen2_5_vl import patchify, smart_resize
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import encode_video
 from dycoke_cli.prompt import build_embeds, prefill_positions
@@ -29,7 +29,7 @@ QUESTION = "what color is the cup?"
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    from dycoke_cli.tinymodel import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
+    from dycoke_cli.models.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS, family="qwen2_5_vl")
     return save_qwen_checkpoint(build_qwen2_5_vl(tok), tok, tmp_path_factory.mktemp("qwen") / "model",

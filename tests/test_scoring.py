@@ -1,7 +1,7 @@
 import pytest
 
-from dycoke_cli.evaluate import is_correct, normalize, parse_methods, word_diff
 from dycoke_cli.errors import UsageError
+from dycoke_cli.evaluate import is_correct, normalize, parse_methods, word_diff
 from dycoke_cli.options import Method
 
 

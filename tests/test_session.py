@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run_cli
 from torch.testing import assert_close
 
 from dycoke_cli.compression.cache import PrunedKVCache
@@ -24,7 +25,6 @@ from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import build_prefix, encode_video
 from dycoke_cli.prompt import build_embeds, embed_parts
 from dycoke_cli.session import Session, ask
-from test_cli import run_cli
 
 QUESTIONS = ["what color is the cup?", "which way does the ball move", "describe the video."]
 
@@ -190,7 +190,7 @@ def test_chat_reads_questions_and_commands_from_stdin(tiny_model_dir, clip_path,
 
 def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_session(tiny_model_dir, clip_path):
     cmd = [sys.executable, "-m", "dycoke_cli", "chat", str(clip_path), "--model", str(tiny_model_dir), "-q",
-           "--max-new-tokens", "1500", "--method", "none", "--dtype", "float32"]
+           "--max-new-tokens", "100000", "--method", "none", "--dtype", "float32"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out: list[bytes] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read1(4096), b"")), daemon=True)
@@ -267,8 +267,8 @@ def test_the_qwen_feature_cache_hits(tmp_path):
     from clips import write_clip
     from conftest import TINY_WORDS
 
-    from dycoke_cli.model import load_model
-    from dycoke_cli.tinymodel import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
+    from dycoke_cli.models.loader import load_model
+    from dycoke_cli.models.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS, family="qwen2_5_vl")
     lm = load_model(str(save_qwen_checkpoint(build_qwen2_5_vl(tok), tok, tmp_path / "q")), device="cpu",

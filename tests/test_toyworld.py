@@ -184,7 +184,7 @@ def test_demo_model_answers_the_sample_clips():
 
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-    from dycoke_cli.preprocess import FrameSpec, preprocess_frames
+    from dycoke_cli.models.preprocess import FrameSpec, preprocess_frames
 
     root = Path(__file__).resolve().parents[1]
     folder = root / "src" / "dycoke_cli" / "demo_model"

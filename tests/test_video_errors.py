@@ -17,8 +17,8 @@ from clips import frame_index_of, write_audio, write_clip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dycoke_cli.video import read as video_mod
 from dycoke_cli.errors import UsageError, VideoError
+from dycoke_cli.video import read as video_mod
 from dycoke_cli.video.read import Video, probe_video, read_video
 
 

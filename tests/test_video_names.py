@@ -21,8 +21,8 @@ import av
 import pytest
 from clips import frame_index_of, pattern_frame, write_clip, write_image
 
-from dycoke_cli.video import read as video_mod
 from dycoke_cli.errors import VideoError
+from dycoke_cli.video import read as video_mod
 from dycoke_cli.video.read import Video, probe_video, read_video
 
 MP4 = "mov,mp4,m4a,3gp,3g2,mj2"

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, read_clip  # noqa: E402
 
-from dycoke_cli.preprocess import FrameSpec, preprocess_frames  # noqa: E402
+from dycoke_cli.models.preprocess import FrameSpec, preprocess_frames  # noqa: E402
 from dycoke_cli.toyworld import write_dataset  # noqa: E402
 from dycoke_cli.toyworld.render import KINDS  # noqa: E402
 
@@ -69,10 +69,10 @@ class HFAnswerer:
 
 
 class PipelineAnswerer:
-    """The product's path: dycoke_cli.model.load_model + pipeline.answer with one method."""
+    """The product's path: dycoke_cli.models.loader.load_model + pipeline.answer with one method."""
 
     def __init__(self, folder: Path, frames: int | None, method: str, dtype: str):
-        from dycoke_cli.model import load_model
+        from dycoke_cli.models.loader import load_model
         from dycoke_cli.options import CompressionOptions
 
         self.lm = load_model(str(folder), device="cpu", dtype=dtype)

@@ -31,13 +31,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, WORDS, Packer, branch_targets, check_packing, exact_match,  # noqa: E402
-                    packed_logits, read_clip)
+from common import ROOT, WORDS, Packer, branch_targets, check_packing, exact_match, packed_logits, read_clip  # noqa: E402
 
-from dycoke_cli.preprocess import FrameSpec, preprocess_frames  # noqa: E402
-from dycoke_cli.tinymodel import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint  # noqa: E402
-from dycoke_cli.toyworld.render import (COLORS, FPS, HEIGHT, KINDS, SHAPES, WIDTH, encode_frames,  # noqa: E402
-                                        answer_for, question_text, render_frames, sample_spec, write_clip)
+from dycoke_cli.models.preprocess import FrameSpec, preprocess_frames  # noqa: E402
+from dycoke_cli.models.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint  # noqa: E402
+from dycoke_cli.toyworld.render import (  # noqa: E402
+    COLORS,
+    FPS,
+    HEIGHT,
+    KINDS,
+    SHAPES,
+    WIDTH,
+    answer_for,
+    encode_frames,
+    question_text,
+    render_frames,
+    sample_spec,
+    write_clip,
+)
 
 CKPT_DIR = ROOT / "training" / "checkpoints"
 OUT_DIR = ROOT / "src" / "dycoke_cli" / "demo_model"

@@ -14,7 +14,7 @@ The Python API (torch and transformers are imported on first use)::
 __version__ = "0.1.0"
 
 _API = {
-    "load_model": "model",
+    "load_model": "models.loader",
     "ask": "session",
     "run": "session",
     "Session": "session",
@@ -27,7 +27,7 @@ _API = {
     "temporal_merge": "compression.ttm",
     "DecodeSelector": "compression.selectors",
     "PrunedKVCache": "compression.cache",
-    "read_video": "video",
+    "read_video": "video.read",
     "compare": "evaluate",
     "evaluate": "evaluate",
 }

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import DycokeError, UsageError
+from .feature_cache import FeatureCache
 from .options import CompressionOptions, Method, SamplingOptions
 from .pipeline import answer, encode_video
-from .feature_cache import FeatureCache
 from .results import Answer, EncodedVideo
 
 ARTICLES = {"a", "an", "the"}

@@ -27,9 +27,8 @@ from .generate import DecodeTimings, attention_backends, batch_positions, genera
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
 from .prompt import build_embeds, embed_parts, fit_context, prefill_positions
+from .results import Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings, Token, TokenPlan
 from .video.read import Video, VideoInfo, read_video
-from .results import (Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings,
-                      Token, TokenPlan)
 
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
 

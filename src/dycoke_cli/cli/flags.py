@@ -97,7 +97,7 @@ class Flags:
 
     @property
     def model_name(self) -> str:
-        from ..model import DEFAULT_MODEL
+        from ..models.loader import DEFAULT_MODEL
 
         return self.model or os.environ.get("DYCOKE_MODEL") or DEFAULT_MODEL
 
@@ -127,12 +127,12 @@ class Flags:
 
     def locate(self) -> None:
         """Find and check the model folder (cheap: no weights are read)."""
-        from ..model import locate_model
+        from ..models.loader import locate_model
 
         locate_model(self.model_name, self.allow_pickle)
 
     def load(self):
-        from ..model import load_model
+        from ..models.loader import load_model
 
         return load_model(self.model_name, device=self.device.value, dtype=self.dtype.value,
                           allow_pickle=self.allow_pickle)

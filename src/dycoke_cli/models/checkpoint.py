@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # The weight layouts transformers loads from a local folder, in its order of preference.
 SAFE_FILE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"

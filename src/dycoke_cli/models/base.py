@@ -1,35 +1,25 @@
-"""Model loading: find a checkpoint, check it, load it, and describe it.
+"""The family seam: what every model family provides, and what the pipeline gets back.
 
-A *family* adapter turns one architecture into the few things the pipeline needs: encode
-frames into per-frame visual tokens, build the prompt around the video, and expose the
-language model's decoder layers and head. Adding a second family means writing one more
-adapter class (families/) and listing it in ``_families``; the pipeline does not change.
+A *family* adapter (:class:`FamilyAdapter`) turns one architecture into the few things the
+pipeline needs: encode frames into per-frame visual tokens, build the prompt around the video,
+and expose the language model's decoder layers and head; :class:`LoadedModel` is a loaded
+checkpoint described for the pipeline. Each family lives in a module of its own beside this one
+(llava_onevision.py, qwen2_5_vl.py) and is listed in registry.py; this module imports none of
+them. Finding, checking and loading a checkpoint is loader.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import (PICKLE_FILE, PICKLE_INDEX, SAFE_FILE, SAFE_INDEX, WeightFiles, check_aux_files,
-                         check_config_values, check_loading_info, check_pickle, check_safetensors, find_weights,
-                         read_json, show_json)
-from .errors import DycokeError, ModelError, UsageError
-from .options import Positions
-from .preprocess import PREPROCESSOR_FILES, FrameSpec, preprocess_frames
-
-DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
-DEMO_MODEL = "demo"
-
-# Files whose presence says "this folder holds weights".
-SAFETENSORS_GLOBS = ("*.safetensors",)
-PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.pth")
-# What to fetch of a hub repo (weights, configs, tokenizer, templates); never code.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+from ..errors import DycokeError, ModelError
+from ..options import Positions
+from .checkpoint import check_loading_info, find_weights, read_json, show_json
+from .preprocess import PREPROCESSOR_FILES, FrameSpec
 
 # The paper's settings for real LLaVA-OneVision checkpoints (NOTES section 1); a checkpoint
 # may override them with a dycoke.json of its own (the demo model does).
@@ -87,130 +77,6 @@ def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:
     if key == "caption_prompt":
         return None if isinstance(value, str) and value.strip() else "a non-empty string"
     return None
-
-
-def demo_model_path() -> Path:
-    return Path(__file__).resolve().parent / "demo_model"
-
-
-def resolve_model(name: str) -> Path:
-    """Map a model argument to a local folder: ``demo``, a folder, or a hub id in the HF cache."""
-    if name == DEMO_MODEL:
-        path = demo_model_path()
-        if not (path / "config.json").is_file():
-            raise ModelError("the built-in demo model is not installed with this copy of dycoke-cli")
-        return path
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"{name}: not a model folder (it is a file)")
-        return path
-    # A hub id is "owner/name": one slash, no leading "./", "/" or "~".
-    if name.startswith((".", "/", "~")) or name.count("/") != 1 or "\\" in name:
-        raise ModelError(f"{name}: model folder not found")
-    return _resolve_hub_id(name)
-
-
-def _resolve_hub_id(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any miss means "not cached"
-        pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    fetch = f"fetch it first with `hf download {repo_id}` (or pass a local folder with --model)"
-    if offline:
-        raise ModelError(f"{repo_id}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; {fetch}")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
-    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{repo_id}: could not download ({reason}); {fetch}") from None
-
-
-def check_folder(folder: Path, allow_pickle: bool) -> dict:
-    """Validate a checkpoint folder before anything heavy; return its config.json as a dict.
-
-    Reads config.json, dycoke.json, the tokenizer / template / preprocessor files, the
-    safetensors headers and any shard index; never the tensor data, and never writes to the
-    folder. Pickle weights (only with ``allow_pickle``) are opened with torch's safe loader on
-    the meta device: the pickle is checked, its tensors are not read.
-    """
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ModelError(f"{folder}: not a model folder (no config.json)")
-    cfg = read_json(cfg_path, "config")
-    model_type = cfg.get("model_type")
-    families = _families()
-    if not isinstance(model_type, str) or model_type not in families:
-        raise ModelError(
-            f"{folder}: unsupported model type {model_type!r} (supported: {', '.join(sorted(families))})"
-        )
-    check_config_values(cfg_path, cfg)
-    check_weight_files(folder, allow_pickle)
-    check_aux_files(folder)
-    _frame_spec(folder, 1)  # the size a preprocessor file may leave out does not matter here
-    layers = (cfg.get("text_config") or {}).get("num_hidden_layers")
-    ModelDefaults.from_folder(folder, layers if isinstance(layers, int) else None)
-    return cfg
-
-
-def check_weight_files(folder: Path, allow_pickle: bool) -> WeightFiles:
-    """The weight files transformers will load, each checked: a safetensors header, or a pickle
-    opened by torch's safe loader on the meta device (this imports torch)."""
-    has_safe = any(any(folder.glob(g)) for g in SAFETENSORS_GLOBS)
-    has_pickle = any(any(folder.glob(g)) for g in PICKLE_GLOBS)
-    if not has_safe and not has_pickle:
-        raise ModelError(f"{folder}: no weights found (expected *.safetensors)")
-    if not has_safe and not allow_pickle:
-        raise ModelError(f"{folder}: only pickle weights (.bin); pass --allow-pickle to load them")
-    weights = find_weights(folder, allow_pickle)
-    if weights is None:
-        names = [SAFE_FILE, SAFE_INDEX] + ([PICKLE_FILE, PICKLE_INDEX] if allow_pickle else [])
-        raise ModelError(f"{folder}: no {', '.join(names[:-1])} or {names[-1]}")
-    for path in weights.files:
-        if weights.safetensors:
-            check_safetensors(path)
-        else:
-            check_pickle(path)
-    return weights
-
-
-def locate_model(name: str, allow_pickle: bool = False) -> tuple[Path, dict]:
-    """Find and check a checkpoint without loading it (cheap: see ``check_folder``)."""
-    folder = resolve_model(name)
-    return folder, check_folder(folder, allow_pickle)
-
-
-def cpu_supports_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls are fast on this CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
-def pick_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (this torch build: "
-                         f"{torch.__version__})")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device):
-    import torch
-
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 @dataclass
@@ -284,8 +150,8 @@ class LoadedModel:
 
 class FamilyAdapter:
     """What one model family must provide: loading, preprocessing, vision encoding, the prompt
-    layout, position ids, and the language model's parts. See LlavaOneVisionAdapter and
-    families/qwen2_5_vl.py."""
+    layout, position ids, and the language model's parts. See llava_onevision.py and
+    qwen2_5_vl.py."""
 
     model_type: str
     frames_per_step: int = 1
@@ -342,7 +208,7 @@ def load_pretrained(model_class, folder: Path, dtype, allow_pickle: bool, weight
     gets the probing attention (compression/attention.py)."""
     from transformers import AutoTokenizer
 
-    from .compression.attention import ATTENTION_NAME, register_attention
+    from ..compression.attention import ATTENTION_NAME, register_attention
 
     register_attention()
     try:
@@ -368,90 +234,6 @@ def load_pretrained(model_class, folder: Path, dtype, allow_pickle: bool, weight
     return model, tokenizer
 
 
-class LlavaOneVisionAdapter(FamilyAdapter):
-    model_type = "llava_onevision"
-
-    def model_class(self):
-        from transformers import LlavaOnevisionForConditionalGeneration
-
-        return LlavaOnevisionForConditionalGeneration
-
-    def folder_settings(self, folder, model, defaults):
-        return {"defaults": defaults, "frame_spec": _frame_spec(folder, model.config.vision_config.image_size)}
-
-    def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, frame_spec: FrameSpec | None = None,
-             defaults: ModelDefaults | None = None) -> LoadedModel:
-        """Describe an already-built model (the benchmark builds one in memory from a config).
-
-        The text model must use the probing attention: build it with
-        ``attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"}``
-        after ``register_attention()``, or call ``model.set_attn_implementation`` likewise.
-        """
-        config = model.config
-        text = config.text_config
-        if "sliding_attention" in (getattr(text, "layer_types", None) or []):
-            raise ModelError(f"{path or name}: sliding-window attention layers are not supported")
-        vision = config.vision_config
-        grid = vision.image_size // vision.patch_size
-        tokens_per_frame = math.ceil(grid / 2) ** 2  # 2x2 bilinear pooling of the patch grid
-        param = next(model.parameters())
-        return LoadedModel(
-            name=name,
-            path=Path(path) if path is not None else Path(name),
-            family=self.model_type,
-            model=model,
-            tokenizer=tokenizer,
-            frame_spec=frame_spec or FrameSpec(vision.image_size, vision.image_size, (0.5,) * 3, (0.5,) * 3),
-            tokens_per_frame=tokens_per_frame,
-            video_token_id=int(config.video_token_id),
-            num_layers=int(text.num_hidden_layers),
-            hidden_size=int(text.hidden_size),
-            eos_token_ids=_eos_ids(model, tokenizer),
-            defaults=defaults or ModelDefaults(),
-            device=param.device,
-            dtype=param.dtype,
-            adapter=self,
-        )
-
-    def default_frames(self, lm, path):
-        return lm.defaults.num_frames
-
-    def preprocess(self, lm, frames):
-        return preprocess_frames(frames, lm.frame_spec)
-
-    def token_grid(self, lm, pixels):
-        side = math.isqrt(lm.tokens_per_frame)  # the pooled patch grid is square
-        return side, side
-
-    def encode_video(self, lm, pixels):
-        """pixels [T, 3, h, w] -> (features [T, N, D], newline [1, D]) in the model's dtype."""
-        import torch
-
-        with torch.inference_mode():
-            out = lm.model.model.get_video_features(
-                pixels.unsqueeze(0).to(lm.device, lm.dtype), return_dict=True
-            ).pooler_output[0]
-        t = pixels.shape[0]
-        n = lm.tokens_per_frame
-        if out.shape[0] != t * n + 1:
-            raise ModelError(f"{lm.path}: vision tower gave {out.shape[0]} tokens, expected {t * n + 1}")
-        return out[:-1].reshape(t, n, -1), out[-1:]
-
-    def positions(self, lm, span, kept, enc, seq, original):
-        """Position ids [S] of a prefill whose visual span holds the tokens at flat indices
-        ``kept`` [M] of ``total_visual``; None means contiguous ``0..S-1`` (what the paper does
-        after merging, and what an uncompressed prompt is). ``original``: each kept visual token
-        at ``start + its flat index``, and the text after the video where it would be without
-        compression. (1-D positions: a family with 3-D ones returns [3, S].)"""
-        import torch
-
-        total_visual = enc.visual_tokens
-        if not original or kept.shape[0] == total_visual:
-            return None
-        start, end = span
-        after = torch.arange(start + total_visual, start + total_visual + seq - end)
-        return torch.cat([torch.arange(start), kept.cpu() + start, after])
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -464,7 +246,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _frame_spec(folder: Path, default_size: int) -> FrameSpec:
+def read_frame_spec(folder: Path, default_size: int) -> FrameSpec:
     """The checkpoint's frame preprocessing, or ModelError naming its file."""
     path = next((folder / n for n in PREPROCESSOR_FILES if (folder / n).is_file()), folder / PREPROCESSOR_FILES[0])
     try:
@@ -496,12 +278,6 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _families() -> dict[str, FamilyAdapter]:
-    from .families.qwen2_5_vl import Qwen25VLAdapter  # it builds on this module
-
-    return {a.model_type: a for a in (LlavaOneVisionAdapter(), Qwen25VLAdapter())}
-
-
 def _read_chat_template(folder: Path, tokenizer) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
@@ -515,7 +291,7 @@ def _read_chat_template(folder: Path, tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None)
 
 
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+def eos_ids(model, tokenizer) -> tuple[int, ...]:
     ids: list[int] = []
     for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         for x in source if isinstance(source, (list, tuple)) else [source]:
@@ -527,9 +303,3 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def load_model(name: str, *, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False) -> LoadedModel:
-    """Resolve, validate and load a video LLM. Raises ModelError / UsageError."""
-    folder, cfg = locate_model(name, allow_pickle)
-    dev = pick_device(device)
-    adapter = _families()[cfg["model_type"]]
-    return adapter.load(name, folder, dev, pick_dtype(dtype, dev), allow_pickle)

@@ -27,10 +27,10 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..checkpoint import read_json
 from ..errors import ModelError
-from ..model import FamilyAdapter, LoadedModel, ModelDefaults, _eos_ids
-from ..preprocess import FrameSpec
+from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids
+from .checkpoint import read_json
+from .preprocess import FrameSpec
 
 PATCH = 14
 MERGE = 2
@@ -159,7 +159,7 @@ class Qwen25VLAdapter(FamilyAdapter):
             tokenizer=tokenizer, frame_spec=FrameSpec(side, side, spec.mean, spec.std),
             tokens_per_frame=spec.max_pixels // (FACTOR * FACTOR),  # per step, at the largest frames
             video_token_id=int(config.video_token_id), num_layers=int(text.num_hidden_layers),
-            hidden_size=int(text.hidden_size), eos_token_ids=_eos_ids(model, tokenizer),
+            hidden_size=int(text.hidden_size), eos_token_ids=eos_ids(model, tokenizer),
             defaults=defaults or ModelDefaults(), device=param.device, dtype=param.dtype, adapter=self,
             video_spec=spec,
         )

@@ -182,7 +182,7 @@ def llava_onevision_config(tokenizer, spec: TinySpec = TinySpec(), vocab_size: i
 def save_checkpoint(model, tokenizer, folder: str | Path, spec: FrameSpec | None = None,
                     dycoke_defaults: dict | None = None) -> Path:
     """Write ``model`` + ``tokenizer`` + video preprocessor config (+ optional DyCoke defaults)
-    in the Hugging Face layout that :func:`dycoke_cli.model.load_model` reads."""
+    in the Hugging Face layout that :func:`dycoke_cli.models.loader.load_model` reads."""
     size = model.config.vision_config.image_size
     spec = spec or FrameSpec(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     return _save(model, tokenizer, folder, spec.to_dict(), dycoke_defaults)
@@ -193,7 +193,7 @@ def _save(model, tokenizer, folder: str | Path, preprocessor: dict, dycoke_defau
     and our dycoke.json when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    from .model import quiet_transformers
+    from .base import quiet_transformers
 
     with quiet_transformers():
         model.save_pretrained(folder, safe_serialization=True)
