@@ -236,7 +236,7 @@ def encode_prefixes(lm, frames, counts: list[int]):
     frames, and one step's token grid (rows, cols)."""
     import torch
 
-    from dycoke_cli.generate import sync
+    from dycoke_cli.decoding.loop import sync
     from dycoke_cli.pipeline import ENCODE_CHUNK
 
     total = max(counts)
@@ -381,8 +381,8 @@ def time_generate(lm, enc, tokens: int) -> dict:
     of tokens, EOS suppressed): building the embeddings + generate, wall clock."""
     import torch
 
-    from dycoke_cli.generate import sync
-    from dycoke_cli.prompt import build_embeds
+    from dycoke_cli.decoding.loop import sync
+    from dycoke_cli.decoding.prompt import build_embeds
 
     n = tokens + 1
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dycoke_cli.detokenize import TextStream
+from dycoke_cli.decoding.detokenize import TextStream
 from dycoke_cli.models.tiny import IM_END, IM_START, UNK, VISION_START, build_word_tokenizer
 
 CORPUS = [

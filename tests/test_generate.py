@@ -99,7 +99,7 @@ def test_kv_bytes_held(tiny_lm, encoded):
 
 def test_original_positions_keep_each_token_where_it_was(tiny_lm, encoded):
     from dycoke_cli.compression.baselines import plan_tokens
-    from dycoke_cli.prompt import build_embeds, prefill_positions
+    from dycoke_cli.decoding.prompt import build_embeds, prefill_positions
 
     plan = plan_tokens(encoded, CompressionOptions().resolve(tiny_lm))
     embeds, span = build_embeds(tiny_lm, QUESTION, plan.tokens, encoded.newline)

@@ -11,13 +11,13 @@ from torch.testing import assert_close
 
 from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector
-from dycoke_cli.generate import run_layers, sample_token
-from dycoke_cli.layer_call import call_layer
+from dycoke_cli.decoding.layer_call import call_layer
+from dycoke_cli.decoding.loop import run_layers, sample_token
+from dycoke_cli.decoding.prompt import build_embeds
+from dycoke_cli.decoding.static import StaticSteps
 from dycoke_cli.models.loader import load_model
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import answer, encode_video
-from dycoke_cli.prompt import build_embeds
-from dycoke_cli.static_decode import StaticSteps
 
 pytestmark = pytest.mark.gpu
 QUESTION = "what color is the cup?"

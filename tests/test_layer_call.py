@@ -15,13 +15,13 @@ from torch import nn
 from dycoke_cli.compression.baselines import plan_tokens
 from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector
+from dycoke_cli.decoding.layer_call import call_layer
+from dycoke_cli.decoding.loop import batch_positions, pick_steps, run_layers
+from dycoke_cli.decoding.prompt import build_embeds, prefill_positions
 from dycoke_cli.errors import ModelError
-from dycoke_cli.generate import batch_positions, pick_steps, run_layers
-from dycoke_cli.layer_call import call_layer
 from dycoke_cli.models.loader import load_model
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import encode_video
-from dycoke_cli.prompt import build_embeds, prefill_positions
 
 QUESTION = "what color is the cup?"
 

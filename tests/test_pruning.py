@@ -3,10 +3,10 @@ from torch.testing import assert_close
 
 from dycoke_cli.compression.cache import PrunedKVCache, _PrunedLayer
 from dycoke_cli.compression.selectors import BalancedTopk, DecodeSelector, last_query_attention
-from dycoke_cli.generate import generate_tokens, run_layers
-from dycoke_cli.layer_call import call_layer
+from dycoke_cli.decoding.layer_call import call_layer
+from dycoke_cli.decoding.loop import generate_tokens, run_layers
+from dycoke_cli.decoding.prompt import build_embeds
 from dycoke_cli.options import SamplingOptions
-from dycoke_cli.prompt import build_embeds
 
 
 def row(peaks, total=10, base=0.01):

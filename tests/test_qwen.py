@@ -15,13 +15,13 @@ from torch.testing import assert_close
 from dycoke_cli.compression.baselines import plan_tokens
 from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector
-from dycoke_cli.generate import batch_positions, run_layers
-from dycoke_cli.layer_call import call_layer
+from dycoke_cli.decoding.layer_call import call_layer
+from dycoke_cli.decoding.loop import batch_positions, run_layers
+from dycoke_cli.decoding.prompt import build_embeds, prefill_positions
 from dycoke_cli.models.loader import load_model
 from dycoke_cli.models.qwen2_5_vl import patchify, smart_resize
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import encode_video
-from dycoke_cli.prompt import build_embeds, prefill_positions
 from dycoke_cli.session import ask
 
 QUESTION = "what color is the cup?"
@@ -247,7 +247,7 @@ def test_static_steps_give_the_eager_tokens_with_3d_positions(qwen, square_clip,
 def test_a_static_step_with_3d_positions_has_no_host_sync(qwen, square_clip):
     from sync_probe import step_syncs
 
-    from dycoke_cli.static_decode import StaticSteps
+    from dycoke_cli.decoding.static import StaticSteps
 
     enc = encode_video(qwen, square_clip, 4)
     _, positions, span, plan = our_first_logits(qwen, enc, QUESTION)

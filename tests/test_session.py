@@ -19,11 +19,11 @@ from test_cli import run_cli
 from torch.testing import assert_close
 
 from dycoke_cli.compression.cache import PrunedKVCache
+from dycoke_cli.decoding.loop import run_layers
+from dycoke_cli.decoding.prompt import build_embeds, embed_parts
 from dycoke_cli.feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
-from dycoke_cli.generate import run_layers
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import build_prefix, encode_video
-from dycoke_cli.prompt import build_embeds, embed_parts
 from dycoke_cli.session import Session, ask
 
 QUESTIONS = ["what color is the cup?", "which way does the ball move", "describe the video."]

@@ -13,11 +13,11 @@ from torch.testing import assert_close
 
 from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector, PrefillSelector
-from dycoke_cli.generate import EagerSteps, run_layers, sample_token
+from dycoke_cli.decoding.loop import EagerSteps, run_layers, sample_token
+from dycoke_cli.decoding.prompt import build_embeds
+from dycoke_cli.decoding.static import StaticSteps
 from dycoke_cli.options import CompressionOptions, Method, OptionError, SamplingOptions
 from dycoke_cli.pipeline import answer, encode_video
-from dycoke_cli.prompt import build_embeds
-from dycoke_cli.static_decode import StaticSteps
 
 QUESTION = "what color is the cup?"
 

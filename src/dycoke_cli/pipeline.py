@@ -20,13 +20,13 @@ from .compression.baselines import plan_tokens
 from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector
-from .detokenize import TextStream
+from .decoding.detokenize import TextStream
+from .decoding.loop import DecodeTimings, attention_backends, batch_positions, generate_tokens, run_layers, sync
+from .decoding.prompt import build_embeds, embed_parts, fit_context, prefill_positions
 from .errors import UsageError
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
-from .generate import DecodeTimings, attention_backends, batch_positions, generate_tokens, run_layers, sync
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
-from .prompt import build_embeds, embed_parts, fit_context, prefill_positions
 from .results import Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings, Token, TokenPlan
 from .video.read import Video, VideoInfo, read_video
 

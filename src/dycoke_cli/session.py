@@ -15,10 +15,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 
+from .decoding.prompt import fit_frames
 from .feature_cache import FeatureCache
 from .options import CompressionOptions, SamplingOptions
 from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
-from .prompt import fit_frames
 from .results import Answer, Done, EncodedVideo, Event
 
 

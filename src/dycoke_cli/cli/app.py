@@ -227,9 +227,9 @@ def compare(
     chosen, base = _prepare_methods(flags)
     _check_question(question)
     _check_video(video)
+    from ..decoding.prompt import fit_frames
     from ..evaluate import compare as run_compare
     from ..pipeline import encode_video
-    from ..prompt import fit_frames
 
     settings = RunSettings()
     with oom_guard(settings):

@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import torch
 
-from .compression.baselines import prompt_visual_extent
-from .errors import UsageError
-from .options import CompressionOptions, OptionError, Positions, SamplingOptions
+from ..compression.baselines import prompt_visual_extent
+from ..errors import UsageError
+from ..options import CompressionOptions, OptionError, Positions, SamplingOptions
 
 
 def embed_parts(lm, *parts: torch.Tensor | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 CACHE_NAMES = ("cache", "past_key_values")  # the newest first: 5.25 takes both and warns on the old
 

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .compression.attention import probing
+from ..compression.attention import probing
 from .layer_call import call_layer
 
 

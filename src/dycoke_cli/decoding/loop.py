@@ -9,7 +9,7 @@ On CUDA a long prompt is prefilled in chunks of ``PREFILL_CHUNK`` tokens, layer 
 the activations stay bounded. Tokens are chosen on the device (:func:`sample_token`); the host
 reads one small tensor per token (the id, with DyCoke's live counters). The steps run either
 eagerly (:class:`EagerSteps`, exact-length tensors) or with static shapes
-(:class:`~.static_decode.StaticSteps`, captured as a CUDA graph on CUDA): ``decode`` in
+(:class:`~.static.StaticSteps`, captured as a CUDA graph on CUDA): ``decode`` in
 :class:`~.options.SamplingOptions`; both give the same tokens.
 """
 
@@ -22,9 +22,9 @@ from typing import Iterator
 
 import torch
 
-from .compression.attention import probing
+from ..compression.attention import probing
+from ..options import Decoding, SamplingOptions
 from .layer_call import call_layer
-from .options import Decoding, SamplingOptions
 
 # Prompt tokens per piece of a long prefill on CUDA (bounds activation memory). Not on the CPU:
 # there a masked piece costs about 23 % more than one causal pass (0.5B, 6300 tokens, measured).
@@ -191,7 +191,7 @@ def pick_steps(lm, cache, selector, opts: SamplingOptions, next_position: int, p
         mode = Decoding.static if lm.device.type == "cuda" and not cache.offloaded else Decoding.eager
     if mode == Decoding.eager:
         return EagerSteps(lm, cache, selector, next_position)
-    from .static_decode import StaticSteps
+    from .static import StaticSteps
 
     return StaticSteps(lm, cache, selector, next_position, position_dims, graph=lm.device.type == "cuda")
 
