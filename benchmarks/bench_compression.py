@@ -245,7 +245,7 @@ def encode_prefixes(lm, frames, counts: list[int]):
     feats, ends, secs, newline = [], [], [], None
     for a, b in zip(cuts[:-1], cuts[1:]):
         t0 = time.perf_counter()
-        f, newline = lm.encode_video(pixels[a:b])
+        f, newline, _ = lm.encode_video(pixels[a:b])
         sync(lm.device)
         secs.append(time.perf_counter() - t0)
         ends.append(b)

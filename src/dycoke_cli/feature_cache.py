@@ -103,6 +103,7 @@ class CachedFeatures:
     features: object  # torch.Tensor [T, N, D]
     newline: object | None  # torch.Tensor [1, D]
     info: dict  # VideoInfo.to_dict()
+    deepstack: tuple = ()  # Qwen3-VL's DeepStack levels, torch.Tensor [T, N, D] each
 
 
 class FeatureCache:
@@ -132,27 +133,34 @@ class FeatureCache:
                 meta = f.metadata() or {}
                 features = f.get_tensor("features")
                 newline = f.get_tensor("newline") if "newline" in f.keys() else None
+                levels = int(meta.get("deepstack", "0"))
+                deepstack = tuple(f.get_tensor(f"deepstack.{i}") for i in range(levels))
             info = json.loads(meta["info"])
             VideoInfo.from_dict(info)  # complete and well typed, or a miss
             layout = info.get("layout") or {}
             ok = meta.get("key") == key.digest() and features.dim() == 3 and str(features.dtype) == key.dtype
             ok = ok and 1 <= features.shape[0] <= len(info["timestamps"]) <= key.frames  # steps <= frames
             ok = ok and all(isinstance(layout.get(k, 0), (int, float)) for k in ("rows", "cols", "step_seconds"))
+            ok = ok and all(level.shape == features.shape for level in deepstack)
         except Exception:  # noqa: BLE001 - a damaged entry of any kind is a miss, rewritten later
             return None
         if not ok:
             return None
         _touch(path)
-        return CachedFeatures(features, newline, info)
+        return CachedFeatures(features, newline, info, deepstack)
 
-    def put(self, key: FeatureKey, features, newline, info: dict) -> bool:
-        """Store an entry; False (and nothing changed) when the folder cannot be written."""
+    def put(self, key: FeatureKey, features, newline, info: dict, deepstack: tuple = ()) -> bool:
+        """Store an entry (with DeepStack levels, if the family has them); False (and nothing
+        changed) when the folder cannot be written."""
         from safetensors.torch import save_file
 
         tensors = {"features": features.detach().cpu().contiguous()}
         if newline is not None:
             tensors["newline"] = newline.detach().cpu().contiguous()
-        meta = {"key": key.digest(), "info": json.dumps(info), "format": str(FORMAT)}
+        for i, level in enumerate(deepstack):
+            tensors[f"deepstack.{i}"] = level.detach().cpu().contiguous()
+        meta = {"key": key.digest(), "info": json.dumps(info), "format": str(FORMAT),
+                "deepstack": str(len(deepstack))}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".safetensors")

@@ -22,12 +22,24 @@ from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector
 from .decoding.detokenize import TextStream
 from .decoding.loop import DecodeTimings, attention_backends, batch_positions, generate_tokens, run_layers, sync
-from .decoding.prompt import build_embeds, embed_parts, fit_context, prefill_positions
+from .decoding.prompt import embed_parts, fit_context, prefill_positions, prefix_embeds, prompt_embeds
 from .errors import UsageError
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
-from .results import Answer, AnswerStats, EncodedVideo, Event, Planned, SelectionStats, Stage, Timings, Token, TokenPlan
+from .results import (
+    Answer,
+    AnswerStats,
+    EncodedVideo,
+    Event,
+    Planned,
+    SelectionStats,
+    Stage,
+    Timings,
+    Token,
+    TokenPlan,
+    VisualSpan,
+)
 from .video.read import Video, VideoInfo, read_video
 
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
@@ -57,11 +69,12 @@ def encoding(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60
             newline = None if hit.newline is None else hit.newline.to(lm.device)
             layout = hit.info.get("layout") or {}
             return EncodedVideo(Video(None, info), hit.features.to(lm.device), newline, time.perf_counter() - t0,
-                                0.0, layout.get("rows", 0), layout.get("cols", 0), layout.get("step_seconds", 0.0))
+                                0.0, layout.get("rows", 0), layout.get("cols", 0), layout.get("step_seconds", 0.0),
+                                tuple(level.to(lm.device) for level in hit.deepstack))
     enc = yield from _read_and_encode(lm, path, num_frames, timeout_s)
     if key is not None:
         layout = {"rows": enc.rows, "cols": enc.cols, "step_seconds": enc.step_seconds}
-        cache.put(key, enc.features, enc.newline, {**enc.video.info.to_dict(), "layout": layout})
+        cache.put(key, enc.features, enc.newline, {**enc.video.info.to_dict(), "layout": layout}, enc.deepstack)
     return enc
 
 
@@ -80,18 +93,20 @@ def _read_and_encode(lm, path, num_frames: int, timeout_s: float) -> Generator[S
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     pixels = lm.preprocess(video.frames)
-    chunks, newline = [], None
+    chunks, levels, newline = [], [], None
     total = pixels.shape[0]
     for start in range(0, total, ENCODE_CHUNK):  # an even chunk: whole temporal steps
         yield Stage("encoding", start, total)
-        feats, newline = lm.encode_video(pixels[start : start + ENCODE_CHUNK])
+        feats, newline, deep = lm.encode_video(pixels[start : start + ENCODE_CHUNK])
         chunks.append(feats)
+        levels.append(deep)
     yield Stage("encoding", total, total)
     features = torch.cat(chunks)
+    deepstack = tuple(torch.cat(level) for level in zip(*levels))  # per level, every chunk's steps
     sync(lm.device)
     rows, cols = lm.token_grid(pixels)
     return EncodedVideo(video, features, newline, read_s, time.perf_counter() - t0, rows, cols,
-                        step_seconds(video.info.timestamps, lm.frames_per_step))
+                        step_seconds(video.info.timestamps, lm.frames_per_step), deepstack)
 
 
 def step_seconds(timestamps: tuple[float, ...], frames_per_step: int) -> float:
@@ -115,7 +130,7 @@ class Prefix:
 
     opts: CompressionOptions  # resolved
     plan: TokenPlan
-    span: tuple[int, int]  # the visual tokens' place in the prompt
+    span: VisualSpan  # the video part's place in the prompt, and its visual tokens' positions
     keys: tuple[torch.Tensor, ...]  # per layer [1, KVH, P, d]
     values: tuple[torch.Tensor, ...]
     plan_s: float  # choosing the visual tokens (TTM or a baseline)
@@ -154,14 +169,14 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
     plan_s = time.perf_counter() - t0
     before = lm.prompt_ids(PREFIX_PROBE)[0]
     with torch.inference_mode():
-        embeds = embed_parts(lm, before, plan.tokens, enc.newline)
-        span = (len(before), len(before) + plan.prefill_visual)
+        embeds, span = prefix_embeds(lm, before, plan, enc)
         length = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, length, opts.positions)
         cache = PrunedKVCache(lm.num_layers, length)
         ids = positions if positions is not None else torch.arange(length)
         with attention_backends(lm.device, "prefill"):
-            run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache, head=False)
+            run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache, head=False,
+                       deepstack=(span.visual, plan.deepstack))
     sync(lm.device)
     keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
     values = tuple(layer.values[:, :, :length] for layer in cache.layers)
@@ -177,6 +192,7 @@ class _Prepared:
     positions: torch.Tensor | None  # [S'] their position ids (None: 0..S'-1)
     seq: int  # the whole prompt's length
     sampling: SamplingOptions  # max_new_tokens shortened to what the context leaves
+    deepstack: tuple | None  # (visual positions in ``embeds``, levels) for the prefill, or None
     selector: DecodeSelector | PrefillSelector | None
     cache: PrunedKVCache
     setup_s: float  # planning the visual tokens, when no prefix did
@@ -192,12 +208,14 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
         span, seq = prefix.span, prefix.length + embeds.shape[1]
         positions = prefix.next_positions(lm, enc, embeds.shape[1])
         extent = int(positions.max()) + 1
+        deepstack = None  # the prefix, computed with them, holds every visual token
     else:
-        embeds, span = build_embeds(lm, question, plan.tokens, enc.newline)
+        embeds, span = prompt_embeds(lm, question, plan, enc)
         seq = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, seq, opts.positions)
         extent = seq if positions is None else int(positions.max()) + 1
-    sampling = fit_context(lm, extent, span[1] - span[0], sampling)
+        deepstack = (span.visual, plan.deepstack) if plan.deepstack else None
+    sampling = fit_context(lm, extent, span.count, sampling)
     selector, reduced = None, None
     capacity = seq + sampling.max_new_tokens + 1
     if plan.prunes == "decode":
@@ -210,7 +228,7 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
                           opts.offload_pruned, reduced=reduced)
     if prefix is not None:
         cache.load_prefix(prefix.keys, prefix.values)
-    return _Prepared(plan, embeds, positions, seq, sampling, selector, cache, setup_s)
+    return _Prepared(plan, embeds, positions, seq, sampling, deepstack, selector, cache, setup_s)
 
 
 def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
@@ -237,7 +255,7 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
     with PeakMemory(lm.device) as memory:
         for token in generate_tokens(lm, prep.embeds, prep.cache, prep.sampling, prep.selector, timings,
-                                     prep.positions):
+                                     prep.positions, prep.deepstack):
             if ttft is None:
                 ttft = time.perf_counter() - t_gen
                 yield Stage("generating")

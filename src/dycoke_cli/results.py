@@ -71,6 +71,7 @@ class EncodedVideo:
     rows: int = 0  # one temporal step's tokens form a rows x cols grid (positions of 3-D families)
     cols: int = 0
     step_seconds: float = 0.0  # time one temporal step covers in the clip (sampled timestamps)
+    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: per level [T, N, D], added after decoder layer k
 
     @property
     def frames(self) -> int:
@@ -86,6 +87,44 @@ class EncodedVideo:
         return self.frames * self.tokens_per_frame
 
 
+class VisualSpan(tuple):
+    """Where the video sits in a prompt: ``(start, end)`` of the video part, as a tuple, plus
+    ``visual``, the positions of its visual tokens [V], ascending. For one block of visual tokens
+    (LLaVA-OneVision, Qwen2.5-VL) ``visual`` is ``start .. end - 1``; in Qwen3-VL's video part
+    each temporal step is preceded by its timestamp and framed by start and end markers, text
+    that ``visual`` skips (that text is never pruned)."""
+
+    visual: torch.Tensor
+
+    def __new__(cls, start: int, end: int, visual: torch.Tensor | None = None):
+        span = super().__new__(cls, (int(start), int(end)))
+        if visual is None:
+            import torch
+
+            visual = torch.arange(int(start), int(end))
+        span.visual = visual
+        return span
+
+    @property
+    def count(self) -> int:
+        """Visual tokens in the span."""
+        return int(self.visual.numel())
+
+    @property
+    def contiguous(self) -> bool:
+        return self.count == self[1] - self[0]
+
+
+def visual_positions(span) -> torch.Tensor:
+    """The visual tokens' positions [V] of a :class:`VisualSpan` or a plain ``(start, end)``."""
+    visual = getattr(span, "visual", None)
+    if visual is not None:
+        return visual
+    import torch
+
+    return torch.arange(span[0], span[1])
+
+
 @dataclass(frozen=True)
 class TokenPlan:
     """Which visual tokens enter the language model, and what is pruned after that."""
@@ -95,6 +134,7 @@ class TokenPlan:
     keep: int  # visual tokens the pruned layers attend to (== M when nothing is pruned later)
     prune_from: int | None  # first layer that sees only ``keep`` visual tokens, or None
     prunes: str | None = None  # "decode" (DyCoke, per step), "prefill" (FastV, once), or None
+    deepstack: tuple[torch.Tensor, ...] = ()  # the same tokens of every DeepStack level, [M, D] each
 
     @property
     def prefill_visual(self) -> int:

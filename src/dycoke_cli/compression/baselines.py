@@ -7,6 +7,8 @@ keeps about that many tokens as uniformly fewer whole frames.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..options import FASTV_LAYER, CompressionOptions, Method
@@ -21,7 +23,17 @@ def visual_budget(frames: int, per_frame: int, k: float, p: float) -> int:
 
 
 def plan_tokens(enc: EncodedVideo, opts: CompressionOptions) -> TokenPlan:
-    """Apply the method's selection before the language model; say what is pruned later."""
+    """Apply the method's selection before the language model; say what is pruned later. Every
+    DeepStack level (Qwen3-VL) keeps the same tokens, in the same order."""
+    plan = _plan(enc, opts)
+    if not enc.deepstack:
+        return plan
+    t, n = enc.frames, enc.tokens_per_frame
+    levels = tuple(level.reshape(t * n, -1)[plan.index] for level in enc.deepstack)
+    return replace(plan, deepstack=levels)
+
+
+def _plan(enc: EncodedVideo, opts: CompressionOptions) -> TokenPlan:
     t, n = enc.frames, enc.tokens_per_frame
     flat = enc.features.reshape(t * n, -1)
     everything = torch.arange(t * n, device=flat.device)

@@ -203,16 +203,23 @@ class _PrunedLayer(_BufferLayer):
         sel = self.selector
         self.capacity = self.capacity - sel.total + sel.keep
         self.lazy_initialization(key_states, value_states)
-        self.store_k.copy_(key_states[:, :, sel.start : sel.end])
-        self.store_v.copy_(value_states[:, :, sel.start : sel.end])
+        layout = sel.layout
+        visual = slice(sel.start, sel.end) if layout.contiguous else layout.on(key_states.device)
+        rest = layout.text_after_start(key_states.shape[2], key_states.device)
+        self.store_k.copy_(key_states[:, :, visual])
+        self.store_v.copy_(value_states[:, :, visual])
         self._append(key_states[:, :, : sel.start], value_states[:, :, : sel.start])
         self.length += sel.keep  # the slot, filled at the first selection
-        self._append(key_states[:, :, sel.end :], value_states[:, :, sel.end :])
+        # the text after the first visual token (between steps too): attention in a decoding step
+        # and in a later prompt piece sees every cached key, so their order here does not matter
+        self._append(key_states[:, :, rest], value_states[:, :, rest])
         self.seen = key_states.shape[2]
         return key_states, value_states
 
     def _everything(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[before | every visual entry | after], in position order (a copy: prefill only)."""
+        """[before | every visual entry | the text after], a copy for a later prompt piece (prefill
+        only): in position order for one block of visual tokens; the order of cached keys does not
+        matter to queries that see all of them."""
         a, b = self.selector.start, self.selector.start + self.selector.keep
         k, v = self.keys, self.values
         return (torch.cat([k[:, :, :a], self.store_k.to(self.device), k[:, :, b : self.length]], dim=2),

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from ..options import REFRESH_THRESHOLD
+from ..results import visual_positions
 
 
 class Selector(Protocol):
@@ -121,7 +122,8 @@ class DecodeSelector:
 
     Args:
         prune_from: the first pruned layer L; attention is probed at layer ``probe_layer`` = L - 1.
-        span: (start, end) of the visual tokens in the prefill sequence.
+        span: (start, end) of the visual tokens in the prefill sequence, or a VisualSpan whose
+            visual tokens have text between them (only visual positions are ever pruned).
         keep: visual entries layers >= L attend to at each step.
         threshold: refresh when cos(current row, reference row) < threshold.
     """
@@ -136,7 +138,8 @@ class DecodeSelector:
             raise ValueError("coverage needs frame_of (the frame of each visual position)")
         self.probe_layer = prune_from - 1
         self.prune_from = prune_from
-        self.start, self.end = span
+        self.layout = _VisualIndex(span)
+        self.start, self.end, self.total = self.layout.start, self.layout.end, self.layout.total
         self.keep = keep
         self.threshold = threshold
         self._candidates = BalancedTopk(keep, frame_of, coverage) if coverage > 0 else None
@@ -146,10 +149,6 @@ class DecodeSelector:
         self.reference: torch.Tensor | None = None  # the row the selection came from [total]
         self.refreshed: torch.Tensor | None = None  # bool []: the last step took a new selection
         self.counters: torch.Tensor | None = None  # int64 [4]: steps, selections, refreshes, recalled
-
-    @property
-    def total(self) -> int:
-        return self.end - self.start
 
     @property
     def counts(self) -> SelectionCounts:
@@ -164,8 +163,7 @@ class DecodeSelector:
         shapes) True where a key is in use."""
         if query.shape[2] != 1:
             return  # prefill (many queries) is never pruned; decode steps have one query
-        row = last_query_attention(query, key, scaling, mask)[self.start : self.end]
-        self.observe_row(row)
+        self.observe_row(self.layout.take(last_query_attention(query, key, scaling, mask)))
 
     def candidates(self, row: torch.Tensor) -> torch.Tensor:
         return ascending_topk(row, self.keep) if self._candidates is None else self._candidates(row)
@@ -213,13 +211,10 @@ class PrefillSelector:
             raise ValueError("the pruning layer must be >= 1")
         self.probe_layer = prune_from - 1
         self.prune_from = prune_from
-        self.start, self.end = span
+        self.layout = _VisualIndex(span)
+        self.start, self.end, self.total = self.layout.start, self.layout.end, self.layout.total
         self.keep = keep
         self.selection: torch.Tensor | None = None
-
-    @property
-    def total(self) -> int:
-        return self.end - self.start
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float,
                 mask: torch.Tensor | None = None) -> None:
@@ -229,13 +224,51 @@ class PrefillSelector:
             return  # a decoding step, or an early chunk that has not reached the video's end
         if mask is not None:
             mask = mask[..., -1, :]  # the last query's row of a chunk's mask
-        row = last_query_attention(query[:, :, -1:], key, scaling, mask)[self.start : self.end]
+        row = self.layout.take(last_query_attention(query[:, :, -1:], key, scaling, mask))
         self.selection = ascending_topk(row, self.keep)
 
     def kept_positions(self, seq_len: int, device) -> torch.Tensor:
-        """Sequence positions that survive: text before, the selection, everything after."""
-        return torch.cat([
-            torch.arange(self.start, device=device),
-            self.selection.to(device) + self.start,
-            torch.arange(self.end, seq_len, device=device),
-        ])
+        """Sequence positions that survive, ascending: every text position and the selection."""
+        if self.layout.contiguous:
+            return torch.cat([
+                torch.arange(self.start, device=device),
+                self.selection.to(device) + self.start,
+                torch.arange(self.end, seq_len, device=device),
+            ])
+        keep = torch.ones(seq_len, dtype=torch.bool, device=device)
+        keep[self.layout.where.to(device)] = False
+        keep[self.layout.where.to(device)[self.selection.to(device)]] = True
+        return torch.nonzero(keep).flatten()
+
+
+class _VisualIndex:
+    """The visual positions of a prompt, as selectors and the pruned cache read them: a slice
+    when they form one block, an index (moved to the attention's device once) otherwise."""
+
+    def __init__(self, span):
+        self.where = visual_positions(span).cpu().long()
+        self.start, self.end = int(self.where[0]), int(self.where[-1]) + 1
+        self.total = int(self.where.numel())
+        self.contiguous = self.total == self.end - self.start
+        self._on: dict = {}
+
+    def on(self, device) -> torch.Tensor:
+        """``where`` on ``device`` (copied once per device: a step copies nothing from the host)."""
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = self.where.to(device)
+        return self._on[key]
+
+    def take(self, row: torch.Tensor) -> torch.Tensor:
+        """The visual entries of a row over prompt positions (and any after them)."""
+        return row[self.start : self.end] if self.contiguous else row.index_select(0, self.on(row.device))
+
+    def text_after_start(self, seq: int, device) -> torch.Tensor | slice:
+        """Positions in ``[start, seq)`` that are not visual: the text the pruned layers keep after
+        their selected slot (a slice for one block of visual tokens)."""
+        if self.contiguous:
+            return slice(self.end, seq)
+        text = torch.ones(seq - self.start, dtype=torch.bool)
+        text[self.where - self.start] = False
+        return (torch.nonzero(text).flatten() + self.start).to(device)
+

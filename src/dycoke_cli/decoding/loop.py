@@ -66,7 +66,7 @@ def attention_backends(device, phase: str):
 
 
 def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selector=None,
-               head: bool = True, chunk: int | None = None) -> torch.Tensor | None:
+               head: bool = True, chunk: int | None = None, deepstack=None) -> torch.Tensor | None:
     """One forward pass of the language model over ``embeds`` [1, S, D] at ``positions`` [1, S]
     (or [3, 1, S] for M-RoPE), in chunks of ``chunk`` tokens (default: ``PREFILL_CHUNK`` on CUDA,
     the whole prompt elsewhere).
@@ -76,6 +76,9 @@ def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selecto
     the unselected visual hidden states after that layer, for every later layer and step.
     The chunks go through the model layer by layer (every chunk through a layer, then the
     next layer), so a one-shot pruner's cut still sees the whole prompt's last query.
+    ``deepstack`` (Qwen3-VL): (positions [M] of the visual tokens in ``embeds``, levels [M, D]
+    each); level k is added to those positions' hidden states after layer k, as the text model
+    does (``_deepstack_process``); a one-shot cut keeps the levels of the tokens it keeps.
     """
     decoder = lm.decoder
     hidden = embeds
@@ -84,13 +87,22 @@ def run_layers(lm, embeds: torch.Tensor, positions: torch.Tensor, cache, selecto
     cut_after = None
     if selector is not None and selector.prunes == "prefill" and embeds.shape[1] > 1:
         cut_after = selector.probe_layer
+    where, levels = deepstack if deepstack is not None and len(deepstack[1]) else (None, ())
+    if where is not None:
+        where = where.to(hidden.device)
     with probing(selector):
         for i, layer in enumerate(decoder.layers):
             hidden = _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk)
+            if i < len(levels):
+                hidden = hidden.index_add(1, where, levels[i].to(hidden.device, hidden.dtype).unsqueeze(0))
             if i == cut_after:
                 keep = selector.kept_positions(hidden.shape[1], hidden.device)
                 hidden, positions = hidden[:, keep], positions[..., keep]
                 cos, sin = cos[:, keep], sin[:, keep]
+                if i + 1 < len(levels):  # the visual tokens that survive the cut, at their new places
+                    survived = torch.isin(where, keep)
+                    where = torch.searchsorted(keep, where[survived])
+                    levels = tuple(level.to(hidden.device)[survived] for level in levels)
     if not head:
         return None  # only the cache was wanted (a prompt prefix)
     hidden = decoder.norm(hidden[:, -1:])
@@ -207,11 +219,13 @@ def _read(token: torch.Tensor, selector, timings: DecodeTimings) -> int:
 
 
 def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, selector=None,
-                    timings: DecodeTimings | None = None, positions: torch.Tensor | None = None) -> Iterator[int]:
+                    timings: DecodeTimings | None = None, positions: torch.Tensor | None = None,
+                    deepstack=None) -> Iterator[int]:
     """Prefill ``embeds`` [1, S, D], then yield token ids one by one until EOS or the limit.
 
     ``positions`` [S] (or [3, S]) are the prefill's position ids (default ``0..S-1``); generated
-    tokens continue after the largest one. The EOS token itself is not yielded.
+    tokens continue after the largest one. ``deepstack``: see :func:`run_layers`. The EOS token
+    itself is not yielded.
     """
     timings = timings if timings is not None else DecodeTimings()
     device = embeds.device
@@ -224,7 +238,8 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
         positions = batch_positions(positions.to(device))
         next_position = int(positions.max()) + 1  # 3-D positions: the text goes on after the largest
         with attention_backends(device, "prefill"):
-            token = sample_token(run_layers(lm, embeds, positions, cache, selector), opts, generator)
+            token = sample_token(run_layers(lm, embeds, positions, cache, selector, deepstack=deepstack), opts,
+                                 generator)
         value = _read(token, selector, timings)
         timings.prefill_s = time.perf_counter() - t0
         steps = None

@@ -1,7 +1,9 @@
 """The prompt around the video: its embeddings, its position ids, and what fits the context.
 
-``[text before | visual tokens | newline (if the family has one) | text after]``; the family
-adapter says where the video goes (``prompt_ids``) and how positions run (``positions``).
+``[text before | video part | text after]``; the family adapter says where the video goes
+(``prompt_ids``), what its part holds (``video_part``: the visual tokens and a newline, or for
+Qwen3-VL a timestamp and markers around each temporal step) and how positions run
+(``positions``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from ..compression.baselines import prompt_visual_extent
 from ..errors import UsageError
 from ..options import CompressionOptions, OptionError, Positions, SamplingOptions
+from ..results import EncodedVideo, TokenPlan, VisualSpan
 
 
 def embed_parts(lm, *parts: torch.Tensor | None) -> torch.Tensor:
@@ -29,6 +32,22 @@ def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor 
     """[text before | visual | newline | text after] as one [1, S, D] tensor, plus the visual span."""
     before, after = lm.prompt_ids(question)
     return embed_parts(lm, before, visual, newline, after), (len(before), len(before) + visual.shape[0])
+
+
+def prompt_embeds(lm, question: str, plan: TokenPlan, enc: EncodedVideo) -> tuple[torch.Tensor, VisualSpan]:
+    """The whole prompt for ``question`` with the plan's visual tokens, [1, S, D], and where
+    its visual tokens are."""
+    before, after = lm.prompt_ids(question)
+    embeds, span = prefix_embeds(lm, before, plan, enc, after)
+    return embeds, span
+
+
+def prefix_embeds(lm, before: torch.Tensor, plan: TokenPlan, enc: EncodedVideo,
+                  after: torch.Tensor | None = None) -> tuple[torch.Tensor, VisualSpan]:
+    """``[before | video part | after]`` as [1, S, D], and the video part's VisualSpan."""
+    pieces, offsets, length = lm.video_part(enc, plan)
+    start = len(before)
+    return embed_parts(lm, before, *pieces, after), VisualSpan(start, start + length, offsets + start)
 
 
 def prefill_positions(lm, span: tuple[int, int], plan, enc, seq: int, mode) -> torch.Tensor | None:
@@ -51,10 +70,11 @@ def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, 
         return n
     before, after = lm.prompt_ids(question)
     room = limit - len(before) - len(after) - 2  # the newline after the video, one new token
-    per_step, fps = lm.tokens_per_frame, lm.frames_per_step
+    per_step, fps, text = lm.tokens_per_frame, lm.frames_per_step, lm.text_per_step
 
     def fits(count: int) -> bool:
-        return prompt_visual_extent(-(-count // fps), per_step, opts) <= room
+        steps = -(-count // fps)
+        return prompt_visual_extent(steps, per_step, opts) + steps * text <= room
 
     if fits(n):
         return n

@@ -59,6 +59,12 @@ class ModelDefaults:
         return cls(**known)
 
 
+def names_frames(folder: Path) -> bool:
+    """Whether the folder's dycoke.json names a frame count (else a family may sample by fps)."""
+    path = folder / DEFAULTS_FILE
+    return path.is_file() and "num_frames" in read_json(path, "DyCoke defaults")
+
+
 def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:
     """None if ``value`` is valid for the dycoke.json ``key``, else the valid range in words."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -99,6 +105,7 @@ class LoadedModel:
     dtype: object
     adapter: "FamilyAdapter" = field(repr=False, default=None)  # type: ignore[assignment]
     video_spec: object = None  # the family's own video preprocessing settings, if any
+    text_per_step: int = 0  # text tokens a temporal step adds to the prompt (Qwen3-VL's timestamps)
 
     # The calls the pipeline makes; they forward to the family adapter.
     @property
@@ -119,7 +126,14 @@ class LoadedModel:
         return self.adapter.token_grid(self, pixels)
 
     def encode_video(self, pixels):
+        """Preprocessed frames -> (features [steps, N, D], newline [1, D] or None, DeepStack
+        levels: a tuple of [steps, N, D], empty for a family without them)."""
         return self.adapter.encode_video(self, pixels)
+
+    def video_part(self, enc, plan):
+        """The prompt's video part for a token plan: (pieces in order, token ids [n] or vectors
+        [n, D]; offsets of the visual tokens within the part [M]; the part's length)."""
+        return self.adapter.video_part(self, enc, plan)
 
     def prompt_ids(self, question: str):
         return self.adapter.prompt_ids(self, question)
@@ -177,6 +191,13 @@ class FamilyAdapter:
         tokenizer.chat_template = chat_template
         defaults = ModelDefaults.from_folder(folder, int(model.config.text_config.num_hidden_layers))
         return self.wrap(model, tokenizer, name=name, path=folder, **self.folder_settings(folder, model, defaults))
+
+    def video_part(self, lm: LoadedModel, enc, plan):
+        """One block: the kept visual tokens, then the family's newline token (LLaVA-OV) if any,
+        which the part's length leaves out (it is text for the pruner and for positions)."""
+        import torch
+
+        return [plan.tokens, enc.newline], torch.arange(plan.prefill_visual), plan.prefill_visual
 
     def prompt_ids(self, lm: LoadedModel, question: str):
         """Token ids before and after the single video placeholder of the chat prompt."""

@@ -69,7 +69,8 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         return side, side
 
     def encode_video(self, lm, pixels):
-        """pixels [T, 3, h, w] -> (features [T, N, D], newline [1, D]) in the model's dtype."""
+        """pixels [T, 3, h, w] -> (features [T, N, D], newline [1, D], no DeepStack levels) in the
+        model's dtype."""
         import torch
 
         with torch.inference_mode():
@@ -80,7 +81,7 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         n = lm.tokens_per_frame
         if out.shape[0] != t * n + 1:
             raise ModelError(f"{lm.path}: vision tower gave {out.shape[0]} tokens, expected {t * n + 1}")
-        return out[:-1].reshape(t, n, -1), out[-1:]
+        return out[:-1].reshape(t, n, -1), out[-1:], ()
 
     def positions(self, lm, span, kept, enc, seq, original):
         """Position ids [S] of a prefill whose visual span holds the tokens at flat indices

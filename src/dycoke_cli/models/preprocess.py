@@ -96,3 +96,20 @@ def preprocess_frames(frames: np.ndarray, spec: FrameSpec):
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def patchify_video(video, temporal: int, patch: int, merge: int):
+    """Qwen-VL's patches: normalised frames [F, C, H, W] -> (patches [steps·(H/p)·(W/p),
+    C·temporal·p·p], grid [[steps, H/p, W/p]]) for patch side ``p``, in the order the vision
+    tower takes: steps, then ``merge`` x ``merge`` groups of patches in raster order (each
+    group's patches together), each patch as (C, t, p, p). An odd frame count repeats the last."""
+    import torch
+
+    f, c, h, w = video.shape
+    if pad := -f % temporal:  # an odd count repeats the last frame
+        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+        f += pad
+    gt, gh, gw = f // temporal, h // patch, w // patch
+    x = video.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal * patch * patch), torch.tensor([[gt, gh, gw]])

@@ -28,9 +28,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ModelError
-from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids
+from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, names_frames
 from .checkpoint import read_json
-from .preprocess import FrameSpec
+from .preprocess import FrameSpec, patchify_video
 
 PATCH = 14
 MERGE = 2
@@ -109,19 +109,9 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
 
 
 def patchify(video, temporal: int = 2):
-    """Normalised frames [F, C, H, W] -> (patches [steps·(H/14)·(W/14), C·temporal·14·14],
-    grid [[steps, H/14, W/14]]), in the order the vision tower takes: steps, then 2x2 groups of
-    patches in raster order (each group's 4 patches together), each patch as (C, t, 14, 14)."""
-    import torch
-
-    f, c, h, w = video.shape
-    if pad := -f % temporal:  # an odd count repeats the last frame
-        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
-        f += pad
-    gt, gh, gw = f // temporal, h // PATCH, w // PATCH
-    x = video.reshape(gt, temporal, c, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * gw, c * temporal * PATCH * PATCH), torch.tensor([[gt, gh, gw]])
+    """Normalised frames [F, C, H, W] -> (patches, grid) in the vision tower's order, 14 px
+    patches (see :func:`~.preprocess.patchify_video`)."""
+    return patchify_video(video, temporal, PATCH, MERGE)
 
 
 def mrope_positions(start: int, steps: int, rows: int, cols: int, interval: float):
@@ -143,7 +133,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         return Qwen2_5_VLForConditionalGeneration
 
     def folder_settings(self, folder, model, defaults):
-        if not _names_frames(folder):
+        if not names_frames(folder):
             defaults = replace(defaults, num_frames=None)  # sampled by fps
         return {"defaults": defaults, "video_spec": VideoSpec.from_folder(folder)}
 
@@ -191,7 +181,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         return pixels.shape[2] // FACTOR, pixels.shape[3] // FACTOR
 
     def encode_video(self, lm, pixels):
-        """Frames [F, 3, H, W] -> (features [ceil(F/2), (H/28)·(W/28), D], None)."""
+        """Frames [F, 3, H, W] -> (features [ceil(F/2), (H/28)·(W/28), D], None, no DeepStack)."""
         import torch
 
         patches, grid = patchify(pixels, lm.video_spec.temporal_patch)
@@ -201,7 +191,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         steps, rows, cols = int(grid[0, 0]), int(grid[0, 1]) // MERGE, int(grid[0, 2]) // MERGE
         if out.shape[0] != steps * rows * cols:
             raise ModelError(f"{lm.path}: vision tower gave {out.shape[0]} tokens, expected {steps * rows * cols}")
-        return out.reshape(steps, rows * cols, -1), None
+        return out.reshape(steps, rows * cols, -1), None, ()
 
     def positions(self, lm, span, kept, enc, seq, original):
         """[3, S]: text before, the kept tokens' (t, h, w), text after from the full video's
@@ -214,8 +204,3 @@ class Qwen25VLAdapter(FamilyAdapter):
         video = mrope_positions(start, enc.frames, enc.rows, enc.cols, per_second * enc.step_seconds)
         after = torch.arange(seq - end) + int(video.max()) + 1
         return torch.cat([torch.arange(start).expand(3, -1), video[:, kept.cpu()], after.expand(3, -1)], dim=1)
-
-
-def _names_frames(folder: Path) -> bool:
-    path = folder / "dycoke.json"
-    return path.is_file() and "num_frames" in read_json(path, "DyCoke defaults")

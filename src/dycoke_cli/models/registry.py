@@ -6,8 +6,10 @@ from __future__ import annotations
 from .base import FamilyAdapter
 from .llava_onevision import LlavaOneVisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
-ADAPTERS: tuple[FamilyAdapter, ...] = (LlavaOneVisionAdapter(), Qwen25VLAdapter())
+ADAPTERS: tuple[FamilyAdapter, ...] = (LlavaOneVisionAdapter(), Qwen25VLAdapter(), Qwen3VLAdapter(),
+                                       Qwen3VLMoeAdapter())
 
 
 def families() -> dict[str, FamilyAdapter]:

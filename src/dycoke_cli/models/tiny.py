@@ -43,6 +43,9 @@ QWEN_CHAT_TEMPLATE = WORD_CHAT_TEMPLATE.replace("'<video> '", f"'{VISION_START} 
     "'<image> '", f"'{VISION_START} {IMAGE_PAD} {VISION_END} '")
 
 
+TIMESTAMP_WORDS = ("<", ">", ".", "seconds", *"0123456789")
+
+
 def build_word_tokenizer(words: list[str], family: str = "llava_onevision"):
     """A PreTrainedTokenizerFast over the family's special tokens + ``words``: lowercase, split
     on spaces and punctuation. EOS is ``<|im_end|>``."""
@@ -50,14 +53,18 @@ def build_word_tokenizer(words: list[str], family: str = "llava_onevision"):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    qwen = family == "qwen2_5_vl"
+    qwen = family.startswith("qwen")
+    timestamps = family.startswith("qwen3")  # "<1.5 seconds>": digits one by one, as Qwen's tokenizer
     specials = QWEN_SPECIAL_TOKENS if qwen else SPECIAL_TOKENS
     vocab: dict[str, int] = {}
-    for w in (*specials, *ROLE_WORDS, *words):
+    for w in (*specials, *ROLE_WORDS, *words, *(TIMESTAMP_WORDS if timestamps else ())):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    splits = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    if timestamps:
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
     tok.add_special_tokens(list(specials))
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     fast = PreTrainedTokenizerFast(
@@ -265,4 +272,74 @@ def save_qwen_checkpoint(model, tokenizer, folder: str | Path, spec: TinyQwenSpe
                     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
                     "temporal_patch_size": 2, "patch_size": 14, "merge_size": 2, "fps": fps,
                     "min_frames": min_frames, "max_frames": max_frames}
+    return _save(model, tokenizer, folder, preprocessor, dycoke_defaults)
+
+
+@dataclass(frozen=True)
+class TinyQwen3Spec:
+    """Sizes of a small Qwen3-VL, dense or MoE (a few hundred thousand parameters)."""
+
+    vision_depth: int = 2
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    num_position_embeddings: int = 16  # a 4 x 4 learned grid, resampled to each frame's
+    deepstack_visual_indexes: tuple[int, ...] = (0, 1)
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    head_dim: int = 16
+    text_intermediate: int = 128
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
+    max_position_embeddings: int = 4096
+    rope_theta: float = 5_000_000.0
+    tie_word_embeddings: bool = False
+    moe: bool = False
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_intermediate: int = 32
+    min_pixels: int = 4 * 32 * 32  # summed over the clip's frames, as the processor counts
+    max_pixels: int = 16 * 64 * 64
+
+
+def build_qwen3_vl(tokenizer, spec: TinyQwen3Spec = TinyQwen3Spec(), seed: int = 0, vocab_size: int | None = None,
+                   *, dtype=None, device=None, attn_implementation=None):
+    """A randomly initialised Qwen3VLForConditionalGeneration (Qwen3VLMoe... with ``spec.moe``)."""
+    import transformers
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
+        ("vision_end_token_id", VISION_END))}
+    text = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=spec.text_hidden,
+                intermediate_size=spec.text_intermediate, num_hidden_layers=spec.text_layers,
+                num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads, head_dim=spec.head_dim,
+                max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
+                                 "mrope_section": list(spec.mrope_section), "mrope_interleaved": True},
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=spec.tie_word_embeddings)
+    if spec.moe:
+        text.update(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                    moe_intermediate_size=spec.moe_intermediate, decoder_sparse_step=1)
+    prefix = "Qwen3VLMoe" if spec.moe else "Qwen3VL"
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, num_heads=spec.vision_heads,
+                           intermediate_size=spec.vision_intermediate, out_hidden_size=spec.text_hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=spec.num_position_embeddings,
+                           deepstack_visual_indexes=list(spec.deepstack_visual_indexes)),
+        text_config=text, tie_word_embeddings=spec.tie_word_embeddings, **ids)
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return _instantiate(getattr(transformers, f"{prefix}ForConditionalGeneration"), config, tokenizer, seed, dtype,
+                        device, attn_implementation)
+
+
+def save_qwen3_checkpoint(model, tokenizer, folder: str | Path, spec: TinyQwen3Spec = TinyQwen3Spec(),
+                          dycoke_defaults: dict | None = None, fps: float = 2.0, min_frames: int = 2,
+                          max_frames: int = 16) -> Path:
+    """Write a Qwen3-VL ``model`` + ``tokenizer`` + chat template + video preprocessor config."""
+    preprocessor = {"size": {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "temporal_patch_size": 2,
+                    "patch_size": 16, "merge_size": 2, "fps": fps, "min_frames": min_frames, "max_frames": max_frames}
     return _save(model, tokenizer, folder, preprocessor, dycoke_defaults)
