@@ -4,8 +4,9 @@
 Builds, with dycoke_cli.models.tiny's builders and random weights, the LLaVA-OneVision-0.5B
 architecture (``--arch llava-ov-0.5b``, the default: SigLIP so400m-patch14-384 with the 26 layers
 LLaVA-OV uses + Qwen2-0.5B; short name ``0.5b``), the LLaVA-OneVision-7B one (``--arch llava-ov-7b``
-or ``7b``: the same SigLIP + Qwen2-7B) or the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``); the two
-7B ones need ~15-16 GB in bf16, a GPU (on CUDA every model is built directly on the device).
+or ``7b``: the same SigLIP + Qwen2-7B), the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``) or the
+Qwen3-VL-8B one (``--arch qwen3-vl-8b``, with its DeepStack levels and timestamps); the large ones
+need ~15-18 GB in bf16, a GPU (on CUDA every model is built directly on the device).
 ``--quick`` builds a scaled-down model of the chosen family. The
 arithmetic and the memory traffic are those of the real checkpoint, only the answers are
 gibberish. For each frame count it encodes a synthetic clip once (the vision tower is shared by
@@ -13,7 +14,7 @@ every method), then answers the same question with ``none``, ``dycoke`` (the pap
 and ``fastv`` (same visual budget), forcing a fixed number of decoded tokens so the methods are
 comparable, and finally times ``model.generate`` on the uncompressed inputs (inputs_embeds,
 default dynamic cache, greedy, the same number of tokens) against each method's answer (not for
-Qwen2.5-VL: see GENERATE_SKIPPED_QWEN). Without --frames / --tokens: 8,16,32 frames and 32
+Qwen-VL: see GENERATE_SKIPPED_QWEN). Without --frames / --tokens: 8,16,32 frames and 32
 decoded tokens on CPU, 32,64,128 frames and 64 tokens on CUDA.
 
 Memory: "peak above the loaded model" is measured per method with dycoke_cli.memory.PeakMemory
@@ -54,7 +55,7 @@ from bench_report import add_ratios, draw_plot, evaluate_targets, loadavg, machi
 
 from dycoke_cli.errors import DycokeError
 from dycoke_cli.memory import PeakMemory, rss_bytes
-from dycoke_cli.models.tiny import TinyQwenSpec, TinySpec
+from dycoke_cli.models.tiny import TinyQwen3Spec, TinyQwenSpec, TinySpec
 
 METHODS = ("none", "dycoke", "fastv")
 MEMORY_PASS_TOKENS = 4
@@ -63,7 +64,9 @@ WORDS = "describe the video in detail . what happens which color moves left righ
 
 
 QWEN = "qwen2_5_vl"
-GENERATE_SKIPPED_QWEN = ("not timed for Qwen2.5-VL: transformers' generate from inputs_embeds does not give the "
+QWEN3 = "qwen3_vl"
+QWEN_FAMILIES = (QWEN, QWEN3)  # temporal steps of 2 frames, M-RoPE
+GENERATE_SKIPPED_QWEN = ("not timed for Qwen-VL: transformers' generate from inputs_embeds does not give the "
                          "video tokens their M-RoPE (t, h, w) positions, so its tokens are not comparable with ours")
 
 
@@ -74,7 +77,7 @@ class Arch:
 
     name: str
     vocab: int
-    spec: TinySpec | TinyQwenSpec
+    spec: TinySpec | TinyQwenSpec | TinyQwen3Spec
     family: str = "llava_onevision"
     frame_side: int = 0  # 0: the vision tower's image_size (LLaVA-OV)
 
@@ -123,8 +126,23 @@ FULL_7B = Arch("llava-onevision-qwen2-7b architecture, random weights", 152064, 
 # the 7B has 7 per KV head): the same 16 tokens per frame, so the same token counts as QUICK.
 QUICK_7B = Arch("quick: scaled-down LLaVA-OneVision-7B, random weights", 2048,
                 replace(QUICK.spec, text_kv_heads=1, tie_word_embeddings=False))
+# Qwen3-VL-8B-Instruct's config.json: a ViT of 27 blocks (hidden 1152, 16 heads, MLP 4304, 16 px
+# patches, a 48x48 learned position grid) merged 2x2 into 4096, DeepStack levels after blocks 8, 16
+# and 24; the text model (Qwen3-8B): hidden 4096, 36 layers, 32 heads, 8 KV heads, head_dim 128,
+# MLP 12288, vocab 151936, rope 5e6, interleaved M-RoPE 24/20/20, untied embeddings. The pixel
+# budget is the released checkpoints' video_preprocessor_config.json (4096 .. 25165824 px over a
+# clip): 448x448 frames stay 448x448 up to 124 frames, 14x14 = 196 tokens a temporal step.
+QWEN3_8B = Arch("Qwen3-VL-8B architecture, random weights", 151936, TinyQwen3Spec(
+    vision_depth=27, vision_hidden=1152, vision_heads=16, vision_intermediate=4304, num_position_embeddings=2304,
+    deepstack_visual_indexes=(8, 16, 24), text_hidden=4096, text_layers=36, text_heads=32, text_kv_heads=8,
+    head_dim=128, text_intermediate=12288, mrope_section=(24, 20, 20), max_position_embeddings=262144,
+    rope_theta=5_000_000.0, tie_word_embeddings=False, min_pixels=4096, max_pixels=25165824),
+    family=QWEN3, frame_side=448)
+# TinyQwen3Spec with a wider vision tower: 128x128 frames, 4x4 = 16 tokens per step, two DeepStack levels.
+QWEN3_QUICK = Arch("quick: scaled-down Qwen3-VL, random weights", 2048, TinyQwen3Spec(
+    vision_hidden=64, vision_intermediate=128, min_pixels=4096, max_pixels=25165824), family=QWEN3, frame_side=128)
 ARCHS = {"llava-ov-0.5b": (FULL, QUICK), "llava-ov-7b": (FULL_7B, QUICK_7B),
-         "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK)}  # --arch: (full, --quick)
+         "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK), "qwen3-vl-8b": (QWEN3_8B, QWEN3_QUICK)}  # --arch: (full, --quick)
 ARCH_ALIASES = {"0.5b": "llava-ov-0.5b", "7b": "llava-ov-7b"}  # short --arch names
 
 
@@ -144,6 +162,8 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
     from dycoke_cli.models.base import ModelDefaults
     from dycoke_cli.models.llava_onevision import LlavaOneVisionAdapter
     from dycoke_cli.models.qwen2_5_vl import Qwen25VLAdapter, VideoSpec
+    from dycoke_cli.models.qwen3_vl import Qwen3VLAdapter
+    from dycoke_cli.models.qwen3_vl import VideoSpec as Qwen3VideoSpec
 
     register_attention()
     attn = {"text_config": ATTENTION_NAME, "vision_config": "sdpa", "": "sdpa"}
@@ -153,15 +173,18 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
     if arch.family == QWEN:
         spec = VideoSpec(min_pixels=arch.spec.min_pixels, max_pixels=arch.spec.max_pixels)
         return Qwen25VLAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults(), video_spec=spec)
+    if arch.family == QWEN3:
+        spec = Qwen3VideoSpec(min_pixels=arch.spec.min_pixels, max_pixels=arch.spec.max_pixels)
+        return Qwen3VLAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults(), video_spec=spec)
     return LlavaOneVisionAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults())
 
 
 def _build_random(arch: Arch, dtype, device, seed: int = 0, attn=None):
     """(model, tokenizer) of ``arch`` from models/tiny.py's builders."""
-    from dycoke_cli.models.tiny import build_llava_onevision, build_qwen2_5_vl, build_word_tokenizer
+    from dycoke_cli.models.tiny import build_llava_onevision, build_qwen2_5_vl, build_qwen3_vl, build_word_tokenizer
 
     tok = build_word_tokenizer(WORDS, family=arch.family)
-    builder = build_qwen2_5_vl if arch.family == QWEN else build_llava_onevision
+    builder = {QWEN: build_qwen2_5_vl, QWEN3: build_qwen3_vl}.get(arch.family, build_llava_onevision)
     model = builder(tok, arch.spec, seed=seed, vocab_size=arch.vocab, dtype=dtype, device=device,
                     attn_implementation=attn)
     return model, tok
@@ -233,7 +256,7 @@ def encode_prefixes(lm, frames, counts: list[int]):
     """Encode ``max(counts)`` frames once, in chunks that end at every count (whole temporal
     steps: counts are even for Qwen2.5-VL, and so is ENCODE_CHUNK); return the features (one
     row per step), the newline, for each count the vision-tower seconds of its first ``count``
-    frames, and one step's token grid (rows, cols)."""
+    frames, one step's token grid (rows, cols) and the DeepStack levels (Qwen3-VL; all steps)."""
     import torch
 
     from dycoke_cli.decoding.loop import sync
@@ -242,20 +265,22 @@ def encode_prefixes(lm, frames, counts: list[int]):
     total = max(counts)
     pixels = lm.preprocess(frames[:total])
     cuts = sorted(set(range(0, total, ENCODE_CHUNK)) | set(counts) | {total})
-    feats, ends, secs, newline = [], [], [], None
+    feats, levels, ends, secs, newline = [], [], [], [], None
     for a, b in zip(cuts[:-1], cuts[1:]):
         t0 = time.perf_counter()
-        f, newline, _ = lm.encode_video(pixels[a:b])
+        f, newline, deep = lm.encode_video(pixels[a:b])
         sync(lm.device)
         secs.append(time.perf_counter() - t0)
         ends.append(b)
         feats.append(f)
+        levels.append(deep)
     features = torch.cat(feats)
+    deepstack = tuple(torch.cat(level) for level in zip(*levels))
     per_count = {c: sum(s for s, e in zip(secs, ends) if e <= c) for c in counts}
-    return features, newline, per_count, lm.token_grid(pixels)
+    return features, newline, per_count, lm.token_grid(pixels), deepstack
 
 
-def encoded(lm, frames, features, newline, encode_s: float, grid: tuple[int, int]):
+def encoded(lm, frames, features, newline, encode_s: float, grid: tuple[int, int], deepstack=()):
     """The EncodedVideo of ``frames`` (uint8, the synthetic clip's first frames): their steps'
     ``features``, the token grid and the clip time of a step (4 fps timestamps: Qwen 0.5 s)."""
     from dycoke_cli.pipeline import step_seconds
@@ -264,7 +289,8 @@ def encoded(lm, frames, features, newline, encode_s: float, grid: tuple[int, int
     video = stand_in_video(frames, len(frames))
     steps = len(frames) // lm.frames_per_step
     return EncodedVideo(video, features[:steps], newline, 0.0, encode_s, grid[0], grid[1],
-                        step_seconds(video.info.timestamps, lm.frames_per_step))
+                        step_seconds(video.info.timestamps, lm.frames_per_step),
+                        tuple(level[:steps] for level in deepstack))
 
 
 @contextlib.contextmanager
@@ -443,9 +469,11 @@ def _memory_child(cfg: dict) -> None:
     steps = -(-top // lm.frames_per_step)
     feats = (torch.randn(steps, cfg["per_step"], cfg["hidden"], generator=g) * 0.5).to(device, dtype)
     newline = torch.randn(1, cfg["hidden"], generator=g).to(device, dtype) if cfg["newline"] else None
+    deepstack = tuple((torch.randn(feats.shape, generator=g) * 0.5).to(device, dtype)
+                      for _ in range(cfg.get("deepstack", 0)))
 
     def enc(count):
-        return encoded(lm, synthetic_frames(count, 8), feats, newline, 0.0, (cfg["rows"], cfg["cols"]))
+        return encoded(lm, synthetic_frames(count, 8), feats, newline, 0.0, (cfg["rows"], cfg["cols"]), deepstack)
 
     warm = enc(min(4, top))
     for method in METHODS:
@@ -479,7 +507,7 @@ def parse_args(argv):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="llava-ov-0.5b", choices=[*ARCHS, *ARCH_ALIASES],
                    help="architecture to build with random weights (default llava-ov-0.5b, also '0.5b'; "
-                        "llava-ov-7b, also '7b', and qwen2.5-vl-7b need ~15-16 GB in bf16: a GPU)")
+                        "llava-ov-7b, also '7b', qwen2.5-vl-7b and qwen3-vl-8b need ~15-18 GB in bf16: a GPU)")
     p.add_argument("--frames", default=None,
                    help="comma-separated frame counts (default %s on CPU, %s on CUDA; even for qwen2.5-vl-7b)"
                         % (DEFAULT_FRAMES["cpu"], DEFAULT_FRAMES["cuda"]))
@@ -518,7 +546,7 @@ def _frame_counts(p, text: str, arch: str) -> list[int]:
     if not counts or min(counts) < 1:
         p.error("--frames: frame counts must be >= 1")
     odd = [c for c in counts if c % 2]
-    if odd and pick_arch(arch, False).family == QWEN:
+    if odd and pick_arch(arch, False).family in QWEN_FAMILIES:
         p.error(f"--frames: {arch} encodes frames in temporal steps of 2; give even frame counts "
                 f"(got {','.join(map(str, odd))})")
     return counts
@@ -560,7 +588,8 @@ def run(args, log=lambda msg: None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     log(f"built {arch.name}: {params / 1e6:.0f} M parameters, {weight_bytes / 2**20:.0f} MB {dtype} "
         f"in {build_s:.1f} s")
-    skipped = "--no-generate" if args.no_generate else (GENERATE_SKIPPED_QWEN if arch.family == QWEN else None)
+    skipped = "--no-generate" if args.no_generate else (GENERATE_SKIPPED_QWEN if arch.family in QWEN_FAMILIES
+                                                        else None)
     frames = synthetic_frames(max(args.frame_counts), arch.frame_size)
     _warm_up(lm, frames, mem, skipped is None)
     log(f"warm-up done ({time.perf_counter() - t_start:.0f} s)")
@@ -605,8 +634,8 @@ def _warm_up(lm, frames, mem: PeakMemory, with_generate: bool) -> None:
 
     warm = frames[:4]
     with torch.inference_mode():
-        features, newline, _, grid = encode_prefixes(lm, warm, [len(warm)])
-    warm_enc = encoded(lm, warm, features, newline, 0.0, grid)
+        features, newline, _, grid, deepstack = encode_prefixes(lm, warm, [len(warm)])
+    warm_enc = encoded(lm, warm, features, newline, 0.0, grid, deepstack)
     for method in METHODS:
         run_method(lm, warm_enc, method, 2, 0.0, mem)
     if with_generate:
@@ -618,14 +647,14 @@ def _timed_runs(args, lm, frames, mem: PeakMemory, with_generate: bool, log):
     Returns (runs, generate, RSS once encoded, the encoded clip's layout for the memory pass)."""
     counts = args.frame_counts
     t0 = time.perf_counter()
-    features, newline, vision_s, grid = encode_prefixes(lm, frames, counts)
+    features, newline, vision_s, grid, deepstack = encode_prefixes(lm, frames, counts)
     log(f"vision tower: {max(counts)} frames in {time.perf_counter() - t0:.1f} s")
     rss_loaded = rss_bytes()
     layout = {"per_step": int(features.shape[1]), "hidden": int(features.shape[2]), "rows": grid[0],
-              "cols": grid[1], "newline": newline is not None}
+              "cols": grid[1], "newline": newline is not None, "deepstack": len(deepstack)}
     runs, generate = [], []
     for count in counts:
-        enc = encoded(lm, frames[:count], features, newline, vision_s[count], grid)
+        enc = encoded(lm, frames[:count], features, newline, vision_s[count], grid, deepstack)
         for method in METHODS:
             r = run_method(lm, enc, method, args.tokens, vision_s[count], mem)
             runs.append(r)

@@ -281,6 +281,21 @@ def test_the_feature_cache_keys_the_checkpoint_and_frames_and_keeps_deepstack(tm
     assert our_logits(a, hit, QUESTION)[0].equal(our_logits(a, first, QUESTION)[0])
 
 
+def test_other_weights_under_the_same_names_sizes_and_times_get_another_key(tmp_path_factory, q3_dir):
+    import os
+    import shutil
+
+    other = _checkpoint(tmp_path_factory, moe=False, seed=2, name="q3seed2")
+    copy = tmp_path_factory.mktemp("q3copy") / "model"
+    shutil.copytree(q3_dir, copy)
+    shutil.copyfile(other / "model.safetensors", copy / "model.safetensors")  # same size, other weights
+    stat = (q3_dir / "model.safetensors").stat()
+    os.utime(copy / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    a, b = (load_model(str(d), device="cpu", dtype="float32") for d in (q3_dir, copy))
+    assert (copy / "model.safetensors").stat().st_size == stat.st_size
+    assert model_identity(a) != model_identity(b)
+
+
 def test_no_cache_neither_reads_nor_writes(q3_dir, clip, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "cache"
     env = {"DYCOKE_CACHE": str(folder)}

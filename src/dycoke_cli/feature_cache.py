@@ -27,6 +27,7 @@ DEFAULT_LIMIT_MB = 2048
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.safetensors$")
 _CHUNK = 1 << 20
 FORMAT = 1  # bumped when what an entry holds changes
+WEIGHT_SAMPLE = 1 << 20  # bytes read from each end of a weight file for the model identity
 
 
 def default_folder() -> Path:
@@ -66,9 +67,11 @@ def file_digest(path: str | os.PathLike) -> str | None:
 
 
 def model_identity(lm) -> str | None:
-    """What makes a checkpoint's features what they are: the family and device, its config files
-    and the name, size and modification time of its weight files (shards in subfolders too).
-    None for a model not loaded from a folder."""
+    """What makes a checkpoint's features what they are: the family and device, its config files,
+    and of its weight files (shards in subfolders too) the name, size, modification time and a
+    sample of the bytes (the first and last ``WEIGHT_SAMPLE`` bytes: a copy of another
+    checkpoint's layout with other weights differs there, and reading it costs nothing next to
+    loading). None for a model not loaded from a folder."""
     folder = Path(lm.path)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         return None
@@ -80,10 +83,18 @@ def model_identity(lm) -> str | None:
                 h.update(name + b"\0" + p.read_bytes())
             elif p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file():
                 st = p.stat()
-                h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
+                h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode() + _weight_sample(p, st.st_size))
     except OSError:
         return None  # a folder we cannot fully read: no caching rather than a wrong key
     return h.hexdigest()
+
+
+def _weight_sample(path: Path, size: int) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(WEIGHT_SAMPLE)
+        if size > 2 * WEIGHT_SAMPLE:
+            f.seek(size - WEIGHT_SAMPLE)
+        return head + f.read(WEIGHT_SAMPLE)
 
 
 @dataclass(frozen=True)
