@@ -14,7 +14,7 @@ every method), then answers the same question with ``none``, ``dycoke`` (the pap
 and ``fastv`` (same visual budget), forcing a fixed number of decoded tokens so the methods are
 comparable, and finally times ``model.generate`` on the uncompressed inputs (inputs_embeds,
 default dynamic cache, greedy, the same number of tokens) against each method's answer (not for
-Qwen-VL: see GENERATE_SKIPPED_QWEN). Without --frames / --tokens: 8,16,32 frames and 32
+Qwen-VL: see GENERATE_SKIPPED). Without --frames / --tokens: 8,16,32 frames and 32
 decoded tokens on CPU, 32,64,128 frames and 64 tokens on CUDA.
 
 Memory: "peak above the loaded model" is measured per method with dycoke_cli.memory.PeakMemory
@@ -66,8 +66,9 @@ WORDS = "describe the video in detail . what happens which color moves left righ
 QWEN = "qwen2_5_vl"
 QWEN3 = "qwen3_vl"
 QWEN_FAMILIES = (QWEN, QWEN3)  # temporal steps of 2 frames, M-RoPE
-GENERATE_SKIPPED_QWEN = ("not timed for Qwen-VL: transformers' generate from inputs_embeds does not give the "
-                         "video tokens their M-RoPE (t, h, w) positions, so its tokens are not comparable with ours")
+GENERATE_SKIPPED = {family: (f"not timed for {name}: transformers' generate from inputs_embeds does not give the "
+                             "video tokens their M-RoPE (t, h, w) positions, so its tokens are not comparable with ours")
+                    for family, name in ((QWEN, "Qwen2.5-VL"), (QWEN3, "Qwen3-VL"))}
 
 
 @dataclass(frozen=True)
@@ -588,8 +589,7 @@ def run(args, log=lambda msg: None) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     log(f"built {arch.name}: {params / 1e6:.0f} M parameters, {weight_bytes / 2**20:.0f} MB {dtype} "
         f"in {build_s:.1f} s")
-    skipped = "--no-generate" if args.no_generate else (GENERATE_SKIPPED_QWEN if arch.family in QWEN_FAMILIES
-                                                        else None)
+    skipped = "--no-generate" if args.no_generate else GENERATE_SKIPPED.get(arch.family)
     frames = synthetic_frames(max(args.frame_counts), arch.frame_size)
     _warm_up(lm, frames, mem, skipped is None)
     log(f"warm-up done ({time.perf_counter() - t_start:.0f} s)")
