@@ -88,11 +88,11 @@ def _feature_key(lm, path, num_frames: int) -> FeatureKey | None:
 def _read_and_encode(lm, path, num_frames: int, timeout_s: float) -> Generator[Stage, None, EncodedVideo]:
     yield Stage("reading frames")
     t0 = time.perf_counter()
-    spec = lm.frame_spec
-    video = read_video(path, num_frames, max_side=2 * max(spec.height, spec.width), timeout_s=timeout_s)
+    # decoded at twice the model's own size on both axes: its resize is the one that counts
+    video = read_video(path, num_frames, size_for=lambda h, w: lm.target_size(num_frames, h, w), timeout_s=timeout_s)
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pixels = lm.preprocess(video.frames)
+    pixels = lm.preprocess(video.frames, (video.info.height, video.info.width))
     chunks, levels, newline = [], [], None
     total = pixels.shape[0]
     for start in range(0, total, ENCODE_CHUNK):  # an even chunk: whole temporal steps

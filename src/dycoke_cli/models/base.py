@@ -117,9 +117,15 @@ class LoadedModel:
         """Frames to sample from the clip at ``path`` when the user names no count."""
         return self.adapter.default_frames(self, path)
 
-    def preprocess(self, frames):
-        """uint8 RGB frames [T, H, W, 3] -> what ``encode_video`` takes (frames first)."""
-        return self.adapter.preprocess(self, frames)
+    def preprocess(self, frames, source: tuple[int, int] | None = None):
+        """uint8 RGB frames [T, H, W, 3] -> what ``encode_video`` takes (frames first). ``source``:
+        the clip's display (height, width), which sizes the result when the frames were decoded
+        smaller (else their own size does)."""
+        return self.adapter.preprocess(self, frames, source)
+
+    def target_size(self, frames: int, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the model resizes ``frames`` frames of that size to."""
+        return self.adapter.target_size(self, frames, height, width)
 
     def token_grid(self, pixels) -> tuple[int, int]:
         """Rows and columns of one step's visual tokens for these preprocessed frames."""
@@ -174,7 +180,7 @@ class FamilyAdapter:
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults=None, **settings): ...
     def folder_settings(self, folder: Path, model, defaults: "ModelDefaults") -> dict: ...
     def default_frames(self, lm: LoadedModel, path) -> int: ...
-    def preprocess(self, lm: LoadedModel, frames): ...
+    def preprocess(self, lm: LoadedModel, frames, source: tuple[int, int] | None = None): ...
     def token_grid(self, lm: LoadedModel, pixels) -> tuple[int, int]: ...
     def encode_video(self, lm: LoadedModel, pixels): ...
     def positions(self, lm: LoadedModel, span: tuple[int, int], kept, enc, seq: int, original: bool): ...
@@ -191,6 +197,10 @@ class FamilyAdapter:
         tokenizer.chat_template = chat_template
         defaults = ModelDefaults.from_folder(folder, int(model.config.text_config.num_hidden_layers))
         return self.wrap(model, tokenizer, name=name, path=folder, **self.folder_settings(folder, model, defaults))
+
+    def target_size(self, lm: LoadedModel, frames: int, height: int, width: int) -> tuple[int, int]:
+        """A fixed frame size (LLaVA-OneVision); families that keep the aspect ratio override."""
+        return lm.frame_spec.height, lm.frame_spec.width
 
     def video_part(self, lm: LoadedModel, enc, plan):
         """One block: the kept visual tokens, then the family's newline token (LLaVA-OV) if any,

@@ -61,7 +61,7 @@ class LlavaOneVisionAdapter(FamilyAdapter):
     def default_frames(self, lm, path):
         return lm.defaults.num_frames
 
-    def preprocess(self, lm, frames):
+    def preprocess(self, lm, frames, source=None):
         return preprocess_frames(frames, lm.frame_spec)
 
     def token_grid(self, lm, pixels):

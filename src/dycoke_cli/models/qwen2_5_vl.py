@@ -164,12 +164,16 @@ class Qwen25VLAdapter(FamilyAdapter):
         n = min(max(round(duration * spec.fps), spec.min_frames), spec.max_frames)
         return max(spec.temporal_patch, n - n % spec.temporal_patch)
 
-    def preprocess(self, lm, frames):
-        """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size."""
+    def target_size(self, lm, frames, height, width):
+        return smart_resize(height, width, lm.video_spec.min_pixels, lm.video_spec.max_pixels)
+
+    def preprocess(self, lm, frames, source=None):
+        """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size for the
+        clip's size (``source``, else the frames')."""
         import torch
 
         spec = lm.video_spec
-        h, w = smart_resize(frames.shape[1], frames.shape[2], spec.min_pixels, spec.max_pixels)
+        h, w = self.target_size(lm, frames.shape[0], *(source or frames.shape[1:3]))
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)
         if x.shape[2:] != (h, w):
             x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True)

@@ -184,12 +184,13 @@ class Qwen3VLAdapter(FamilyAdapter):
         spec = lm.video_spec
         return smart_resize(frames, height, width, spec.min_pixels, spec.frame_budget(frames))
 
-    def preprocess(self, lm, frames):
-        """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size."""
+    def preprocess(self, lm, frames, source=None):
+        """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size for the
+        clip's size (``source``, else the frames')."""
         import torch
 
         spec = lm.video_spec
-        h, w = self.target_size(lm, frames.shape[0], frames.shape[1], frames.shape[2])
+        h, w = self.target_size(lm, frames.shape[0], *(source or frames.shape[1:3]))
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)
         if x.shape[2:] != (h, w):  # on the uint8 frames, as the processor resizes them
             x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True)

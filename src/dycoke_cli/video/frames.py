@@ -271,10 +271,15 @@ class Picker:
 class Converter:
     """Turns picked frames into RGB arrays of one size, rotated for display."""
 
-    def __init__(self, first: av.VideoFrame, max_side: int | None):
+    def __init__(self, first: av.VideoFrame, max_side: int | None, size_for=None):
         self.turns = rotation(first) // 90  # counter-clockwise quarter turns
         w, h = first.width, first.height  # coded orientation
-        scale = 1.0 if max_side is None or max(w, h) <= max_side else max_side / max(w, h)
+        if size_for is not None:  # twice the model's size on both axes, never enlarged
+            shown_h, shown_w = (h, w) if self.turns % 2 == 0 else (w, h)
+            target_h, target_w = size_for(shown_h, shown_w)
+            scale = min(1.0, max(2 * target_h / shown_h, 2 * target_w / shown_w))
+        else:
+            scale = 1.0 if max_side is None or max(w, h) <= max_side else max_side / max(w, h)
         self.width = max(1, round(w * scale))
         self.height = max(1, round(h * scale))
         self.interpolation = "AREA" if scale < 1 else "BILINEAR"

@@ -73,6 +73,7 @@ Layout
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import av
 import numpy as np
@@ -104,12 +105,17 @@ def read_video(
     num_frames: int = 32,
     *,
     max_side: int | None = None,
+    size_for: Callable[[int, int], tuple[int, int]] | None = None,
     timeout_s: float = 60.0,
 ) -> Video:
     """Sample ``num_frames`` frames uniformly by presentation time (see the module docstring).
 
     ``max_side``: frames whose longer side exceeds it are downscaled while decoding, aspect
-    kept. ``timeout_s``: give up with :class:`VideoError` when reading takes longer.
+    kept. ``size_for(height, width)``: the size (height, width) a model will resize frames of
+    that display size to; frames are then decoded at the smallest scale that keeps both sides at
+    least twice that (never enlarged), so the model's own resize is the only one that matters
+    (instead of ``max_side``). ``timeout_s``: give up with :class:`VideoError` when reading
+    takes longer.
     Returns RGB uint8 frames ``[T, H, W, 3]`` with ``T <= num_frames``.
     """
     if num_frames < 1:
@@ -124,7 +130,7 @@ def read_video(
         start = min([first.time, *first.holes])  # damaged leading frames still count
         timing = measure_timing(source)
         span = max(timing.end - start, 0.0) if timing.end is not None else 0.0
-        picker = Picker(start, span, num_frames, Converter(first.frame, max_side))
+        picker = Picker(start, span, num_frames, Converter(first.frame, max_side, size_for))
         seek = span > SEEK_AFTER_S and not timing.discontinuous  # seeks land by raw time
         sample(decoder, picker, first, frames, seek=seek)
         if not picker.arrays:
