@@ -327,6 +327,39 @@ def toyworld(
     out(f"{qa}\n")
 
 
+@app.command()
+@with_flags("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, "quiet")
+def serve(
+    flags: Flags,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one, printed on stderr).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DYCOKE_API_KEY", show_default=False, show_envvar=True, help="Require 'Authorization: Bearer KEY' on every /v1 route.")] = None,
+    allowed_local_media_path: Annotated[Optional[Path], typer.Option("--allowed-local-media-path", show_default=False, help="Folder whose files file:// URLs may name (without it, file:// URLs are refused).")] = None,
+    max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames a request may ask for.")] = 64,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens a request may ask for (max_tokens).")] = 1024,
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Largest video a data: URL may carry, in MB.")] = 100,
+    queue: Annotated[int, typer.Option("--queue", help="Requests that may wait while one generates; more get 429.")] = 16,
+    sessions: Annotated[int, typer.Option("--sessions", help="Recent sessions kept (encoded video and prefix KV) for follow-up turns.")] = 8,
+    sessions_mb: Annotated[int, typer.Option("--sessions-mb", help="Most memory the kept sessions may hold, in MB.")] = 2048,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions with a video_url part, /v1/models, /health).
+
+    The compression and sampling flags are the defaults of every request; a request may override
+    them within the server's limits. One generation runs at a time. Ctrl-C or SIGTERM finishes
+    the current token, then exits 0."""
+    from ..server.app import ServerConfig, serve as run_server
+
+    flags.check()
+    config = ServerConfig(
+        host=host, port=port, api_key=api_key, allowed_media=allowed_local_media_path, max_frames=max_frames,
+        max_tokens=max_tokens, max_upload_bytes=max_upload_mb * 2**20, queue=queue, sessions=sessions,
+        sessions_bytes=sessions_mb * 2**20, frames=flags.frames, compression=flags.compression(),
+        sampling=flags.sampling(), cache=flags.feature_cache(), timeout_s=_decode_timeout(), quiet=flags.quiet,
+    ).check()
+    lm = _load_announced(flags)
+    run_server(lm, config)
+
+
 cache_app = typer.Typer(help="The on-disk cache of vision features ($DYCOKE_CACHE, else $XDG_CACHE_HOME/dycoke).",
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")

@@ -1,0 +1,142 @@
+"""A request's video URL made into a local file the reader can open, within the server's limits.
+
+- ``file://`` URLs only under ``--allowed-local-media-path``: a path with a ``..`` segment is
+  refused outright, and the resolved real path (symlinks followed) must lie inside the folder.
+  The file is opened here without following a final symlink and without blocking, checked to be
+  a regular file, and the reader then opens that same open file (``/proc/self/fd/N`` on Linux),
+  so a path swapped after the check is never read. A FIFO, a device or a folder inside the
+  allowed folder gets the reader's own message.
+- ``data:video/...;base64,`` URLs are decoded, at most ``max_upload_bytes``, into a private
+  temporary file (mode 0600) that :meth:`LocalVideo.close` removes.
+- ``http(s)://`` URLs are refused: this server fetches nothing.
+
+Messages name a file by what the client sent (its ``file://`` path, or ``the data: URL``),
+never by a path of the server's own (the temporary file, the descriptor).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from ..feature_cache import file_digest
+from .protocol import ApiError
+
+DATA_URL = re.compile(r"data:(video/[A-Za-z0-9.+-]+)((?:;[A-Za-z0-9=._+-]+)*);base64,", re.ASCII)
+_SUFFIX = {"video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm", "video/x-matroska": ".mkv",
+           "video/x-msvideo": ".avi", "video/mpeg": ".mpg", "video/mp2t": ".ts", "video/ogg": ".ogv"}
+FETCHES_NOTHING = ("http(s) URLs are refused: this server fetches nothing; send a file:// URL under "
+                   "--allowed-local-media-path or a data:video/...;base64, URL")
+
+
+@dataclass
+class LocalVideo:
+    """A video ready for the reader: ``path`` to open, ``label`` to show, ``digest`` (SHA-256)."""
+
+    path: str
+    label: str
+    digest: str
+    _fd: int | None = None
+    _temp: str | None = None
+
+    def close(self) -> None:
+        """Close the descriptor and remove the temporary file, if any (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
+            self._temp = None
+
+    def shown(self, message: str) -> str:
+        """``message`` with the server's own path of the video replaced by its label."""
+        message = message.replace(self.path, self.label)
+        return message.replace(self._temp, self.label) if self._temp else message
+
+
+class MediaPolicy:
+    def __init__(self, allowed: Path | None, max_upload_bytes: int):
+        self.allowed = Path(os.path.realpath(allowed)) if allowed is not None else None
+        self.max_upload_bytes = max_upload_bytes
+
+    def check_url(self, url: str) -> None:
+        """Refuse a URL by its form alone (no file is touched): 400."""
+        scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            raise ApiError(400, FETCHES_NOTHING, "unsupported_url")
+        if scheme == "data":
+            if not DATA_URL.match(url):
+                raise ApiError(400, "malformed data: URL: expected data:video/<type>;base64,<data>", "invalid_url")
+            return
+        if scheme != "file":
+            raise ApiError(400, "malformed video URL: expected file://, data:video/...;base64, "
+                                "(http and https are refused)", "invalid_url")
+        if self.allowed is None:
+            raise ApiError(400, "file:// URLs are refused: the server was started without "
+                                "--allowed-local-media-path", "file_url_refused")
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ApiError(400, "malformed file:// URL: expected file:///absolute/path", "invalid_url")
+        if ".." in unquote(parts.path).split("/"):
+            raise ApiError(400, "file:// URLs with '..' are refused", "file_url_refused")
+
+    def open(self, url: str) -> LocalVideo:
+        """The video behind ``url`` (checked by :meth:`check_url`), ready to read."""
+        self.check_url(url)
+        if url[:5].lower() == "data:":
+            return self._from_data(url)
+        return self._from_file(unquote(urlsplit(url).path))
+
+    def _from_file(self, path: str) -> LocalVideo:
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, str(self.allowed)]) != str(self.allowed) or real == str(self.allowed):
+            raise ApiError(400, "the file:// URL points outside the allowed media folder", "file_url_refused")
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ApiError(400, f"{path}: no such file", "invalid_video") from None
+        except OSError:  # a symlink swapped in after realpath, a permission problem: the reader says why
+            return LocalVideo(real, path, "")
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):  # the reader's own message (a FIFO is never read: it would block)
+            os.close(fd)
+            return LocalVideo(real, path, "")
+        os.set_blocking(fd, True)
+        proc = f"/proc/self/fd/{fd}"
+        reader_path = proc if os.path.exists(proc) else real
+        digest = file_digest(reader_path) or ""
+        return LocalVideo(reader_path, path, digest, _fd=fd)
+
+    def _from_data(self, url: str) -> LocalVideo:
+        head = DATA_URL.match(url)
+        payload = url[head.end():]
+        limit = self.max_upload_bytes
+        if len(payload) > 4 * (-(-limit // 3)) + 4:
+            raise ApiError(413, f"the data: URL's video is larger than the server's limit "
+                                f"(--max-upload-mb {limit / 2**20:g})", "upload_too_large")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "malformed data: URL: the data is not valid base64", "invalid_url") from None
+        if len(data) > limit:
+            raise ApiError(413, f"the data: URL's video is larger than the server's limit "
+                                f"(--max-upload-mb {limit / 2**20:g})", "upload_too_large")
+        fd, temp = tempfile.mkstemp(prefix="dycoke-upload-", suffix=_SUFFIX.get(head.group(1).lower(), ".video"))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError:
+            os.unlink(temp)
+            raise
+        return LocalVideo(temp, "the data: URL", hashlib.sha256(data).hexdigest(), _temp=temp)
