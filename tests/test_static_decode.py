@@ -10,12 +10,14 @@ import pytest
 import torch
 from sync_probe import step_syncs
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dycoke_cli.compression.cache import PrunedKVCache
 from dycoke_cli.compression.selectors import DecodeSelector, PrefillSelector
 from dycoke_cli.decoding.loop import EagerSteps, run_layers, sample_token
 from dycoke_cli.decoding.prompt import build_embeds
 from dycoke_cli.decoding.static import StaticSteps
+from dycoke_cli.models.loader import load_model
 from dycoke_cli.options import CompressionOptions, Method, OptionError, SamplingOptions
 from dycoke_cli.pipeline import answer, encode_video
 
@@ -81,6 +83,49 @@ def test_a_static_step_has_no_host_sync(tiny_lm, kind):
     assert step_syncs(steps, token, 6, lambda logits: sample_token(logits, sampling, generator)) == []
     if kind == "decode":
         assert sel.counts.steps == 6
+
+
+class _OpCounts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill", None])
+def test_a_static_step_builds_one_length_mask(tiny_lm, kind):
+    """Layers with the same room left share one mask: one arange a step, not one per layer."""
+    cache, sel, token, seq = _prefilled(tiny_lm, kind)
+    steps = StaticSteps(tiny_lm, cache, sel, seq, 2, graph=False)
+    with torch.inference_mode():
+        steps(token)  # the first step also switches the cache to static mode
+        with _OpCounts() as probe:
+            steps(token)
+    assert probe.counts.get("arange", 0) == 1
+
+
+def test_a_prefill_and_static_steps_run_on_the_meta_device(tiny_model_dir):
+    """No CPU tensor hides in a step: on the meta device any would fail to mix with the rest."""
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    lm.model.to("meta")
+    lm.device = torch.device("meta")
+    for kind in ("decode", None):
+        visual = torch.randn(8 * lm.tokens_per_frame, lm.hidden_size, device="meta")
+        embeds, span = build_embeds(lm, QUESTION, visual, None)
+        seq = embeds.shape[1]
+        sel = DecodeSelector(prune_from=2, span=span, keep=9) if kind else None
+        cache = PrunedKVCache(lm.num_layers, seq + 9, sel)
+        with torch.inference_mode():
+            logits = run_layers(lm, embeds, torch.arange(seq, device="meta")[None], cache, sel)
+            steps = StaticSteps(lm, cache, sel, seq, 2, graph=False)
+            token = logits.argmax(dim=-1)
+            for _ in range(3):
+                token = steps(token).argmax(dim=-1)
+        assert token.device.type == "meta" and token.shape == (1,)
 
 
 def test_the_probe_sees_the_eager_loops_syncs(tiny_lm):

@@ -324,7 +324,9 @@ class PrunedKVCache(Cache):
         ``arange(c) <= steps + length`` is the last ``c`` entries of the widest layer's."""
         widest: dict[int, torch.Tensor] = {}
         for layer in sorted(self.layers, key=lambda layer: -layer.capacity):
-            widest.setdefault(layer.capacity - layer.length, layer.step_mask())
+            room = layer.capacity - layer.length
+            if room not in widest:  # one mask per room (not setdefault: its argument always runs)
+                widest[room] = layer.step_mask()
         return [widest[layer.capacity - layer.length][..., -layer.capacity :] for layer in self.layers]
 
     def advance(self) -> None:
