@@ -3,6 +3,7 @@ disk, `dycoke ask` with several questions, and `dycoke chat`."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -218,6 +219,13 @@ def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_session(tiny_model_dir, c
 
 
 # -- found in review ----------------------------------------------------------------------------
+
+
+def test_file_digest_of_anything_but_a_regular_file_is_none(tmp_path, clip_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert [file_digest(p) for p in (tmp_path, fifo, tmp_path / "missing")] == [None, None, None]
+    assert file_digest(clip_path) == hashlib.sha256(clip_path.read_bytes()).hexdigest()
 
 
 def test_eval_with_a_device_for_a_video_fails_fast(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -54,10 +54,15 @@ def file_digest(path: str | os.PathLike) -> str | None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except (OSError, ValueError):
         return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:  # a folder, a FIFO, a device (fdopen itself refuses a folder)
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb", buffering=0) as f:
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
             os.set_blocking(fd, True)
             while chunk := f.read(_CHUNK):
                 h.update(chunk)

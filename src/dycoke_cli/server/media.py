@@ -108,12 +108,16 @@ class MediaPolicy:
             raise ApiError(400, f"{path}: no such file", "invalid_video") from None
         except OSError:  # a symlink swapped in after realpath, a permission problem: the reader says why
             return LocalVideo(real, path, "")
+        proc = f"/proc/self/fd/{fd}"
+        opened = os.path.realpath(proc) if os.path.exists(proc) else real
+        if os.path.commonpath([opened, str(self.allowed)]) != str(self.allowed):  # a parent swapped meanwhile
+            os.close(fd)
+            raise ApiError(400, "the file:// URL points outside the allowed media folder", "file_url_refused")
         kind = os.fstat(fd).st_mode
         if not stat.S_ISREG(kind):  # the reader's own message (a FIFO is never read: it would block)
             os.close(fd)
             return LocalVideo(real, path, "")
         os.set_blocking(fd, True)
-        proc = f"/proc/self/fd/{fd}"
         reader_path = proc if os.path.exists(proc) else real
         digest = file_digest(reader_path) or ""
         return LocalVideo(reader_path, path, digest, _fd=fd)
