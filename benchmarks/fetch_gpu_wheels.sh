@@ -2,9 +2,13 @@
 # Fetch, on the dev machine (it has PyPI access), the wheels the GPU machine lacks, into .whl/
 # (git-ignored through .git/info/exclude), for benchmarks/gpu_session.sh to install there.
 # The GPU image has Python 3.12, transformers 5.17 and no PyAV; see NOTES.md section 6. The
-# suite's property tests need hypothesis, which the image may lack (pure-Python wheels, small).
+# wheels go in with --no-deps over the image, so the list names what transformers checks at
+# import (tokenizers, huggingface-hub and what it imports, safetensors, regex: 5.25 refuses
+# older ones), the suite's property tests (hypothesis) and the server's stack (FastAPI,
+# uvicorn, pydantic). Not the openai client (its tests are skipped without it), nor numpy,
+# PyYAML, tqdm, filelock or packaging, which the image has: the carried tree is capped at 64 MiB.
 #
-#   bash benchmarks/fetch_gpu_wheels.sh                  # transformers 5.23.0 + av 19.0.2 + hypothesis, ~49 MB
+#   bash benchmarks/fetch_gpu_wheels.sh                  # the versions pyproject.toml was tested with, ~60 MB
 #   bash benchmarks/fetch_gpu_wheels.sh pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
 #                          # extra requirements are appended (here: if the image lacked pytest)
 #
@@ -26,7 +30,11 @@ fi
 # The recipe of NOTES.md section 6: binary wheels for CPython 3.12 on manylinux x86_64, no deps.
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl transformers==5.23.0 av==19.0.2 hypothesis==6.170.15 sortedcontainers==2.4.0 "$@" \
+    -d .whl transformers==5.25.0 tokenizers==0.23.3 huggingface-hub==2.4.0 safetensors==0.8.0 \
+    regex==2026.12.2 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 h11==0.16.0 anyio==4.16.0 idna==3.21 \
+    av==19.0.2 hypothesis==6.170.27 sortedcontainers==2.4.0 \
+    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+    annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 typing-extensions==4.16.0 "$@" \
     || { echo "pip download failed" >&2; exit 1; }
 
 ls -l .whl

@@ -69,11 +69,21 @@ install_wheels() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 }
 
+# transformers checks its dependencies' versions when it is imported: if the carried wheels do not
+# satisfy it, nothing else can run, so the session stops here with one line saying why.
+import_check() {
+    "$PY" -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)" \
+        > "$OUT/import.log" 2>&1 && return 0
+    echo "gpu_session: transformers does not import with the carried wheels: $(grep -v '^\s*$' "$OUT/import.log" | tail -n 1)" >&2
+    return 1
+}
+
 print_versions() {
     "$PY" - <<'EOF'
 import importlib, platform
 print("python", platform.python_version())
-for name in ("torch", "transformers", "av", "pytest", "PIL", "numpy", "typer", "rich", "dycoke_cli"):
+for name in ("torch", "transformers", "tokenizers", "huggingface_hub", "safetensors", "regex", "av", "fastapi",
+             "uvicorn", "pydantic", "pytest", "hypothesis", "PIL", "numpy", "typer", "rich", "dycoke_cli"):
     try:
         module = importlib.import_module(name)
         print(name, getattr(module, "__version__", "?"), getattr(module, "__file__", ""))
@@ -117,6 +127,7 @@ export PY OUT
 
 run_step install "${T_INSTALL:-60}" bash -c install_wheels
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+import_check || { echo "import FAILED" >> "$SUMMARY"; cat "$SUMMARY"; exit 1; }
 wanted info "$@" && run_step info "${T_INFO:-30}" bash -c print_versions
 wanted gpu-tests "$@" && run_step gpu-tests "${T_GPU_TESTS:-90}" --no-tests-ok "$PY" -m pytest -q -m gpu tests
 wanted attention "$@" && run_step attention "${T_ATTENTION:-45}" \
