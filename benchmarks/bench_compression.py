@@ -405,23 +405,48 @@ def run_method(lm, enc, method: str, tokens: int, vision_s: float, mem: PeakMemo
 
 def time_generate(lm, enc, tokens: int) -> dict:
     """transformers' ``model.generate`` on the uncompressed inputs (same embeddings, same number
-    of tokens, EOS suppressed): building the embeddings + generate, wall clock."""
+    of tokens, EOS suppressed): building the embeddings + generate, wall clock. As users call it
+    (``generate_s``: SDPA picks its backend, cuDNN included on CUDA, which re-plans at every new
+    key length), and on CUDA again with cuDNN's SDPA off (``generate_no_cudnn_s``: the baseline
+    a well-configured user gets). Also the first step's logits against our loop's
+    (``logits_max_abs_diff``, and over the logits' spread), which says "same computation" where
+    bf16's flat random logits make the greedy tokens flip."""
     import torch
 
-    from dycoke_cli.decoding.loop import sync
+    from dycoke_cli.compression.cache import PrunedKVCache
+    from dycoke_cli.decoding.loop import run_layers, sync
     from dycoke_cli.decoding.prompt import build_embeds
 
     n = tokens + 1
-    t0 = time.perf_counter()
+
+    def run() -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        embeds, _ = build_embeds(lm, QUESTION, enc.features.reshape(-1, enc.features.shape[-1]), enc.newline)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        with torch.inference_mode():
+            out = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        sync(lm.device)
+        ids = out[0].tolist()
+        return time.perf_counter() - t0, ids[-n:] if len(ids) >= n else ids
+
+    wall, ids = run()
+    result = {"generate_s": wall, "token_ids": ids, "generate_no_cudnn_s": None}
+    if lm.device.type == "cuda":
+        was = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            result["generate_no_cudnn_s"] = run()[0]
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(was)
     embeds, _ = build_embeds(lm, QUESTION, enc.features.reshape(-1, enc.features.shape[-1]), enc.newline)
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     with torch.inference_mode():
-        out = lm.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-    sync(lm.device)
-    wall = time.perf_counter() - t0
-    ids = out[0].tolist()
-    return {"generate_s": wall, "token_ids": ids[-n:] if len(ids) >= n else ids}
+        theirs = lm.model(inputs_embeds=embeds).logits[0, -1].float()
+        ours = run_layers(lm, embeds, torch.arange(embeds.shape[1], device=embeds.device)[None],
+                          PrunedKVCache(lm.num_layers, embeds.shape[1]))[0]
+    diff = float((ours - theirs).abs().max())
+    result.update(logits_max_abs_diff=diff, logits_rel_diff=diff / max(float(theirs.std()), 1e-12))
+    return result
 
 
 
@@ -671,14 +696,18 @@ def _timed_runs(args, lm, frames, mem: PeakMemory, with_generate: bool, log):
 def _against_generate(lm, enc, tokens: int, runs: list[dict]) -> dict:
     """Time model.generate on ``enc`` uncompressed and set, on each method's run at that frame
     count, its answer's wall time over generate's (< 1: our loop is faster). The top-level
-    loop_s / loop_over_generate / same_tokens are those of ``none`` (same inputs, same tokens)."""
+    loop_s / loop_over_generate / same_tokens are those of ``none`` (same inputs, same tokens;
+    same_tokens only in fp32, None otherwise: the logits' difference stands for it)."""
+    import torch
+
     g = time_generate(lm, enc, tokens)
     for r in runs:
         r["loop_over_generate"] = r["answer_wall_s"] / g["generate_s"]
     ours = next(r for r in runs if r["method"] == "none")
+    exact = lm.dtype == torch.float32  # in bf16 random weights give flat logits: tokens flip, logits tell
     g.update({"frames": enc.video.info.frame_count, "loop_s": ours["answer_wall_s"],
               "loop_over_generate": ours["loop_over_generate"],
-              "same_tokens": g["token_ids"] == ours["token_ids"],
+              "same_tokens": g["token_ids"] == ours["token_ids"] if exact else None,
               "by_method": {r["method"]: {"loop_s": r["answer_wall_s"], "loop_over_generate": r["loop_over_generate"]}
                             for r in runs}})
     return g

@@ -29,7 +29,7 @@ EXPECTED = {  # frames: (none, dycoke prefill, decode budget)
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--quick", "--frames", ",".join(map(str, FRAMES)), "--tokens", str(TOKENS), "--threads", "1",
-            "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+            "--dtype", "float32", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert bench.main(argv) == 0
@@ -78,8 +78,9 @@ def test_our_loop_gives_the_tokens_of_model_generate(report):
     rep, _, _ = report
     assert [g["frames"] for g in rep["generate"]] == list(FRAMES)
     for g in rep["generate"]:
-        assert g["same_tokens"] is True
+        assert g["same_tokens"] is True  # checked in fp32 (bf16 reports the logits' difference instead)
         assert g["token_ids"] == _run(rep, g["frames"], "none")["token_ids"]
+        assert g["logits_rel_diff"] < 1e-4 and g["generate_no_cudnn_s"] is None  # cuDNN's variant: CUDA only
     assert [t["key"] for t in rep["targets"]] == ["llm_stage", "decode_step", "loop_vs_generate", "peak_memory"]
     assert all(t["frames"] == max(FRAMES) for t in rep["targets"])
 
