@@ -227,3 +227,24 @@ def test_static_decoding_refuses_an_offloaded_store(tiny_lm, enc):
     auto = answer(tiny_lm, enc, QUESTION, CompressionOptions(offload_pruned=True),
                   SamplingOptions(max_new_tokens=4, ignore_eos=True))
     assert auto.stats.decode_path == "eager" and auto.stats.kv_bytes.store_on_host
+
+
+def test_offload_staging_gives_each_layer_one_contiguous_block(tiny_lm):
+    """The host side of --offload-pruned's prefetch: each pruned layer's selected keys and values
+    are one contiguous block of the staging buffer (what an asynchronous copy to the device
+    needs), holding exactly that layer's selected store entries."""
+    torch.manual_seed(0)
+    visual = torch.randn(8 * tiny_lm.tokens_per_frame, tiny_lm.hidden_size)
+    embeds, span = build_embeds(tiny_lm, QUESTION, visual, None)
+    seq = embeds.shape[1]
+    sel = DecodeSelector(prune_from=2, span=span, keep=9)
+    cache = PrunedKVCache(tiny_lm.num_layers, seq + 4, sel, offload=True)
+    with torch.inference_mode():
+        token = run_layers(tiny_lm, embeds, torch.arange(seq)[None], cache, sel).argmax(dim=-1)
+        EagerSteps(tiny_lm, cache, sel, seq)(token)
+        staging = cache.block.stage()
+    store, chosen = cache.block.store, sel.selection
+    assert staging.shape[:2] == (tiny_lm.num_layers - 2, 2) and staging.shape[4] == 9
+    for j in range(staging.shape[0]):
+        assert staging[j].is_contiguous()
+        assert torch.equal(staging[j], store[:, j].index_select(3, chosen))

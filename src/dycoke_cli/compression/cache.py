@@ -104,7 +104,8 @@ class _PrunedBlock:
         self.layers, self.selector, self.offload = layers, selector, offload
         self.work: torch.Tensor | None = None
         self.store: torch.Tensor | None = None
-        self.staging: torch.Tensor | None = None  # offloaded store on CUDA: pinned [2, layers, B, H, keep, d]
+        self.staging: torch.Tensor | None = None  # offloaded store: host [layers, 2, B, H, keep, d] (see stage)
+        self.landing: torch.Tensor | None = None  # its device twin, on CUDA
         self.moved_bytes = 0  # bytes copied from an offloaded store to the accelerator
         self.rebuild_seconds = 0.0  # writing selections into the slots
 
@@ -129,21 +130,35 @@ class _PrunedBlock:
         if self.store.device != self.work.device:
             self.moved_bytes += self.work[..., self.slot, :].numel() * self.work.element_size()
 
-    def prefetch(self, stream) -> list:
-        """An offloaded store on CUDA: gather the selection into pinned staging on the host, then
-        copy each layer's part on ``stream``; returns one event per layer, so layer L+k's copy
-        overlaps layers L..L+k-1."""
+    def stage(self) -> torch.Tensor:
+        """An offloaded store: the selected entries gathered on the host into staging laid out
+        layer first, [layers, 2 (k, v), B, H, keep, d] (pinned when the work buffer is on CUDA), so
+        that each layer's part is one contiguous block: a copy from pinned contiguous memory is
+        what the device can take asynchronously (a strided source goes through pageable memory
+        and blocks the host)."""
         if self.staging is None:
-            shape = (*self.store.shape[:4], self.selector.keep, self.store.shape[5])
-            self.staging = torch.empty(shape, dtype=self.store.dtype, pin_memory=True)
-        torch.index_select(self.store, 4, self.selector.selection.cpu(), out=self.staging)
+            layers, b, h, d = self.store.shape[1], self.store.shape[2], self.store.shape[3], self.store.shape[5]
+            self.staging = torch.empty((layers, 2, b, h, self.selector.keep, d), dtype=self.store.dtype,
+                                       pin_memory=self.work.device.type == "cuda")
+        torch.index_select(self.store, 4, self.selector.selection.cpu(), out=self.staging.transpose(0, 1))
+        return self.staging
+
+    def prefetch(self, stream) -> list:
+        """An offloaded store on CUDA: gather the selection into contiguous pinned staging on the
+        host, then on ``stream`` copy each layer's block to a contiguous device buffer and from
+        there into its slot; returns one event per layer, so layer L+k's copy overlaps layers
+        L..L+k-1."""
+        staging = self.stage()
+        if self.landing is None:
+            self.landing = torch.empty(staging.shape, dtype=staging.dtype, device=self.work.device)
         events = []
         with torch.cuda.stream(stream):
             for j in range(self.layers):
-                self.work[:, j, ..., self.slot, :].copy_(self.staging[:, j], non_blocking=True)
+                self.landing[j].copy_(staging[j], non_blocking=True)  # contiguous to contiguous: asynchronous
+                self.work[:, j, ..., self.slot, :].copy_(self.landing[j])  # on the device
                 events.append(torch.cuda.Event())
                 events[-1].record(stream)
-        self.moved_bytes += self.staging.numel() * self.staging.element_size()
+        self.moved_bytes += staging.numel() * staging.element_size()
         return events
 
 
