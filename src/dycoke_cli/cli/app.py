@@ -285,7 +285,7 @@ def eval_cmd(
     from rich.console import Console
     from rich.progress import Progress
 
-    from .display import eval_table
+    from .display import comparison_lines, eval_table
 
     settings = RunSettings()
     err = Console(stderr=True)
@@ -303,6 +303,7 @@ def eval_cmd(
         out(json.dumps(report, indent=2) + "\n")
     else:
         out_rich(eval_table(report["summary"]))
+        out("".join(f"{line}\n" for line in comparison_lines(report["summary"])))
     for failure in report["failures"]:
         error = failure["error"]  # names the file already when the reader failed
         where = "" if failure["video"] in error else f"{failure['video']}: "

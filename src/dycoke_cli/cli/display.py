@@ -264,13 +264,19 @@ def comparison_table(rows: list[dict], question: str, frames: int):
 
 
 def eval_table(summary: dict):
-    """Accuracy per question kind (rows) and method (columns), then retention and time."""
+    """Accuracy per question kind (rows) and method (columns) with its 95 % interval and the
+    paired comparison against the first method, then retention and time (comparison_lines says
+    each comparison in words)."""
     kinds = sorted({k for entry in summary.values() for k in entry.get("by_kind", {})})
     table = Table(title="accuracy by method")
     table.add_column("", style="dim")
     for method in summary:
         table.add_column(method, justify="right")
     table.add_row("overall", *[f"{100 * e['accuracy']:.1f} %" for e in summary.values()])
+    table.add_row("95 % CI", *[_fmt_interval(e.get("ci95")) for e in summary.values()])
+    first = next(iter(summary), "")
+    table.add_row(f"vs {first}", *["baseline" if "vs_first" not in e else _fmt_paired(e["vs_first"])
+                                   for e in summary.values()])
     for k in kinds:
         table.add_row(k, *[f"{100 * e['by_kind'][k]:.1f} %" if k in e.get("by_kind", {}) else "" for e in summary.values()])
     table.add_row("answers", *[str(e["n"]) for e in summary.values()])
@@ -279,3 +285,35 @@ def eval_table(summary: dict):
     table.add_row("retention", *[f"{100 * e['mean_retention']:.1f} %" for e in summary.values()])
     table.add_row("LLM s/answer", *[f"{e['mean_llm_s']:.3f}" for e in summary.values()])
     return table
+
+
+def comparison_lines(summary: dict) -> list[str]:
+    """The table's comparisons in words, one line each (never wrapped), then what the figures
+    are; nothing with one method."""
+    lines = [comparison_sentence(m, e["vs_first"]) for m, e in summary.items() if "vs_first" in e]
+    if lines:
+        lines.append("95 % CI: Wilson score interval. p: McNemar's exact test on the questions both methods "
+                     "answered; a difference that is not significant at 5 % may be noise.")
+    return lines
+
+
+def _fmt_interval(ci) -> str:
+    return "n/a" if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f} %"
+
+
+def _fmt_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def _fmt_paired(paired: dict) -> str:
+    noise = "" if paired["significant"] else ", not significant"
+    return f"{100 * paired['difference']:+.1f} pts{noise} ({_fmt_p(paired['p_value'])})"
+
+
+def comparison_sentence(method: str, paired: dict) -> str:
+    """One comparison in words, e.g. "dycoke vs none: -0.7 points on 300 paired questions (3 right
+    only with none, 1 only with dycoke), not significant (p = 0.625)"."""
+    verdict = "significant" if paired["significant"] else "not significant"
+    return (f"{method} vs {paired['baseline']}: {100 * paired['difference']:+.1f} points on {paired['pairs']} "
+            f"paired questions ({paired['only_baseline_right']} right only with {paired['baseline']}, "
+            f"{paired['only_this_right']} only with {method}), {verdict} ({_fmt_p(paired['p_value'])})")
