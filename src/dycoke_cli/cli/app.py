@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -312,19 +313,25 @@ def eval_cmd(
         raise typer.Exit(1)
 
 
+class ToyWorld(str, Enum):
+    v1 = "v1"
+    v2 = "v2"
+
+
 @app.command()
 def toyworld(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write clips/ and qa.jsonl into (new, or empty).", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Number of clips.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same clips.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write into a folder that already holds files, replacing its qa.jsonl and clips/ files of the same names.")] = False,
+    world: Annotated[ToyWorld, typer.Option("--world", help="v1: one object, one motion, at most one colour change (2-4 s); v2: 2 or 3 segments, each changing the colour, the motion or both (6-9 s).")] = ToyWorld.v1,
 ) -> None:
     """Write clips of the demo model's toy world and a QA file for `dycoke eval`."""
     from ..toyworld.dataset import write_dataset
 
     if not 1 <= n <= MAX_TOYWORLD_CLIPS:
         raise OptionError("n", f"must be in [1, {MAX_TOYWORLD_CLIPS}] (got {n})")
-    qa = write_dataset(out_dir, n, seed, overwrite=force)
+    qa = write_dataset(out_dir, n, seed, overwrite=force, world=world.value)
     out(f"{qa}\n")
 
 

@@ -1,4 +1,5 @@
-"""Write a question-answer set of toy-world clips: ``n`` h264 mp4 clips plus ``qa.jsonl``."""
+"""Write a question-answer set of toy-world clips: ``n`` h264 mp4 clips plus ``qa.jsonl``, of
+world v1 (one event per clip, render.py) or v2 (several, events.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,35 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DycokeError
+from .events import event_questions, sample_event_spec
 from .render import questions_for, sample_spec, write_clip
 
+# world -> (draw a clip spec from a generator and variety, the spec's (kind, question, answer)s)
+WORLDS = {
+    "v1": (lambda rng, variety: sample_spec(rng, variety=variety), questions_for),
+    "v2": (sample_event_spec, event_questions),
+}
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, variety: bool = True, overwrite: bool = False) -> Path:
-    """Render ``n`` random clips (seeded by ``seed``) into ``out_dir/clips/`` and write
-    ``out_dir/qa.jsonl``: one line per applicable question, ``{"video": "clips/NNNN.mp4",
+
+def write_dataset(out_dir: str | Path, n: int, seed: int, variety: bool = True, overwrite: bool = False,
+                  world: str = "v1") -> Path:
+    """Render ``n`` random clips of ``world`` (seeded by ``seed``) into ``out_dir/clips/`` and
+    write ``out_dir/qa.jsonl``: one line per applicable question, ``{"video": "clips/NNNN.mp4",
     "question", "answer", "kind"}`` with the video path relative to ``out_dir``.
 
-    Returns the path of ``qa.jsonl``. The same ``(n, seed)`` always gives the same clips.
+    Returns the path of ``qa.jsonl``. The same ``(n, seed, world)`` always gives the same clips.
     A folder that already holds files is refused (DycokeError) unless ``overwrite``."""
+    sample, questions = WORLDS[world]
     out = Path(out_dir)
     _prepare(out, overwrite)
     rng = np.random.default_rng(seed)
     width = max(4, len(str(n - 1)))
     lines = []
     for i in range(n):
-        spec = sample_spec(rng, variety=variety)
+        spec = sample(rng, variety)
         rel = f"clips/{i:0{width}d}.mp4"
         write_clip(spec, out / rel)
-        for kind, question, answer in questions_for(spec):
+        for kind, question, answer in questions(spec):
             lines.append(json.dumps({"video": rel, "question": question, "answer": answer, "kind": kind}))
     qa = out / "qa.jsonl"
     qa.write_text("\n".join(lines) + "\n")

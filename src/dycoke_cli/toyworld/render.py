@@ -21,6 +21,7 @@ SHAPES = ("cup", "ball", "box")
 COLORS = ("red", "green", "blue", "yellow", "purple", "white")
 MOTIONS = ("left", "right", "up", "down", "still")
 BACKGROUNDS = ("plain", "noise", "stripes")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}  # unit steps in px
 KINDS = ("shape", "motion", "color", "color_start", "color_end", "caption")
 
 # Canonical RGB of each colour name (first entry) and variants other renderers plausibly use
@@ -90,11 +91,14 @@ class ClipSpec:
         return len(self.colors) > 1
 
     def center_at(self, t: float) -> tuple[float, float]:
-        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}[self.motion]
+        dx, dy = DIRECTIONS[self.motion]
         return self.position[0] + dx * self.speed * t, self.position[1] + dy * self.speed * t
 
     def color_index_at(self, t: float) -> int:
         return 1 if (self.changes and self.change_time is not None and t >= self.change_time) else 0
+
+    def rgb_at(self, t: float) -> tuple[int, int, int]:
+        return self.rgbs[self.color_index_at(t)]
 
 
 def sample_spec(rng: np.random.Generator, variety: bool = True, **overrides) -> ClipSpec:
@@ -108,20 +112,36 @@ def sample_spec(rng: np.random.Generator, variety: bool = True, **overrides) -> 
     motion = overrides.pop("motion", None) or MOTIONS[rng.integers(len(MOTIONS))]
     duration = float(overrides.pop("duration", None) or rng.choice([2.0, 2.5, 3.0, 3.5, 4.0]) + (rng.uniform(-0.2, 0.2) if variety else 0.0))
     duration = min(4.0, max(2.0, duration))
-    size = float(overrides.pop("size", None) or rng.uniform(HEIGHT / 6, HEIGHT / 4) * (rng.uniform(0.9, 1.1) if variety else 1.0))
+    size = float(overrides.pop("size", None) or sample_size(rng, variety))
     change_time = float(rng.uniform(0.35, 0.65) * duration) if len(colors) > 1 else None
     (x0, y0), dist = _sample_path(rng, motion, size)
-    background = overrides.pop("background", None) or BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    base = rng.integers(0, 45)
-    tint = rng.integers(-8, 9, size=3) if variety else np.zeros(3, dtype=int)
-    bg_color = tuple(int(v) for v in np.clip(base + tint, 0, 60))
-    rgbs, style = _sample_look(rng, colors) if variety else (tuple(color_rgb(c) for c in colors), {})
+    background, bg_color = sample_backdrop(rng, variety, overrides.pop("background", None))
+    rgbs, style = sample_look(rng, colors) if variety else (tuple(color_rgb(c) for c in colors), {})
     spec = ClipSpec(
         shape=shape, colors=colors, change_time=change_time, motion=motion, background=background,
         size=size, position=(float(x0), float(y0)), speed=float(dist / duration), duration=duration, rgbs=rgbs,
         bg_color=bg_color, bg_seed=int(rng.integers(2**31)), bg_param=float(rng.random()), style=style,
     )
     return replace(spec, **overrides) if overrides else spec
+
+
+def sample_size(rng: np.random.Generator, variety: bool) -> float:
+    """The object's size in px (ball diameter, box side, cup body height)."""
+    return float(rng.uniform(HEIGHT / 6, HEIGHT / 4) * (rng.uniform(0.9, 1.1) if variety else 1.0))
+
+
+def sample_backdrop(rng: np.random.Generator, variety: bool, background: str | None = None) -> tuple[str, tuple]:
+    """The background's kind (unless given) and its dark base colour (tinted with ``variety``)."""
+    background = background or BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    base = rng.integers(0, 45)
+    tint = rng.integers(-8, 9, size=3) if variety else np.zeros(3, dtype=int)
+    return background, tuple(int(v) for v in np.clip(base + tint, 0, 60))
+
+
+def margin(size: float) -> float:
+    """How far the object reaches from its centre, cup handle included (px): a centre at least
+    this far from every edge keeps the whole object inside the frame."""
+    return size * 0.75 + 4
 
 
 def _sample_colors(rng: np.random.Generator) -> tuple[str, ...]:
@@ -137,7 +157,7 @@ def _sample_path(rng: np.random.Generator, motion: str, size: float) -> tuple[tu
     """Start position and travel: roughly half the frame along the motion axis, the whole
     object (cup handle included) inside the frame."""
     frac = rng.uniform(0.4, 0.6)
-    half = size * 0.75 + 4
+    half = margin(size)
     if motion in ("left", "right"):
         dist = frac * WIDTH
         lo, hi = half, WIDTH - half - dist
@@ -152,7 +172,7 @@ def _sample_path(rng: np.random.Generator, motion: str, size: float) -> tuple[tu
     return (rng.uniform(half, WIDTH - half), rng.uniform(half, HEIGHT - half)), 0.0
 
 
-def _sample_look(rng: np.random.Generator, colors: tuple[str, ...]) -> tuple[tuple, dict]:
+def sample_look(rng: np.random.Generator, colors: tuple[str, ...]) -> tuple[tuple, dict]:
     """Jittered RGB of each colour and the object's proportions (the ``variety`` renderer)."""
     rgbs = []
     for c in colors:
@@ -232,7 +252,9 @@ def _draw_object(draw, spec: ClipSpec, cx: float, cy: float, rgb, fill_mask: boo
 
 
 def render_frames(spec: ClipSpec, times, with_masks: bool = False):
-    """Render ``spec`` at each time in ``times`` (seconds): uint8 [T, 240, 320, 3].
+    """Render ``spec`` at each time in ``times`` (seconds): uint8 [T, 240, 320, 3]. ``spec`` is a
+    ClipSpec or a v2 EventSpec (anything with ``center_at``, ``rgb_at``, the object's and the
+    background's fields).
 
     With ``with_masks`` also returns a uint8 [T, 240, 320] object mask (255 inside)."""
     from PIL import Image, ImageDraw
@@ -242,7 +264,7 @@ def render_frames(spec: ClipSpec, times, with_masks: bool = False):
     masks = np.empty((len(times), HEIGHT, WIDTH), dtype=np.uint8) if with_masks else None
     for i, t in enumerate(times):
         cx, cy = spec.center_at(float(t))
-        rgb = spec.rgbs[spec.color_index_at(float(t))]
+        rgb = spec.rgb_at(float(t))
         img = bg.copy()
         _draw_object(ImageDraw.Draw(img), spec, cx, cy, rgb)
         frames[i] = np.asarray(img)
