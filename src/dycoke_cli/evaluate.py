@@ -170,38 +170,63 @@ def _qa_item(raw: bytes, where: str) -> EvalItem:
 
 def evaluate(lm, qa_path: Path, methods: list[Method], frames: int | None, base: CompressionOptions,
              sampling: SamplingOptions, progress=None, timeout_s: float = 60.0,
-             items: list[EvalItem] | None = None, cache: FeatureCache | None = None) -> dict:
+             items: list[EvalItem] | None = None, cache: FeatureCache | None = None, shard=None) -> dict | None:
     """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``.
 
     A clip that cannot be read, or an answer that fails (a question too long for the context),
     is skipped and listed under ``failures`` (the summary counts them); the rest of the set is
-    still evaluated."""
+    still evaluated.
+
+    With a ``shard`` (distributed.Shard), this process evaluates only the clips the shard owns
+    (a clip's questions stay together, so it is encoded once), and the report, the same as one
+    process would make, is returned on rank 0; the other ranks return None."""
     items = items if items is not None else read_qa(qa_path)
     by_video: dict[str, list[EvalItem]] = {}
     for item in items:
         by_video.setdefault(item.video, []).append(item)
-    records, failures = [], []
-    done, total = 0, len(items) * len(methods)
-    for video, group in by_video.items():
-        try:
-            path = qa_path.parent / video
-            enc = encode_video(lm, path, frames or lm.default_frames(path), timeout_s=timeout_s, cache=cache)
-        except DycokeError as exc:  # unreadable clip, frames that do not fit, a model-specific refusal
-            failures.append({"video": video, "questions": len(group), "error": str(exc)})
-            done += len(group) * len(methods)
-            continue
-        for method in methods:
-            opts = replace(base, method=method)
-            for item in group:
-                try:
-                    records.append(_score(lm, enc, item, opts, sampling))
-                except DycokeError as exc:  # e.g. this question does not fit the context
-                    failures.append({"video": video, "questions": 1, "method": method.value, "error": str(exc)})
-                done += 1
-                if progress:
-                    progress(done, total)
+    mine = [(i, video, group) for i, (video, group) in enumerate(by_video.items()) if shard is None or shard.owns(i)]
+    total = sum(len(group) for _, _, group in mine) * len(methods)
+    done = 0
+
+    def count(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    outcomes = [(i, *_evaluate_clip(lm, qa_path.parent / video, video, group, methods, frames, base, sampling,
+                                    timeout_s, cache, count))
+                for i, video, group in mine]
+    if shard is not None:
+        gathered = shard.gather(outcomes)
+        if gathered is None:
+            return None
+        outcomes = sorted((o for rank in gathered for o in rank), key=lambda o: o[0])  # the QA file's clip order
+    records = [r for _, rs, _ in outcomes for r in rs]
+    failures = [f for _, _, fs in outcomes for f in fs]
     return {"summary": summarize(records, methods, failures), "items": records, "failures": failures,
             "statistics": STATISTICS_NOTE}
+
+
+def _evaluate_clip(lm, path: Path, video: str, group: list[EvalItem], methods: list[Method], frames: int | None,
+                   base: CompressionOptions, sampling: SamplingOptions, timeout_s: float,
+                   cache: FeatureCache | None, count) -> tuple[list[dict], list[dict]]:
+    """Every method on every question about one clip, the clip encoded once: (records, failures)."""
+    records, failures = [], []
+    try:
+        enc = encode_video(lm, path, frames or lm.default_frames(path), timeout_s=timeout_s, cache=cache)
+    except DycokeError as exc:  # unreadable clip, frames that do not fit, a model-specific refusal
+        count(len(group) * len(methods))
+        return records, [{"video": video, "questions": len(group), "error": str(exc)}]
+    for method in methods:
+        opts = replace(base, method=method)
+        for item in group:
+            try:
+                records.append(_score(lm, enc, item, opts, sampling))
+            except DycokeError as exc:  # e.g. this question does not fit the context
+                failures.append({"video": video, "questions": 1, "method": method.value, "error": str(exc)})
+            count(1)
+    return records, failures
 
 
 def _score(lm, enc, item: EvalItem, opts: CompressionOptions, sampling: SamplingOptions) -> dict:

@@ -278,7 +278,11 @@ def eval_cmd(
     qa: Annotated[Path, typer.Argument(help="QA file: JSON lines with video (relative to the file), question, answer, optional kind.", show_default=False, readable=False)],
     flags: Flags,
 ) -> None:
-    """Accuracy of each method on a QA set (each video encoded once). Exits 1 if any item failed."""
+    """Accuracy of each method on a QA set (each video encoded once). Exits 1 if any item failed.
+
+    Under torchrun (`torchrun --nproc-per-node N -m dycoke_cli eval ...`) the clips are shared
+    out over the ranks; rank 0 prints the same report one process would."""
+    from ..distributed import process_group
     from ..evaluate import evaluate, read_qa
 
     chosen, base = _prepare_methods(flags)
@@ -290,7 +294,9 @@ def eval_cmd(
 
     settings = RunSettings()
     err = Console(stderr=True)
-    with oom_guard(settings):
+    with process_group(flags.device.value) as shard, oom_guard(settings):
+        if shard is not None and shard.rank != 0:  # only rank 0 speaks, and prints the report
+            flags = replace(flags, quiet=True)
         lm = _load_announced(flags)
         base = base.resolve(lm)
         n = flags.frames  # None: each clip's default (the model's frame count, or its fps rule)
@@ -299,7 +305,9 @@ def eval_cmd(
             task = bar.add_task("evaluating", total=None)
             report = evaluate(lm, qa, chosen, n, base, flags.sampling(), items=items, cache=flags.feature_cache(),
                               progress=lambda done, total: bar.update(task, completed=done, total=total),
-                              timeout_s=_decode_timeout())
+                              timeout_s=_decode_timeout(), shard=shard)
+    if report is None:  # a rank other than 0: its results went to rank 0
+        return
     if flags.json_out:
         out(json.dumps(report, indent=2) + "\n")
     else:

@@ -1,0 +1,115 @@
+"""`dycoke eval` over several processes started by torchrun: each rank evaluates its share of
+the clips, and rank 0 gathers the results.
+
+torchrun (or any launcher that sets the same variables) is detected by its environment:
+WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR. Without them nothing here runs, and torch is
+not imported. Ranks talk through ``torch.distributed``: gloo on the CPU, NCCL on CUDA with one
+device per rank (LOCAL_RANK). Every collective waits at most ``DYCOKE_DIST_TIMEOUT`` seconds
+(default 1800) for the other ranks, so a rank that hangs cannot hang the others for ever; a
+rank that fails exits, and torchrun then stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .errors import DycokeError, UsageError
+
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def launched_by_torchrun(environ=os.environ) -> bool:
+    return all(environ.get(name) for name in TORCHRUN_VARS)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world_size`` ranks. Clips are dealt round robin in the QA
+    file's order: rank r evaluates the clips whose index is r modulo the world size."""
+
+    rank: int
+    world_size: int
+
+    def owns(self, index: int) -> bool:
+        return index % self.world_size == self.rank
+
+    def gather(self, obj) -> list | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (None on the others)."""
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, obj)
+        except RuntimeError as exc:  # a timeout, or a rank that went away
+            raise DycokeError(f"rank {self.rank}: lost the other ranks while gathering the results "
+                              f"({_first_line(exc)})") from None
+        return gathered if self.rank == 0 else None
+
+
+def timeout_s(environ=os.environ) -> float:
+    """Seconds a rank waits for the others at a collective (DYCOKE_DIST_TIMEOUT, default 1800)."""
+    raw = environ.get("DYCOKE_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"DYCOKE_DIST_TIMEOUT must be a number of seconds (got {raw!r})") from None
+    if not 0 < value < float("inf"):
+        raise UsageError(f"DYCOKE_DIST_TIMEOUT must be a positive number of seconds (got {raw})")
+    return value
+
+
+def _rank_numbers(environ) -> tuple[int, int, int]:
+    try:
+        rank, world, local = (int(environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        raise UsageError("torchrun's RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (got "
+                         f"{environ['RANK']!r}, {environ['WORLD_SIZE']!r}, {environ['LOCAL_RANK']!r})") from None
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise UsageError(f"torchrun's RANK {rank} and LOCAL_RANK {local} do not fit WORLD_SIZE {world}")
+    return rank, world, local
+
+
+@contextmanager
+def process_group(device: str, environ=os.environ):
+    """Join torchrun's process group for the ``with`` block and yield this rank's Shard, or
+    yield None when the process was not started by torchrun. ``device`` is the --device choice:
+    CUDA (``cuda``, or ``auto`` where CUDA is available) uses NCCL on device LOCAL_RANK, which
+    becomes the current device, so the model loads there; the CPU uses gloo."""
+    if not launched_by_torchrun(environ):
+        yield None
+        return
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    rank, world, local = _rank_numbers(environ)
+    wait = timedelta(seconds=timeout_s(environ))
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local} needs a CUDA device of that index, but this machine "
+                             f"shows {torch.cuda.device_count()}")
+        torch.cuda.set_device(local)
+        kwargs = {"backend": "nccl", "device_id": torch.device("cuda", local)}
+    else:
+        kwargs = {"backend": "gloo"}
+    try:
+        dist.init_process_group(timeout=wait, **kwargs)
+    except (RuntimeError, ValueError) as exc:  # the store cannot be reached, or timed out
+        raise DycokeError(f"rank {rank}: cannot join torchrun's process group ({_first_line(exc)})") from None
+    try:
+        yield Shard(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a torch.distributed error: its first sentence, without gloo's source location
+    ("[.../pair.cc:537] Read error ...: Connection reset by peer. This is typically ...")."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
+    text = (text.splitlines() or [""])[0].split(". ")[0].strip()
+    return (text or type(exc).__name__)[:300]
