@@ -1,6 +1,7 @@
-"""Run by torchrun in test_eval_distributed.py: ranks join the group, rank 1 misbehaves as
-argv[1] says (``fail``: an error before the gather; ``slow``: no gather for an hour), and rank
-0 gathers. Errors end as the CLI ends them: one line on stderr, exit 1."""
+"""Run by torchrun in test_eval_distributed.py: ranks join the group (collectives wait at most
+argv[2] seconds), rank 1 misbehaves as argv[1] says (``fail``: an error before the gather;
+``slow``: no gather for an hour), and rank 0 gathers. Errors end as the CLI ends them: one
+line on stderr, exit 1."""
 
 import sys
 import time
@@ -9,7 +10,7 @@ from dycoke_cli.distributed import process_group
 from dycoke_cli.errors import DycokeError
 
 try:
-    with process_group("cpu") as shard:
+    with process_group("cpu", float(sys.argv[2])) as shard:
         if shard.rank == 1 and sys.argv[1] == "fail":
             raise DycokeError("rank 1 failed before the gather")
         if shard.rank == 1 and sys.argv[1] == "slow":

@@ -4,9 +4,9 @@ the clips, and rank 0 gathers the results.
 torchrun (or any launcher that sets the same variables) is detected by its environment:
 WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR. Without them nothing here runs, and torch is
 not imported. Ranks talk through ``torch.distributed``: gloo on the CPU, NCCL on CUDA with one
-device per rank (LOCAL_RANK). Every collective waits at most ``DYCOKE_DIST_TIMEOUT`` seconds
-(default 1800) for the other ranks, so a rank that hangs cannot hang the others for ever; a
-rank that fails exits, and torchrun then stops the others.
+device per rank (LOCAL_RANK). Every collective waits at most a given time for the other ranks
+(`dycoke eval`: DYCOKE_DIST_TIMEOUT seconds, default 1800), so a rank that hangs cannot hang
+the others for ever; a rank that fails exits, and torchrun then stops the others.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from .errors import DycokeError, UsageError
 
 TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")
-DEFAULT_TIMEOUT_S = 1800.0
 
 
 def launched_by_torchrun(environ=os.environ) -> bool:
@@ -50,18 +49,6 @@ class Shard:
         return gathered if self.rank == 0 else None
 
 
-def timeout_s(environ=os.environ) -> float:
-    """Seconds a rank waits for the others at a collective (DYCOKE_DIST_TIMEOUT, default 1800)."""
-    raw = environ.get("DYCOKE_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"DYCOKE_DIST_TIMEOUT must be a number of seconds (got {raw!r})") from None
-    if not 0 < value < float("inf"):
-        raise UsageError(f"DYCOKE_DIST_TIMEOUT must be a positive number of seconds (got {raw})")
-    return value
-
-
 def _rank_numbers(environ) -> tuple[int, int, int]:
     try:
         rank, world, local = (int(environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -74,9 +61,10 @@ def _rank_numbers(environ) -> tuple[int, int, int]:
 
 
 @contextmanager
-def process_group(device: str, environ=os.environ):
+def process_group(device: str, timeout_s: float | None, environ=os.environ):
     """Join torchrun's process group for the ``with`` block and yield this rank's Shard, or
-    yield None when the process was not started by torchrun. ``device`` is the --device choice:
+    yield None when the process was not started by torchrun. Each collective waits at most
+    ``timeout_s`` seconds (torch's default where None). ``device`` is the --device choice:
     CUDA (``cuda``, or ``auto`` where CUDA is available) uses NCCL on device LOCAL_RANK, which
     becomes the current device, so the model loads there; the CPU uses gloo."""
     if not launched_by_torchrun(environ):
@@ -88,7 +76,6 @@ def process_group(device: str, environ=os.environ):
     import torch.distributed as dist
 
     rank, world, local = _rank_numbers(environ)
-    wait = timedelta(seconds=timeout_s(environ))
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if local >= torch.cuda.device_count():
             raise UsageError(f"LOCAL_RANK {local} needs a CUDA device of that index, but this machine "
@@ -98,7 +85,9 @@ def process_group(device: str, environ=os.environ):
     else:
         kwargs = {"backend": "gloo"}
     try:
-        dist.init_process_group(timeout=wait, **kwargs)
+        if timeout_s is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
+        dist.init_process_group(**kwargs)
     except (RuntimeError, ValueError) as exc:  # the store cannot be reached, or timed out
         raise DycokeError(f"rank {rank}: cannot join torchrun's process group ({_first_line(exc)})") from None
     try:

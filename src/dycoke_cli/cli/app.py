@@ -53,13 +53,18 @@ def _root(
 
 def _decode_timeout() -> float:
     """Seconds one file may take to decode (DYCOKE_DECODE_TIMEOUT, default 60)."""
-    raw = os.environ.get("DYCOKE_DECODE_TIMEOUT", "60")
+    return _env_seconds("DYCOKE_DECODE_TIMEOUT", 60)
+
+
+def _env_seconds(name: str, default: int) -> float:
+    """A positive number of seconds from the environment variable ``name``."""
+    raw = os.environ.get(name, str(default))
     try:
         value = float(raw)
     except ValueError:
-        raise UsageError(f"DYCOKE_DECODE_TIMEOUT must be a number of seconds (got {raw!r})") from None
+        raise UsageError(f"{name} must be a number of seconds (got {raw!r})") from None
     if not 0 < value < float("inf"):
-        raise UsageError(f"DYCOKE_DECODE_TIMEOUT must be a positive number of seconds (got {raw})")
+        raise UsageError(f"{name} must be a positive number of seconds (got {raw})")
     return value
 
 
@@ -282,7 +287,7 @@ def eval_cmd(
 
     Under torchrun (`torchrun --nproc-per-node N -m dycoke_cli eval ...`) the clips are shared
     out over the ranks; rank 0 prints the same report one process would."""
-    from ..distributed import process_group
+    from ..distributed import launched_by_torchrun, process_group
     from ..evaluate import evaluate, read_qa
 
     chosen, base = _prepare_methods(flags)
@@ -294,7 +299,8 @@ def eval_cmd(
 
     settings = RunSettings()
     err = Console(stderr=True)
-    with process_group(flags.device.value) as shard, oom_guard(settings):
+    wait = _env_seconds("DYCOKE_DIST_TIMEOUT", 1800) if launched_by_torchrun() else None  # on a collective
+    with process_group(flags.device.value, wait) as shard, oom_guard(settings):
         if shard is not None and shard.rank != 0:  # only rank 0 speaks, and prints the report
             flags = replace(flags, quiet=True)
         lm = _load_announced(flags)
