@@ -185,7 +185,7 @@ def test_compare_table_on_stdout(tiny_model_dir, clip_path, capsys, monkeypatch)
 
 def test_compare_rejects_unknown_method(clip_path, capsys, monkeypatch):
     assert run_cli(["compare", str(clip_path), "--methods", "none,fast"], capsys, monkeypatch) == (
-        2, "", "dycoke: error: --methods: unknown method 'fast' (choose from dycoke, fastv, random, frames, none)\n")
+        2, "", "dycoke: error: --methods: unknown method 'fast' (choose from dycoke, fastv, random, frames, none, dycoke-topk)\n")
 
 
 def test_eval_scores_and_reports_items(tmp_path, tiny_model_dir, clip_path, capsys, monkeypatch):

@@ -2,7 +2,7 @@ import pytest
 
 from dycoke_cli.errors import UsageError
 from dycoke_cli.evaluate import is_correct, normalize, parse_methods, word_diff
-from dycoke_cli.options import Method
+from dycoke_cli.options import CompressionOptions, Method, Selection
 
 
 @pytest.mark.parametrize("prediction,reference,ok", [
@@ -28,6 +28,13 @@ def test_word_diff():
 
 
 def test_parse_methods():
-    assert parse_methods("none, dycoke,fastv") == [Method.none, Method.dycoke, Method.fastv]
+    chosen = parse_methods("none, dycoke,fastv,dycoke-topk")
+    assert [(c.value, c.method) for c in chosen] == [("none", Method.none), ("dycoke", Method.dycoke),
+                                                     ("fastv", Method.fastv), ("dycoke-topk", Method.dycoke)]
+    assert [c.options(CompressionOptions()).selection for c in chosen] == [None, None, None, Selection.topk]
     with pytest.raises(UsageError, match="listed twice"):
         parse_methods("none,none")
+    with pytest.raises(UsageError) as err:
+        parse_methods("none,topk")
+    assert str(err.value) == ("--methods: unknown method 'topk' (choose from dycoke, fastv, random, frames, none, "
+                              "dycoke-topk)")

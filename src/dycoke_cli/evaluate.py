@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import DycokeError, UsageError
 from .feature_cache import FeatureCache
-from .options import CompressionOptions, Method, SamplingOptions
+from .options import CompressionOptions, Method, SamplingOptions, Selection
 from .pipeline import answer, encode_video
 from .results import Answer, EncodedVideo
 
@@ -25,20 +25,49 @@ ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
-def parse_methods(text: str) -> list[Method]:
+@dataclass(frozen=True)
+class MethodChoice:
+    """One entry of ``--methods``: a method, or a named variant of one (``value`` names it in
+    tables and JSON). ``dycoke-topk`` is DyCoke with the paper's decode-time selection, to set
+    beside our default (coverage) on request."""
+
+    value: str
+    method: Method
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def of(cls, method: Method) -> "MethodChoice":
+        return cls(Method(method).value, Method(method))
+
+    def options(self, base: CompressionOptions) -> CompressionOptions:
+        return replace(base, method=self.method, **dict(self.overrides))
+
+
+VARIANTS = {"dycoke-topk": MethodChoice("dycoke-topk", Method.dycoke, (("selection", Selection.topk),))}
+
+
+def choices(methods) -> list[MethodChoice]:
+    """Methods or choices -> choices (a plain Method is its own choice)."""
+    return [m if isinstance(m, MethodChoice) else MethodChoice.of(m) for m in methods]
+
+
+def parse_methods(text: str) -> list[MethodChoice]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    valid = ", ".join(m.value for m in Method)
+    valid = ", ".join([*(m.value for m in Method), *VARIANTS])
     if not names:
         raise UsageError(f"--methods is empty (choose from {valid})")
     out = []
     for name in names:
-        try:
-            method = Method(name)
-        except ValueError:
-            raise UsageError(f"--methods: unknown method {name!r} (choose from {valid})") from None
-        if method in out:
+        if name in VARIANTS:
+            choice = VARIANTS[name]
+        else:
+            try:
+                choice = MethodChoice.of(Method(name))
+            except ValueError:
+                raise UsageError(f"--methods: unknown method {name!r} (choose from {valid})") from None
+        if choice in out:
             raise UsageError(f"--methods: {name!r} is listed twice")
-        out.append(method)
+        out.append(choice)
     return out
 
 
@@ -103,15 +132,15 @@ class Comparison:
         return out
 
 
-def compare(lm, enc: EncodedVideo, question: str | None, methods: list[Method], base: CompressionOptions,
+def compare(lm, enc: EncodedVideo, question: str | None, methods: list[MethodChoice], base: CompressionOptions,
             sampling: SamplingOptions) -> Comparison:
     """Run every method on the same encoded frames; the first is the baseline of the ratios."""
     question = question or lm.defaults.caption_prompt
     # Warm-up: one short untimed run so the first timed method pays no one-off costs.
     answer(lm, enc, question, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=2))
     comp = Comparison(question, enc.frames)
-    for method in methods:
-        comp.results.append(answer(lm, enc, question, replace(base, method=method), sampling))
+    for choice in choices(methods):
+        comp.results.append(replace(answer(lm, enc, question, choice.options(base), sampling), method=choice.value))
     return comp
 
 
@@ -168,7 +197,7 @@ def _qa_item(raw: bytes, where: str) -> EvalItem:
     return EvalItem(obj["video"], obj["question"], obj["answer"], obj.get("kind"))
 
 
-def evaluate(lm, qa_path: Path, methods: list[Method], frames: int | None, base: CompressionOptions,
+def evaluate(lm, qa_path: Path, methods: list[MethodChoice], frames: int | None, base: CompressionOptions,
              sampling: SamplingOptions, progress=None, timeout_s: float = 60.0,
              items: list[EvalItem] | None = None, cache: FeatureCache | None = None, shard=None) -> dict | None:
     """Accuracy per method (and per kind), mean retention and time. ``progress(done, total)``.
@@ -208,7 +237,7 @@ def evaluate(lm, qa_path: Path, methods: list[Method], frames: int | None, base:
             "statistics": STATISTICS_NOTE}
 
 
-def _evaluate_clip(lm, path: Path, video: str, group: list[EvalItem], methods: list[Method], frames: int | None,
+def _evaluate_clip(lm, path: Path, video: str, group: list[EvalItem], methods: list[MethodChoice], frames: int | None,
                    base: CompressionOptions, sampling: SamplingOptions, timeout_s: float,
                    cache: FeatureCache | None, count) -> tuple[list[dict], list[dict]]:
     """Every method on every question about one clip, the clip encoded once: (records, failures)."""
@@ -218,27 +247,27 @@ def _evaluate_clip(lm, path: Path, video: str, group: list[EvalItem], methods: l
     except DycokeError as exc:  # unreadable clip, frames that do not fit, a model-specific refusal
         count(len(group) * len(methods))
         return records, [{"video": video, "questions": len(group), "error": str(exc)}]
-    for method in methods:
-        opts = replace(base, method=method)
+    for choice in choices(methods):
+        opts = choice.options(base)
         for item in group:
             try:
-                records.append(_score(lm, enc, item, opts, sampling))
+                records.append(_score(lm, enc, item, choice.value, opts, sampling))
             except DycokeError as exc:  # e.g. this question does not fit the context
-                failures.append({"video": video, "questions": 1, "method": method.value, "error": str(exc)})
+                failures.append({"video": video, "questions": 1, "method": choice.value, "error": str(exc)})
             count(1)
     return records, failures
 
 
-def _score(lm, enc, item: EvalItem, opts: CompressionOptions, sampling: SamplingOptions) -> dict:
+def _score(lm, enc, item: EvalItem, label: str, opts: CompressionOptions, sampling: SamplingOptions) -> dict:
     r = answer(lm, enc, item.question, opts, sampling)
     return {
-        "method": r.method, "video": item.video, "question": item.question, "answer": item.answer,
+        "method": label, "video": item.video, "question": item.question, "answer": item.answer,
         "kind": item.kind, "prediction": r.text, "correct": is_correct(r.text, item.answer),
         "retention": r.stats.overall_retention, "llm_s": r.stats.timings.prefill + r.stats.timings.decode,
     }
 
 
-def summarize(records: list[dict], methods: list[Method], failures: list[dict] = ()) -> dict:
+def summarize(records: list[dict], methods: list[MethodChoice], failures: list[dict] = ()) -> dict:
     """Per method: answers scored, accuracy over them with its 95 % Wilson interval, and the
     questions skipped (a clip that could not be read counts for every method, a failed answer
     for its own). Every method after the first also gets ``vs_first``: a paired comparison with

@@ -220,7 +220,7 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
     capacity = seq + sampling.max_new_tokens + 1
     if plan.prunes == "decode":
         selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold,
-                                  frame_of=plan.index // enc.tokens_per_frame, coverage=opts.frame_coverage)
+                                  frame_of=plan.index // enc.tokens_per_frame, coverage=opts.coverage)
     elif plan.prunes == "prefill":
         selector = PrefillSelector(plan.prune_from, span, plan.keep)
         reduced = (plan.prune_from, capacity - plan.prefill_visual + plan.keep)  # its cut layers hold fewer

@@ -205,16 +205,18 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
 
 
 def _chat_compare(session, question: str | None, flags: Flags) -> None:
+    from ..evaluate import MethodChoice
     from ..evaluate import compare as run_compare
     from ..pipeline import drain
 
     drain(session.encoding())
-    methods = [Method.none, session.compression.method] if session.compression.method != Method.none else [Method.none]
+    chosen = [Method.none, session.compression.method] if session.compression.method != Method.none else [Method.none]
+    methods = [MethodChoice.of(m) for m in chosen]
     comp = run_compare(session.lm, session.encoded, question, methods, session.compression, flags.sampling())
     _show_comparison(comp, flags, session.video, session.lm)
 
 
-def _prepare_methods(flags: Flags) -> tuple[list[Method], CompressionOptions]:
+def _prepare_methods(flags: Flags) -> tuple[list, CompressionOptions]:
     from ..evaluate import parse_methods
 
     chosen = parse_methods(flags.methods)
@@ -244,7 +246,7 @@ def compare(
         question = question if question is not None else lm.defaults.caption_prompt
         # the frames must fit the context with every method
         default = lm.default_frames(video) if flags.frames is None else None  # (Qwen: probes the clip once)
-        n = min(fit_frames(lm, flags.frames, replace(base, method=m), question, default) for m in chosen)
+        n = min(fit_frames(lm, flags.frames, m.options(base), question, default) for m in chosen)
         _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
         settings.update_from(lm, n, base)
         enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())

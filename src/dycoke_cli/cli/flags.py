@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import REFRESH_THRESHOLD, CompressionOptions, Decoding, Method, OptionError, Positions, SamplingOptions
+from ..options import (REFRESH_THRESHOLD, CompressionOptions, Decoding, Method, OptionError, Positions, SamplingOptions,
+                       Selection)
 
 
 class DeviceChoice(str, Enum):
@@ -43,7 +44,8 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "prune_p": (Annotated[Optional[float], typer.Option("--prune-p", show_default=False, help="Decode pruning: fraction of visual KV entries pruned, in [0, 1) \\[default: model's, 0.7].")], None),
     "prune_layer": (Annotated[Optional[int], typer.Option("--prune-layer", show_default=False, help="First layer L whose attention is pruned (layer L-1 is probed) \\[default: model's, 3].")], None),
     "refresh_threshold": (Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")], REFRESH_THRESHOLD),
-    "frame_coverage": (Annotated[float, typer.Option("--frame-coverage", help="Share of the decode budget spread evenly over frames, in [0, 1]; 0 = the paper's top-k (not in the paper).")], 0.0),
+    "selection": (Annotated[Optional[Selection], typer.Option("--selection", show_default=False, help="DyCoke's decode-time rule: coverage (a floor of entries in every frame, then attention; not in the paper) or topk (the paper's: attention alone) \\[default: the model's, coverage].")], None),
+    "frame_coverage": (Annotated[Optional[float], typer.Option("--frame-coverage", show_default=False, help="With --selection coverage: share of the decode budget spread evenly over frames, in [0, 1] \\[default: the model's, 0.5].")], None),
     "positions": (Annotated[Optional[Positions], typer.Option("--positions", show_default=False, help="Position ids of kept visual tokens: contiguous (the paper) or original (as in the full video) \\[default: the model's, contiguous].")], None),
     "no_compress": (Annotated[bool, typer.Option("--no-compress", help="Same as --method none.")], False),
     "offload_pruned": (Annotated[bool, typer.Option("--offload-pruned", help="Keep pruned KV entries in host memory instead of on the accelerator.")], False),
@@ -61,7 +63,8 @@ _OPTIONS: dict[str, tuple[object, object]] = {
 }
 
 MODEL = ("model", "device", "dtype", "allow_pickle", "no_cache")
-COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "frame_coverage", "positions", "offload_pruned")
+COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "selection", "frame_coverage", "positions",
+               "offload_pruned")
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "decode")
 OUTPUT = ("json_out", "quiet")
 ANSWER = ("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
@@ -79,7 +82,8 @@ class Flags:
     prune_p: float | None = None
     prune_layer: int | None = None
     refresh_threshold: float = REFRESH_THRESHOLD
-    frame_coverage: float = 0.0
+    selection: Selection | None = None
+    frame_coverage: float | None = None
     positions: Positions | None = None
     no_compress: bool = False
     offload_pruned: bool = False
@@ -106,7 +110,7 @@ class Flags:
         return CompressionOptions(method=method, ttm_k=self.ttm_k, prune_p=self.prune_p, prune_layer=self.prune_layer,
                                   refresh_threshold=self.refresh_threshold, offload_pruned=self.offload_pruned,
                                   seed=self.seed if self.seed is not None else 0, frame_coverage=self.frame_coverage,
-                                  positions=self.positions).validate()
+                                  selection=self.selection, positions=self.positions).validate()
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -17,16 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DycokeError, ModelError
-from ..options import Positions
+from ..options import FRAME_COVERAGE, Positions, Selection
 from .checkpoint import check_loading_info, find_weights, read_json, show_json
 from .preprocess import PREPROCESSOR_FILES, FrameSpec
 
 # The paper's settings for real LLaVA-OneVision checkpoints (NOTES section 1); a checkpoint
 # may override them with a dycoke.json of its own (the demo model does).
 PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0.7, "positions": "contiguous"}
+# Where we depart from the paper by default: decode-time selection keeps every frame in view
+# (options.Selection, FRAME_COVERAGE); a checkpoint's dycoke.json may choose "topk".
+PRODUCT_DEFAULTS = {"selection": "coverage", "frame_coverage": FRAME_COVERAGE}
 CAPTION_PROMPT = "Describe this video in detail."
 DEFAULTS_FILE = "dycoke.json"
 POSITION_MODES = tuple(p.value for p in Positions)
+SELECTIONS = tuple(s.value for s in Selection)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class ModelDefaults:
     prune_p: float = 0.7
     positions: str = "contiguous"  # position ids of kept visual tokens (options.Positions)
     caption_prompt: str = CAPTION_PROMPT
+    selection: str = "coverage"  # DyCoke's decode-time rule (options.Selection)
+    frame_coverage: float = FRAME_COVERAGE
 
     @classmethod
     def from_folder(cls, folder: Path, num_layers: int | None = None) -> "ModelDefaults":
@@ -47,7 +53,7 @@ class ModelDefaults:
         version does not know are ignored, so a dycoke.json written for a later version loads.
         """
         path = folder / DEFAULTS_FILE
-        values = dict(PAPER_DEFAULTS)
+        values = {**PAPER_DEFAULTS, **PRODUCT_DEFAULTS}
         if path.is_file():
             data = read_json(path, "DyCoke defaults")
             values.update({k: v for k, v in data.items() if k in cls.__dataclass_fields__})
@@ -78,6 +84,10 @@ def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:
         return None if ok else f"an integer in [1, {num_layers - 1}] for this {num_layers}-layer model"
     if key in ("ttm_k", "prune_p"):
         return None if is_number and 0.0 <= value < 1.0 else "a number in [0, 1)"
+    if key == "frame_coverage":
+        return None if is_number and 0.0 <= value <= 1.0 else "a number in [0, 1]"
+    if key == "selection":
+        return None if value in SELECTIONS else f"one of {', '.join(SELECTIONS)}"
     if key == "positions":
         return None if value in POSITION_MODES else f"one of {', '.join(POSITION_MODES)}"
     if key == "caption_prompt":

@@ -46,7 +46,7 @@ from .sessions import SessionLRU
 _FIELD = {"max_new_tokens": "max_tokens", "frames": "dycoke.frames", "method": "dycoke.method",
           "ttm_k": "dycoke.ttm_k", "prune_p": "dycoke.prune_p", "prune_layer": "dycoke.prune_layer",
           "refresh_threshold": "dycoke.refresh_threshold", "frame_coverage": "dycoke.frame_coverage",
-          "positions": "dycoke.positions"}
+          "selection": "dycoke.selection", "positions": "dycoke.positions"}
 MAX_STOPS = 4  # as OpenAI
 TEXT_ALLOWANCE = 2 * 2**20  # body bytes beside a data: URL (messages, options)
 

@@ -78,6 +78,7 @@ class DycokeOptions(BaseModel):
     prune_layer: Optional[int] = None
     refresh_threshold: Optional[float] = None
     frame_coverage: Optional[float] = None
+    selection: Optional[str] = None
     positions: Optional[str] = None
     frames: Optional[int] = None
 
