@@ -11,9 +11,9 @@ import json
 import math
 import re
 import string
-from statistics import NormalDist
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from statistics import NormalDist
 
 from .errors import DycokeError, UsageError
 from .feature_cache import FeatureCache

@@ -371,7 +371,8 @@ def serve(
     The compression and sampling flags are the defaults of every request; a request may override
     them within the server's limits. One generation runs at a time. Ctrl-C or SIGTERM finishes
     the current token, then exits 0."""
-    from ..server.app import ServerConfig, serve as run_server
+    from ..server.app import ServerConfig
+    from ..server.app import serve as run_server
 
     flags.check()
     config = ServerConfig(

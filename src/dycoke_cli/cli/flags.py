@@ -16,8 +16,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import (REFRESH_THRESHOLD, CompressionOptions, Decoding, Method, OptionError, Positions, SamplingOptions,
-                       Selection)
+from ..options import (
+    REFRESH_THRESHOLD,
+    CompressionOptions,
+    Decoding,
+    Method,
+    OptionError,
+    Positions,
+    SamplingOptions,
+    Selection,
+)
 
 
 class DeviceChoice(str, Enum):

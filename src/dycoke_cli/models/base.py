@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DycokeError, ModelError
@@ -65,10 +65,13 @@ class ModelDefaults:
         return cls(**known)
 
 
-def names_frames(folder: Path) -> bool:
-    """Whether the folder's dycoke.json names a frame count (else a family may sample by fps)."""
+def fps_defaults(folder: Path, defaults: ModelDefaults) -> ModelDefaults:
+    """The defaults of a family that samples frames by fps: no frame count, unless the folder's
+    dycoke.json names one."""
     path = folder / DEFAULTS_FILE
-    return path.is_file() and "num_frames" in read_json(path, "DyCoke defaults")
+    if path.is_file() and "num_frames" in read_json(path, "DyCoke defaults"):
+        return defaults
+    return replace(defaults, num_frames=None)
 
 
 def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:

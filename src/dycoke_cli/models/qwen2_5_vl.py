@@ -24,11 +24,11 @@ What differs from LLaVA-OneVision, and where it is handled:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
-from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, names_frames
+from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, fps_defaults
 from .checkpoint import read_json
 from .preprocess import FrameSpec, patchify_video
 
@@ -133,9 +133,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         return Qwen2_5_VLForConditionalGeneration
 
     def folder_settings(self, folder, model, defaults):
-        if not names_frames(folder):
-            defaults = replace(defaults, num_frames=None)  # sampled by fps
-        return {"defaults": defaults, "video_spec": VideoSpec.from_folder(folder)}
+        return {"defaults": fps_defaults(folder, defaults), "video_spec": VideoSpec.from_folder(folder)}
 
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults: ModelDefaults | None = None,
              video_spec: VideoSpec | None = None) -> LoadedModel:

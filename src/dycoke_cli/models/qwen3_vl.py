@@ -29,12 +29,12 @@ reference: modeling, processing and video processing):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ModelError
-from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, names_frames
+from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, fps_defaults
 from .checkpoint import read_json
 from .preprocess import FrameSpec, patchify_video
 
@@ -136,7 +136,6 @@ def step_times(timestamps, temporal: int = 2) -> list[float]:
 class Qwen3VLAdapter(FamilyAdapter):
     model_type = "qwen3_vl"
     frames_per_step = 2
-    interleaved = True  # the video part has text between its visual tokens
 
     def model_class(self):
         from transformers import Qwen3VLForConditionalGeneration
@@ -144,9 +143,7 @@ class Qwen3VLAdapter(FamilyAdapter):
         return Qwen3VLForConditionalGeneration
 
     def folder_settings(self, folder, model, defaults):
-        if not names_frames(folder):
-            defaults = replace(defaults, num_frames=None)  # sampled by fps
-        return {"defaults": defaults, "video_spec": VideoSpec.from_folder(folder)}
+        return {"defaults": fps_defaults(folder, defaults), "video_spec": VideoSpec.from_folder(folder)}
 
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults: ModelDefaults | None = None,
              video_spec: VideoSpec | None = None) -> LoadedModel:

@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .render import (
-    COLORS, DIRECTIONS, FPS, HEIGHT, MOTIONS, SHAPES, WIDTH, color_rgb, margin, sample_backdrop, sample_look,
+    COLORS,
+    DIRECTIONS,
+    FPS,
+    HEIGHT,
+    MOTIONS,
+    SHAPES,
+    WIDTH,
+    color_rgb,
+    margin,
+    sample_backdrop,
+    sample_look,
     sample_size,
 )
 
