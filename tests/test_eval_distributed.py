@@ -91,7 +91,9 @@ def test_a_bad_qa_file_is_one_line_on_every_rank(tmp_path):
     proc = _torchrun(2, ["-m", "dycoke_cli", "eval", str(qa), "--model", "demo"])
     assert (proc.returncode, proc.stdout) == (1, "")
     errors = [x for x in proc.stderr.splitlines() if x.startswith("dycoke:")]
-    assert errors == [f"dycoke: error: {qa}:1: missing answer"] * 2
+    # each rank that gets to speak says it in one line; torchrun may stop a rank first (it ends
+    # the others once one has failed), so one or two such lines, never anything else
+    assert set(errors) == {f"dycoke: error: {qa}:1: missing answer"} and len(errors) in (1, 2)
 
 
 LOST = "dycoke: error: rank 0: lost the other ranks while gathering the results ("
@@ -134,7 +136,8 @@ def test_a_bad_timeout_is_one_line_on_every_rank(qa_file):
     proc = _torchrun(2, ["-m", "dycoke_cli", "eval", str(qa_file), "--model", "demo"], DYCOKE_DIST_TIMEOUT="soon")
     assert (proc.returncode, proc.stdout) == (1, "")
     errors = [x for x in proc.stderr.splitlines() if x.startswith("dycoke:")]
-    assert errors == ["dycoke: error: DYCOKE_DIST_TIMEOUT must be a number of seconds (got 'soon')"] * 2
+    assert set(errors) == {"dycoke: error: DYCOKE_DIST_TIMEOUT must be a number of seconds (got 'soon')"}
+    assert len(errors) in (1, 2)  # a rank torchrun stopped first says nothing (see above)
 
 
 def test_the_timeout_variable_matters_only_under_torchrun(tmp_path):

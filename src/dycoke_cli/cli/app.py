@@ -431,7 +431,10 @@ def bench(ctx: typer.Context) -> None:
 
 
 def _error(message: str) -> None:
-    print(f"dycoke: error: {one_line(message)}", file=sys.stderr)
+    """One line on stderr, written in one call: under torchrun every rank shares the stream, and
+    print's separate newline let two ranks' lines run together."""
+    sys.stderr.write(f"dycoke: error: {one_line(message)}\n")
+    sys.stderr.flush()
 
 
 def _run_command(args: list[str], debug: bool) -> int:
