@@ -135,6 +135,7 @@ class Prefix:
     values: tuple[torch.Tensor, ...]
     plan_s: float  # choosing the visual tokens (TTM or a baseline)
     compute_s: float  # the language model over the prefix
+    system: str | None = None  # the system message before the video, if any
 
     @property
     def length(self) -> int:
@@ -147,27 +148,28 @@ class Prefix:
         return torch.arange(self.length, self.length + n) if whole is None else whole[..., self.length:]
 
 
-def reuses_prefix(lm, opts: CompressionOptions, question: str) -> bool:
+def reuses_prefix(lm, opts: CompressionOptions, question: str, system: str | None = None) -> bool:
     """Whether this answer can start from a prefix computed without its question: not for
     FastV (it selects tokens by the question), nor for a chat template that puts text of the
     question before the video."""
-    return Method(opts.method) != Method.fastv and _before(lm, question) == _before(lm, PREFIX_PROBE)
+    return Method(opts.method) != Method.fastv and _before(lm, question, system) == _before(lm, PREFIX_PROBE, system)
 
 
-def _before(lm, question: str) -> tuple[int, ...]:
-    return tuple(lm.prompt_ids(question)[0].tolist())
+def _before(lm, question: str, system: str | None) -> tuple[int, ...]:
+    return tuple(lm.prompt_ids(question, system)[0].tolist())
 
 
 PREFIX_PROBE = "?"  # any question: the prompt before the video does not depend on it
 
 
-def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
-    """Plan the visual tokens and run the language model over the prompt up to the question."""
+def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions, system: str | None = None) -> Prefix:
+    """Plan the visual tokens and run the language model over the prompt up to the question
+    (after a ``system`` message, if any)."""
     opts = opts.resolve(lm)
     t0 = time.perf_counter()
     plan = plan_tokens(enc, opts)
     plan_s = time.perf_counter() - t0
-    before = lm.prompt_ids(PREFIX_PROBE)[0]
+    before = lm.prompt_ids(PREFIX_PROBE, system)[0]
     with torch.inference_mode():
         embeds, span = prefix_embeds(lm, before, plan, enc)
         length = embeds.shape[1]
@@ -180,7 +182,7 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions) -> Prefix:
     sync(lm.device)
     keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
     values = tuple(layer.values[:, :, :length] for layer in cache.layers)
-    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s)
+    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s, system)
 
 
 @dataclass(frozen=True)
@@ -199,18 +201,18 @@ class _Prepared:
 
 
 def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
-             prefix: Prefix | None) -> _Prepared:
+             prefix: Prefix | None, system: str | None) -> _Prepared:
     t0 = time.perf_counter()
     plan = prefix.plan if prefix is not None else plan_tokens(enc, opts)
     setup_s = time.perf_counter() - t0
     if prefix is not None:
-        embeds = embed_parts(lm, lm.prompt_ids(question)[1])
+        embeds = embed_parts(lm, lm.prompt_ids(question, system)[1])
         span, seq = prefix.span, prefix.length + embeds.shape[1]
         positions = prefix.next_positions(lm, enc, embeds.shape[1])
         extent = int(positions.max()) + 1
         deepstack = None  # the prefix, computed with them, holds every visual token
     else:
-        embeds, span = prompt_embeds(lm, question, plan, enc)
+        embeds, span = prompt_embeds(lm, question, plan, enc, system)
         seq = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, seq, opts.positions)
         extent = seq if positions is None else int(positions.max()) + 1
@@ -232,22 +234,25 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
 
 
 def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
-              prefix: Prefix | None = None, prefix_is_new: bool = False) -> Generator[Event, None, Answer]:
+              prefix: Prefix | None = None, prefix_is_new: bool = False,
+              system: str | None = None) -> Generator[Event, None, Answer]:
     """Answer ``question`` about an encoded clip with one compression method. ``prefix``: the
     prompt up to the question, computed earlier for this clip and these options (else it is
     computed here, for every method that can reuse one); ``prefix_is_new``: it was computed
-    for this answer, whose timings then count it."""
+    for this answer, whose timings then count it. ``system``: a system message before the
+    video (the chat template places it)."""
     opts = opts.resolve(lm)
     t_gen = time.perf_counter() - (prefix.plan_s + prefix.compute_s if prefix_is_new else 0.0)
     built = prefix if prefix_is_new else None  # a prefix computed for this answer counts in its timings
-    if prefix is None and reuses_prefix(lm, opts, question):
-        prefix = built = build_prefix(lm, enc, opts)
-    if prefix is not None and (prefix.opts != opts or not reuses_prefix(lm, opts, question)):
+    if prefix is None and reuses_prefix(lm, opts, question, system):
+        prefix = built = build_prefix(lm, enc, opts, system)
+    if prefix is not None and (prefix.opts != opts or prefix.system != system
+                               or not reuses_prefix(lm, opts, question, system)):
         raise ValueError("this prefix was computed for other options, or cannot precede this question")
     if opts.offload_pruned and Decoding(sampling.decode) == Decoding.static and Method(opts.method) == Method.dycoke:
         raise UsageError("--decode static reads the pruned entries on the device; --offload-pruned keeps them "
                          "in host memory: use --decode eager (or auto) with it")
-    prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix)
+    prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix, system)
     shape = LMShape.from_config(lm.model.config.text_config)
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
                   plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1])

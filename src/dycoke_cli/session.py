@@ -27,13 +27,13 @@ class Session:
 
     ``frames``: frames to sample (default: the model's). ``compression``: the default options
     of every question (a question may pass its own). ``cache``: the on-disk feature cache, or
-    None to encode afresh.
+    None to encode afresh. ``system``: a system message before the video in every prompt.
     """
 
     def __init__(self, lm, video: str | os.PathLike, *, frames: int | None = None,
                  compression: CompressionOptions = CompressionOptions(), cache: FeatureCache | None = None,
-                 timeout_s: float = 60.0):
-        self.lm, self.video, self.cache, self.timeout_s = lm, video, cache, timeout_s
+                 timeout_s: float = 60.0, system: str | None = None):
+        self.lm, self.video, self.cache, self.timeout_s, self.system = lm, video, cache, timeout_s, system
         self.compression = compression.resolve(lm)
         self.frames = frames
         self._default_frames: int | None = None  # the model's frame count for this clip (Qwen: by fps)
@@ -56,7 +56,8 @@ class Session:
         usually has them)."""
         if self.frames is None and self._default_frames is None:  # the clip's default, found once
             self._default_frames = self.lm.default_frames(self.video)
-        n = fit_frames(self.lm, self.frames, compression or self.compression, question, self._default_frames)
+        n = fit_frames(self.lm, self.frames, compression or self.compression, question, self._default_frames,
+                       self.system)
         if self.encoded is None or self.encoded.video.info.requested != n:
             self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache)
             self._prefixes.clear()
@@ -70,12 +71,13 @@ class Session:
         enc = self.encoded
         encoded_before = enc is before
         prefix, new = None, False
-        if reuses_prefix(self.lm, opts, question):
+        if reuses_prefix(self.lm, opts, question, self.system):
             prefix = self._prefixes.get(opts)
             if prefix is None:
-                prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts)
+                prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, self.system)
                 new = True
-        result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new)
+        result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new,
+                                      system=self.system)
         result = replace(result, video=enc.video.info)
         if encoded_before:  # this answer spent no time reading or encoding the clip
             timings = replace(result.stats.timings, read_video=0.0, encode=0.0)

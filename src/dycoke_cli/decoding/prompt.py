@@ -34,10 +34,11 @@ def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor 
     return embed_parts(lm, before, visual, newline, after), (len(before), len(before) + visual.shape[0])
 
 
-def prompt_embeds(lm, question: str, plan: TokenPlan, enc: EncodedVideo) -> tuple[torch.Tensor, VisualSpan]:
-    """The whole prompt for ``question`` with the plan's visual tokens, [1, S, D], and where
-    its visual tokens are."""
-    before, after = lm.prompt_ids(question)
+def prompt_embeds(lm, question: str, plan: TokenPlan, enc: EncodedVideo,
+                  system: str | None = None) -> tuple[torch.Tensor, VisualSpan]:
+    """The whole prompt for ``question`` (after a ``system`` message, if any) with the plan's
+    visual tokens, [1, S, D], and where its visual tokens are."""
+    before, after = lm.prompt_ids(question, system)
     embeds, span = prefix_embeds(lm, before, plan, enc, after)
     return embeds, span
 
@@ -59,7 +60,8 @@ def context_length(lm) -> int | None:
     return getattr(lm.model.config.text_config, "max_position_embeddings", None)
 
 
-def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, default: int | None = None) -> int:
+def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, default: int | None = None,
+               system: str | None = None) -> int:
     """The frame count to sample: ``frames``, refused with the bound when the prompt would not
     fit the model's context with ``opts`` (resolved); without ``frames``, ``default`` (the
     model's default for the clip, ``lm.default_frames(path)``: its fps rule, say), cut to what
@@ -68,7 +70,7 @@ def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, 
     limit = context_length(lm)
     if limit is None:
         return n
-    before, after = lm.prompt_ids(question)
+    before, after = lm.prompt_ids(question, system)
     room = limit - len(before) - len(after) - 2  # the newline after the video, one new token
     per_step, fps, text = lm.tokens_per_frame, lm.frames_per_step, lm.text_per_step
 

@@ -154,8 +154,10 @@ class LoadedModel:
         [n, D]; offsets of the visual tokens within the part [M]; the part's length)."""
         return self.adapter.video_part(self, enc, plan)
 
-    def prompt_ids(self, question: str):
-        return self.adapter.prompt_ids(self, question)
+    def prompt_ids(self, question: str, system: str | None = None):
+        """Token ids before and after the video of the chat prompt for ``question`` (and a system
+        message before it, if any)."""
+        return self.adapter.prompt_ids(self, question, system)
 
     def positions(self, span: tuple[int, int], kept, enc, seq: int, original: bool):
         return self.adapter.positions(self, span, kept, enc, seq, original)
@@ -222,11 +224,13 @@ class FamilyAdapter:
 
         return [plan.tokens, enc.newline], torch.arange(plan.prefill_visual), plan.prefill_visual
 
-    def prompt_ids(self, lm: LoadedModel, question: str):
+    def prompt_ids(self, lm: LoadedModel, question: str, system: str | None = None):
         """Token ids before and after the single video placeholder of the chat prompt."""
         import torch
 
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
         try:
             text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - jinja2 syntax or runtime errors of the checkpoint's template

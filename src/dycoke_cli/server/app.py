@@ -103,6 +103,7 @@ class Plan:
 
     url: str
     question: str
+    system: str | None
     frames: int | None
     compression: CompressionOptions  # resolved
     sampling: SamplingOptions
@@ -130,8 +131,8 @@ class Server:
             raise ApiError(400, f"n must be 1 (got {body.n})", "invalid_value")
         conv = parse(self.lm, body)
         self.policy.check_url(conv.url)
-        return Plan(conv.url, conv.question, self._frames(body), self._compression(body), self._sampling(body),
-                    self._stops(body))
+        return Plan(conv.url, conv.question, conv.system, self._frames(body), self._compression(body),
+                    self._sampling(body), self._stops(body))
 
     def _frames(self, body: ChatRequest) -> int | None:
         frames = body.dycoke.frames if body.dycoke is not None else None
@@ -189,20 +190,20 @@ class Server:
         frames = plan.frames
         if frames is None and lm.default_frames(video.path) > self.config.max_frames:
             frames = self.config.max_frames  # the model's default, within the server's ceiling
-        key = (video.digest, frames, plan.compression) if video.digest else None
+        key = (video.digest, frames, plan.compression, plan.system) if video.digest else None
         session = self.sessions.take(key) if key is not None else None
         found = session is not None
         if session is None:
             probe_video(video.path, timeout_s=self.config.timeout_s)  # as the CLI does first: its reasons
             session = Session(lm, video.path, frames=frames, compression=plan.compression, cache=self.config.cache,
-                              timeout_s=self.config.timeout_s)
+                              timeout_s=self.config.timeout_s, system=plan.system)
         session.video = video.path
         before, failed = session.encoded, True
         try:
             for event in session.stream(plan.question, plan.sampling, plan.compression):
                 if isinstance(event, Planned):
                     yield Reused(found and session.encoded is before
-                                 and reuses_prefix(lm, plan.compression, plan.question))
+                                 and reuses_prefix(lm, plan.compression, plan.question, plan.system))
                     yield Prompt(self._prompt_tokens(session, plan.question, event))
                 yield event
             failed = False
@@ -215,7 +216,7 @@ class Server:
                 self.sessions.keep(key, session)
 
     def _prompt_tokens(self, session, question: str, planned: Planned) -> int:
-        before, after = self.lm.prompt_ids(question)
+        before, after = self.lm.prompt_ids(question, session.system)
         newline = 1 if session.encoded is not None and session.encoded.newline is not None else 0
         return len(before) + planned.visual_tokens_prefill + newline + len(after)
 

@@ -7,10 +7,12 @@ starts with ``M`` and ends with ``S``, the question ``R[len(M):-len(S)]`` makes 
 prompt exactly the conversation's, earlier turns placed as the template places them, and the
 prompt before the video (and so its KV, kept in the session) stays the same for every turn.
 
-What cannot be placed that way is refused with a 400 that says why: a system message (it comes
-before the video, so it needs the pipeline to take a whole conversation), a video outside the
-first user message, more or fewer than one video, parts other than text and video, and text
-holding one of the model's control tokens (it would forge a turn or a second video).
+A system (or developer) message at the start goes before the video as the template places it:
+the pipeline's prompt takes it too (``system``), and it is part of what a kept session is for.
+What cannot be placed is refused with a 400 that says why: a system message after the
+conversation has started, a video outside the first user message, more or fewer than one video,
+parts other than text and video, and text holding one of the model's control tokens (it would
+forge a turn or a second video).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Conversation:
     url: str  # the one video's URL
     question: str  # what the pipeline places after the video
     turns: int  # user messages
+    system: str | None = None  # the system message before the video, if any
 
 
 def video_urls(request: ChatRequest) -> list[str]:
@@ -40,11 +43,14 @@ def parse(lm, request: ChatRequest) -> Conversation:
         raise ApiError(400, "no video: the first user message must carry one video_url content part", "no_video")
     if len(urls) > 1:
         raise ApiError(400, f"one video per conversation (found {len(urls)} video_url parts)", "too_many_videos")
-    messages, turns = [], 0
+    messages, turns, system = [], 0, None
     for i, m in enumerate(request.messages):
         if m.role in ("system", "developer"):
-            raise ApiError(400, f"messages[{i}]: {m.role} messages are not supported yet (the prompt before the "
-                                "video is the model's chat template's)", "unsupported_role")
+            if messages or system is not None:
+                raise ApiError(400, f"messages[{i}]: a {m.role} message is taken only as the first message",
+                               "unsupported_role")
+            system = _system_text(lm, i, m)
+            continue
         if m.role not in ("user", "assistant"):
             raise ApiError(400, f"messages[{i}]: role must be user or assistant (got {m.role!r})", "invalid_role")
         turns += m.role == "user"
@@ -58,7 +64,18 @@ def parse(lm, request: ChatRequest) -> Conversation:
     texts = [last] if isinstance(last, str) else [p.text or "" for p in last or [] if p.type == "text"]
     if not any(t.strip() for t in texts):
         raise ApiError(400, "the question is empty (the last user message has no text)", "empty_question")
-    return Conversation(urls[0], _question(lm, messages), turns)
+    return Conversation(urls[0], _question(lm, messages, system), turns, system)
+
+
+def _system_text(lm, i: int, message) -> str:
+    content = message.content
+    if isinstance(content, list):
+        if any(part.type != "text" for part in content):
+            raise ApiError(400, f"messages[{i}]: a {message.role} message takes text only", "unsupported_content")
+        content = " ".join(part.text or "" for part in content)
+    text = content or ""
+    _check_text(lm, i, text)
+    return text
 
 
 def _content(lm, i: int, message) -> list[dict] | str:
@@ -114,14 +131,15 @@ def _render(lm, messages: list[dict]) -> tuple[str, str]:
     return before, after
 
 
-def _question(lm, messages: list[dict]) -> str:
+def _question(lm, messages: list[dict], system: str | None) -> str:
     content = messages[0]["content"]
     if len(messages) == 1 and len(content) == 2:  # [video, text]: one question, the pipeline's own prompt
         return content[1]["text"]
-    probe_before, probe_after = _render(lm, [{"role": "user", "content": [{"type": "video"},
-                                                                          {"type": "text", "text": _PROBE}]}])
+    head = [] if system is None else [{"role": "system", "content": system}]
+    probe_before, probe_after = _render(lm, [*head, {"role": "user", "content": [{"type": "video"},
+                                                                                 {"type": "text", "text": _PROBE}]}])
     middle, _, suffix = probe_after.partition(_PROBE)
-    before, after = _render(lm, messages)
+    before, after = _render(lm, [*head, *messages])
     if before != probe_before or not after.startswith(middle) or not after.endswith(suffix) \
             or len(after) < len(middle) + len(suffix):
         raise ApiError(400, "this model's chat template places these messages differently from one question "
