@@ -325,3 +325,16 @@ def test_smart_resize_matches_the_processor(frames, height, width, want):
     got = smart_resize(frames, height, width, 4 * 32 * 32, 16 * 64 * 64)
     assert got == reference(frames, height, width, temporal_factor=2, factor=32, min_pixels=4 * 32 * 32,
                             max_pixels=16 * 64 * 64) == want
+
+
+@pytest.mark.parametrize("config", [{"patch_size": 14}, {"fps": 0}, {"merge_size": 3},
+                                    {"size": {"shortest_edge": 20000, "longest_edge": 10000}}])
+def test_a_bad_video_preprocessor_config_is_one_line(config, q3_dir, clip, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(q3_dir, folder)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(config))
+    assert run_cli(["ask", str(clip), QUESTION, "--model", str(folder), "-q"], capsys, monkeypatch) == (
+        1, "", f"dycoke: error: {folder}: bad video preprocessor config (size, fps, frame counts, mean/std, "
+               "patch 16, merge 2 and temporal patch 2 are supported)\n")
