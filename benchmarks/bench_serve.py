@@ -9,6 +9,8 @@
    session's encoded video and prefix KV.
 
     .venv/bin/python benchmarks/bench_serve.py [--reps 15]
+    .venv/bin/python benchmarks/bench_serve.py --model FOLDER --frames 32 --max-tokens 2 --reps 1
+        # a larger checkpoint (e.g. the LLaVA-OV-0.5B architecture saved with random weights)
 
 Prints medians and the ratios; absolute times depend on the machine, the ratios are the result.
 """
@@ -34,10 +36,14 @@ QUESTION = "Describe this video in detail."
 FOLLOW_UP = "which way does it move?"
 
 
+MODEL = "demo"  # --model: what the server loads and the in-process side too
+EXTRA: dict = {}  # request fields every request carries (--max-tokens, --frames)
+
+
 class Server:
     def __init__(self, *args: str):
         self.err = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "dycoke_cli", "serve", "--model", "demo", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "dycoke_cli", "serve", "--model", MODEL, "--port", "0",
                                       "--allowed-local-media-path", str(SAMPLES), *args],
                                      stdout=subprocess.DEVNULL, stderr=self.err)
         while "(Ctrl-C stops)" not in Path(self.err.name).read_text():
@@ -49,7 +55,9 @@ class Server:
 
     def ttft(self, messages: list[dict], **extra) -> tuple[float, str]:
         """Seconds to the first content chunk, and the whole answer."""
-        body = json.dumps({"model": "demo", "stream": True, "messages": messages, **extra})
+        from dycoke_cli.server.app import served_name
+
+        body = json.dumps({"model": served_name(MODEL), "stream": True, "messages": messages, **EXTRA, **extra})
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=600)
         t0 = time.perf_counter()
         conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -84,7 +92,12 @@ def in_process_ttft(lm, name: str) -> tuple[float, str]:
 
     t0 = time.perf_counter()
     first, text = None, ""
-    for event in Session(lm, SAMPLES / name).stream(QUESTION):
+    from dycoke_cli.options import SamplingOptions
+
+    sampling = SamplingOptions(max_new_tokens=EXTRA.get("max_tokens", SamplingOptions.max_new_tokens),
+                               ignore_eos=EXTRA.get("ignore_eos", False))
+    frames = EXTRA.get("dycoke", {}).get("frames")
+    for event in Session(lm, SAMPLES / name, frames=frames).stream(QUESTION, sampling):
         if isinstance(event, Token) and first is None:
             first = time.perf_counter() - t0
         if isinstance(event, Done):
@@ -95,14 +108,27 @@ def in_process_ttft(lm, name: str) -> tuple[float, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--model", default="demo", help="model folder (default: the demo model)")
+    parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default: the model's 256)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="always generate --max-tokens (a random-weight checkpoint may end at once)")
     args = parser.parse_args(argv)
+    global MODEL
+    MODEL = args.model
+    if args.max_tokens is not None:
+        EXTRA["max_tokens"] = args.max_tokens
+    if args.frames is not None:
+        EXTRA["dycoke"] = {"frames": args.frames}
+    if args.ignore_eos:
+        EXTRA["ignore_eos"] = True
     from dycoke_cli import load_model
 
     clips = sorted(p.name for p in SAMPLES.glob("*.mp4"))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; demo model; "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; model {MODEL}; "
           f"{args.reps} repetitions; {time.strftime('%Y-%m-%d')}")
 
-    lm = load_model("demo")
+    lm = load_model(MODEL)
     fresh = Server("--sessions", "0", "--no-cache")
     try:
         inproc, served = [], []
@@ -127,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         firsts, follows = [], []
         for i in range(args.reps):
             name = clips[(i + 1) % len(clips)]
-            frames = 4 + (i // len(clips))  # a frame count not seen before: a new session each round
-            messages, io = turn(name, QUESTION), {"video": {"num_frames": frames}}
-            t1, answer = kept.ttft(messages, media_io_kwargs=io)
+            # a frame count not seen before: a new session each round
+            frames = (args.frames or 4) + (i // len(clips))
+            messages, pick = turn(name, QUESTION), {"dycoke": {"frames": frames}}
+            t1, answer = kept.ttft(messages, **pick)
             t2, _ = kept.ttft([*messages, {"role": "assistant", "content": answer},
-                               {"role": "user", "content": FOLLOW_UP}], media_io_kwargs=io)
+                               {"role": "user", "content": FOLLOW_UP}], **pick)
             firsts.append(t1)
             follows.append(t2)
     finally:
