@@ -207,6 +207,21 @@ def test_a_data_url_answers_like_the_file_and_its_temporary_file_goes(server, me
     assert list(server.tmpdir.glob("dycoke-upload-*")) == []
 
 
+def test_llms_input_audio_part_is_read_as_the_video(server, media, cli_answers):
+    """What `llm -m dycoke-demo --at clip.mp4 audio/mpeg "..."` sends (its OpenAI plugin has no
+    video part: any attachment that is not an image goes as input_audio): answered as the file,
+    and a follow-up (`llm -c`) resends it with the earlier turn and reuses the session."""
+    client = server.client()
+    data = base64.b64encode((media / "red_cup.mp4").read_bytes()).decode()
+    part = {"type": "input_audio", "input_audio": {"data": data, "format": "mp3"}}
+    first = [{"role": "user", "content": [{"type": "text", "text": DESCRIBE}, part]}]
+    text, _ = streamed(client, messages=first)
+    assert text == cli_answers[DESCRIBE]
+    follow = client.chat.completions.create(model="demo", messages=[
+        *first, {"role": "assistant", "content": text}, {"role": "user", "content": "what color is the cup?"}])
+    assert follow.model_extra["dycoke"]["reused"] is True and follow.choices[0].message.content
+
+
 def test_a_second_turn_reuses_the_session_and_equals_a_fresh_request(server, media):
     client = server.client()
     url = f"file://{media}/blue_cup_turns_yellow.mp4"

@@ -34,7 +34,7 @@ class Conversation:
 
 def video_urls(request: ChatRequest) -> list[str]:
     return [part.url or "" for m in request.messages if isinstance(m.content, list)
-            for part in m.content if part.type == "video_url"]
+            for part in m.content if part.is_video]
 
 
 def parse(lm, request: ChatRequest) -> Conversation:
@@ -88,7 +88,7 @@ def _content(lm, i: int, message) -> list[dict] | str:
         return content
     video, texts = [], []
     for part in content:
-        if part.type == "video_url":
+        if part.is_video:
             if message.role != "user":
                 raise ApiError(400, f"messages[{i}]: only a user message may carry the video", "video_not_first")
             video.append({"type": "video"})

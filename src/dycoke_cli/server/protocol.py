@@ -45,16 +45,30 @@ class VideoURL(_Open):
     url: str
 
 
+class InputAudio(_Open):
+    data: str = ""
+    format: Optional[str] = None
+
+
 class ContentPart(_Open):
-    """One part of a message's content. Only ``text`` and ``video_url`` are served; the type is
-    checked in conversation.py so that an image or audio part gets a clear 400."""
+    """One part of a message's content. ``text`` and ``video_url`` are served, and an
+    ``input_audio`` part is taken as base64 video: it is how `llm`'s OpenAI plugin sends any
+    attachment that is not an image (``llm --at clip.mp4 audio/mpeg``). The type is checked in
+    conversation.py so that an image part gets a clear 400."""
 
     type: str
     text: Optional[str] = None
     video_url: Union[VideoURL, str, None] = None
+    input_audio: Optional[InputAudio] = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.type in ("video_url", "input_audio")
 
     @property
     def url(self) -> str | None:
+        if self.type == "input_audio":  # the bytes go through the same reader as any data: URL
+            return f"data:video/mp4;base64,{self.input_audio.data if self.input_audio else ''}"
         return self.video_url.url if isinstance(self.video_url, VideoURL) else self.video_url
 
 
