@@ -121,3 +121,19 @@ def test_offload_moves_the_store_off_the_accelerator(cuda_lm, cuda_enc):
     slot = a.stats.kv_bytes.working  # moved at least one slot per pruned layer (the first selection)
     assert a.stats.kv_bytes.moved_to_device > 0 and a.stats.kv_bytes.store_on_host
     assert a.stats.kv_bytes.moved_to_device <= a.stats.selection.selections * slot
+
+
+@pytest.mark.parametrize("method", [Method.dycoke, Method.none])
+def test_a_session_captures_one_graph_and_replays_it(cuda_lm, clip_path, method):
+    from dycoke_cli.session import Session
+
+    opts = CompressionOptions(method=method)
+    graphed, eager = Session(cuda_lm, clip_path, frames=8, compression=opts), Session(cuda_lm, clip_path, frames=8,
+                                                                                        compression=opts)
+    for i, q in enumerate([QUESTION, "which way does the cup move?", "describe the video."]):
+        a = graphed.ask(q, SamplingOptions(max_new_tokens=20, ignore_eos=True, decode="static"))
+        b = eager.ask(q, SamplingOptions(max_new_tokens=20, ignore_eos=True, decode="eager"))
+        assert a.token_ids == b.token_ids, q
+        assert (a.stats.decode_path, a.stats.decode_step_reused) == ("cuda-graph", i > 0)
+        assert (a.stats.timings.decode_setup > 0) == (i == 0)  # warm-up and capture: the first answer only
+    assert graphed.kept.steps.answers == 3

@@ -243,6 +243,19 @@ def test_static_decoding_gives_the_eager_tokens(q3_dense, clip, method):
     assert static.token_ids == eager.token_ids and static.stats.decode_path == "static"
 
 
+@pytest.mark.parametrize("method", ["none", "dycoke"])
+def test_a_session_replays_its_static_step_with_3d_positions(q3_dense, clip, method):
+    """Follow-ups run the first answer's static step (a CUDA graph's replay on a GPU): the
+    timestamps' 3-D positions and the lengths are set for each answer."""
+    opts = CompressionOptions(method=Method(method))
+    questions = [QUESTION, "which way does the cup move", "what color is the cup at the end of the clip?"]
+    static, eager = (Session(q3_dense, clip, frames=8, compression=opts) for _ in range(2))
+    for i, q in enumerate(questions):
+        a = static.ask(q, SamplingOptions(max_new_tokens=10, ignore_eos=True, decode="static"))
+        b = eager.ask(q, SamplingOptions(max_new_tokens=10, ignore_eos=True, decode="eager"))
+        assert a.token_ids == b.token_ids and a.stats.decode_step_reused == (i > 0)
+
+
 def test_compare_and_eval_run_every_method_from_the_command_line(q3moe_dir, clip, tmp_path, capsys, monkeypatch):
     model = ["--model", str(q3moe_dir), "--dtype", "float32"]
     code, out, err = run_cli(["compare", str(clip), QUESTION, *model, "--frames", "8", "--methods", ",".join(METHODS),

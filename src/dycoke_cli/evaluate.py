@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 
+from .decoding.static import KeptSteps
 from .errors import DycokeError, UsageError
 from .feature_cache import FeatureCache
 from .options import CompressionOptions, Method, SamplingOptions, Selection
@@ -249,17 +250,19 @@ def _evaluate_clip(lm, path: Path, video: str, group: list[EvalItem], methods: l
         return records, [{"video": video, "questions": len(group), "error": str(exc)}]
     for choice in choices(methods):
         opts = choice.options(base)
+        kept = KeptSteps()  # static decoding: one step (a CUDA graph) for this method's questions
         for item in group:
             try:
-                records.append(_score(lm, enc, item, choice.value, opts, sampling))
+                records.append(_score(lm, enc, item, choice.value, opts, sampling, kept))
             except DycokeError as exc:  # e.g. this question does not fit the context
                 failures.append({"video": video, "questions": 1, "method": choice.value, "error": str(exc)})
             count(1)
     return records, failures
 
 
-def _score(lm, enc, item: EvalItem, label: str, opts: CompressionOptions, sampling: SamplingOptions) -> dict:
-    r = answer(lm, enc, item.question, opts, sampling)
+def _score(lm, enc, item: EvalItem, label: str, opts: CompressionOptions, sampling: SamplingOptions,
+           kept=None) -> dict:
+    r = answer(lm, enc, item.question, opts, sampling, kept=kept)
     return {
         "method": label, "video": item.video, "question": item.question, "answer": item.answer,
         "kind": item.kind, "prediction": r.text, "correct": is_correct(r.text, item.answer),

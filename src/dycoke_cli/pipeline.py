@@ -19,9 +19,17 @@ import torch
 from .compression.baselines import plan_tokens
 from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
-from .compression.selectors import DecodeSelector, PrefillSelector
+from .compression.selectors import DecodeSelector, PrefillSelector, SelectionCounts
 from .decoding.detokenize import TextStream
-from .decoding.loop import DecodeTimings, attention_backends, batch_positions, generate_tokens, run_layers, sync
+from .decoding.loop import (
+    DecodeTimings,
+    attention_backends,
+    batch_positions,
+    decodes_static,
+    generate_tokens,
+    run_layers,
+    sync,
+)
 from .decoding.prompt import embed_parts, fit_context, prefill_positions, prefix_embeds, prompt_embeds
 from .errors import UsageError
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
@@ -201,7 +209,7 @@ class _Prepared:
 
 
 def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
-             prefix: Prefix | None, system: str | None) -> _Prepared:
+             prefix: Prefix | None, system: str | None, kept=None) -> _Prepared:
     t0 = time.perf_counter()
     plan = prefix.plan if prefix is not None else plan_tokens(enc, opts)
     setup_s = time.perf_counter() - t0
@@ -220,6 +228,10 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
     sampling = fit_context(lm, extent, span.count, sampling)
     selector, reduced = None, None
     capacity = seq + sampling.max_new_tokens + 1
+    arena = None
+    if kept is not None and decodes_static(lm, sampling, opts.offload_pruned):
+        # a session's static step: this cache takes over the kept one's buffers when they fit
+        capacity, arena = kept.capacity(capacity), kept.arena
     if plan.prunes == "decode":
         selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold,
                                   frame_of=plan.index // enc.tokens_per_frame, coverage=opts.coverage)
@@ -227,7 +239,7 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
         selector = PrefillSelector(plan.prune_from, span, plan.keep)
         reduced = (plan.prune_from, capacity - plan.prefill_visual + plan.keep)  # its cut layers hold fewer
     cache = PrunedKVCache(lm.num_layers, capacity, selector if plan.prunes == "decode" else None,
-                          opts.offload_pruned, reduced=reduced)
+                          opts.offload_pruned, reduced=reduced, arena=arena)
     if prefix is not None:
         cache.load_prefix(prefix.keys, prefix.values)
     return _Prepared(plan, embeds, positions, seq, sampling, deepstack, selector, cache, setup_s)
@@ -235,12 +247,13 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
 
 def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
               prefix: Prefix | None = None, prefix_is_new: bool = False,
-              system: str | None = None) -> Generator[Event, None, Answer]:
+              system: str | None = None, kept=None) -> Generator[Event, None, Answer]:
     """Answer ``question`` about an encoded clip with one compression method. ``prefix``: the
     prompt up to the question, computed earlier for this clip and these options (else it is
     computed here, for every method that can reuse one); ``prefix_is_new``: it was computed
     for this answer, whose timings then count it. ``system``: a system message before the
-    video (the chat template places it)."""
+    video (the chat template places it). ``kept``: the session's decoding.static.KeptSteps (static
+    decoding replays the step it keeps when this answer fits it)."""
     opts = opts.resolve(lm)
     t_gen = time.perf_counter() - (prefix.plan_s + prefix.compute_s if prefix_is_new else 0.0)
     built = prefix if prefix_is_new else None  # a prefix computed for this answer counts in its timings
@@ -252,7 +265,7 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     if opts.offload_pruned and Decoding(sampling.decode) == Decoding.static and Method(opts.method) == Method.dycoke:
         raise UsageError("--decode static reads the pruned entries on the device; --offload-pruned keeps them "
                          "in host memory: use --decode eager (or auto) with it")
-    prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix, system)
+    prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix, system, kept)
     shape = LMShape.from_config(lm.model.config.text_config)
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
                   plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1])
@@ -260,7 +273,7 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
     with PeakMemory(lm.device) as memory:
         for token in generate_tokens(lm, prep.embeds, prep.cache, prep.sampling, prep.selector, timings,
-                                     prep.positions, prep.deepstack):
+                                     prep.positions, prep.deepstack, kept):
             if ttft is None:
                 ttft = time.perf_counter() - t_gen
                 yield Stage("generating")
@@ -277,8 +290,8 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
 
 
 def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
-           prefix: Prefix | None = None) -> Answer:
-    return drain(answering(lm, enc, question, opts, sampling, prefix))
+           prefix: Prefix | None = None, kept=None) -> Answer:
+    return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept))
 
 
 def _token_event(text: str, generated: int, ttft: float, timings: DecodeTimings) -> Token:
@@ -295,20 +308,22 @@ def _stats(lm, enc: EncodedVideo, prep: _Prepared, shape: LMShape, generated: in
     flops, ratio = plan_flops(shape, plan, seq, enc.visual_tokens, generated)
     selection = None
     if isinstance(prep.selector, DecodeSelector):
-        c = prep.selector.counts
+        # as read with the last token kept (a static answer ran one step more, and dropped it)
+        c = SelectionCounts(*timings.counters) if timings.counters is not None else prep.selector.counts
         selection = SelectionStats(c.steps, c.selections, c.refreshes, c.recalled,
                                    round(prep.cache.rebuild_seconds() * 1000, 3))
     return AnswerStats(
         frames=enc.frames, frames_requested=enc.video.info.requested, tokens_per_frame=enc.tokens_per_frame,
         visual_tokens=enc.visual_tokens, visual_tokens_prefill=plan.prefill_visual, visual_tokens_decode=plan.keep,
         prefill_tokens=seq, prune_layer=plan.prune_from, tokens_generated=generated,
-        timings=Timings(enc.read_s, enc.encode_s, merge_s, prefill_s, timings.decode_s, gen_s),
+        timings=Timings(enc.read_s, enc.encode_s, merge_s, prefill_s, timings.decode_s, gen_s, timings.setup_s),
         ttft_s=ttft,
         decode_tokens_per_s=len(timings.step_s) / timings.decode_s if timings.decode_s > 0 else None,
         decode_ms_per_token_median=_median_ms(timings.step_s),
         kv_bytes=prep.cache.kv_bytes(), peak_memory_bytes=process_peak(lm.device),
         peak_memory_above_start_bytes=peak_above_start, flops_estimate=flops, flops_ratio_estimate=ratio,
         selection=selection, decode_path=timings.path, decode_path_note=timings.path_note,
+        decode_step_reused=timings.reused,
     )
 
 

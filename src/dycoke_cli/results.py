@@ -195,8 +195,9 @@ class Timings:
     encode: float  # vision tower
     merge: float  # TTM / baseline selection
     prefill: float
-    decode: float  # decoding steps after the first token
+    decode: float  # decoding steps after the first token (warm-up and capture excluded)
     generate: float  # prefill + decoding, wall
+    decode_setup: float = 0.0  # warming up and capturing the static decoding step (once per session)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ class AnswerStats:
     selection: SelectionStats | None
     decode_path: str | None = None  # how the decoding steps ran: "eager", "static" or "cuda-graph"
     decode_path_note: str | None = None  # why not a CUDA graph, when one was wanted and failed
+    decode_step_reused: bool = False  # the static step (CUDA graph) was captured for an earlier answer
 
     @property
     def prefill_retention(self) -> float:

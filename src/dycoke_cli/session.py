@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from .decoding.prompt import fit_frames
+from .decoding.static import KeptSteps
 from .feature_cache import FeatureCache
 from .options import CompressionOptions, SamplingOptions
 from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
@@ -39,12 +40,14 @@ class Session:
         self._default_frames: int | None = None  # the model's frame count for this clip (Qwen: by fps)
         self.encoded: EncodedVideo | None = None
         self._prefixes: dict[CompressionOptions, Prefix] = {}
+        self.kept = KeptSteps()  # the static decoding step (a CUDA graph), replayed by later answers
         self.answers: list[Answer] = []
 
     def set_frames(self, frames: int | None) -> None:
         """Sample another number of frames: the clip is encoded again at the next question."""
         self.frames, self.encoded = frames, None
         self._prefixes.clear()
+        self.kept.clear()
 
     def set_compression(self, compression: CompressionOptions) -> None:
         self.compression = compression.resolve(self.lm)
@@ -77,7 +80,7 @@ class Session:
                 prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, self.system)
                 new = True
         result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new,
-                                      system=self.system)
+                                      system=self.system, kept=self.kept)
         result = replace(result, video=enc.video.info)
         if encoded_before:  # this answer spent no time reading or encoding the clip
             timings = replace(result.stats.timings, read_video=0.0, encode=0.0)

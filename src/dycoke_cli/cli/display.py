@@ -75,6 +75,11 @@ def render(state: LiveState):
         table.add_row("tokens", f"{s['tokens_generated']}  ({rate_txt})")
     if s.get("ttft_s") is not None:
         table.add_row("time to first token", f"{s['ttft_s']:.2f} s")
+    setup = (s.get("timings_s") or {}).get("decode_setup")
+    if setup:
+        table.add_row("CUDA graph", f"captured in {setup * 1000:.0f} ms (once per session; not in tok/s)")
+    elif s.get("decode_step_reused") and s.get("decode_path") == "cuda-graph":
+        table.add_row("CUDA graph", "replayed (captured for an earlier answer)")
     kv = s.get("kv_bytes")
     if kv:
         where = "host" if kv.get("store_on_host") else "same device"

@@ -31,17 +31,24 @@ class _BufferLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, arena: "_BufferLayer | None" = None):
         super().__init__()
         self.capacity = capacity
         self.length = 0
         self.steps: torch.Tensor | None = None  # static mode: the shared device count of decoding steps
+        self.base: torch.Tensor | None = None  # static mode: the device length before the first step
+        self.arena = arena  # an earlier answer's layer whose buffers this one takes over (see PrunedKVCache)
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_empty(b, h, self.capacity, d)
-        self.values = value_states.new_empty(b, h, self.capacity, d)
+        shape = (b, h, self.capacity, d)
+        if _fits(getattr(self.arena, "keys", None), shape, key_states):
+            self.keys, self.values = self.arena.keys, self.arena.values
+        else:
+            self.keys = key_states.new_empty(shape)
+            self.values = value_states.new_empty(shape)
+        self.arena = None
         self.is_initialized = True
 
     def _append(self, k, v):
@@ -60,8 +67,10 @@ class _BufferLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
-    def make_static(self, steps: torch.Tensor) -> None:
-        """From now on one token per update, written at ``length + steps`` (a device index)."""
+    def make_static(self, steps: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        """From now on one token per update, written at ``base + steps`` (device values: a
+        captured step reads them, so another answer can set them and replay it). ``base``: the
+        tensor to hold this layer's length (an earlier answer's, to reuse its captured step)."""
         if self.length + 1 > self.capacity:
             raise RuntimeError(f"KV cache full ({self.capacity} positions)")
         # The unused capacity is read under the mask: zeros, never stale memory (a NaN there
@@ -69,16 +78,19 @@ class _BufferLayer(CacheLayerMixin):
         self.keys[:, :, self.length :].zero_()
         self.values[:, :, self.length :].zero_()
         self.steps = steps
+        if base is None:
+            base = torch.zeros((), dtype=torch.long, device=steps.device)
+        self.base = base.fill_(self.length)
 
     def _write_static(self, k, v):
-        at = (self.steps + self.length).view(1)
+        at = (self.steps + self.base).view(1)
         self.keys.index_copy_(2, at, k)
         self.values.index_copy_(2, at, v)
         return self.keys, self.values
 
     def step_mask(self) -> torch.Tensor:
         """Static mode: the keys in use after this step's write, [1, 1, 1, capacity] (True = attend)."""
-        used = torch.arange(self.capacity, device=self.steps.device) <= self.steps + self.length
+        used = torch.arange(self.capacity, device=self.steps.device) <= self.steps + self.base
         return used.view(1, 1, 1, -1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -94,14 +106,20 @@ class _BufferLayer(CacheLayerMixin):
         return 0 if self.keys is None else 2 * self.keys[:, :, : self.length].numel() * self.keys.element_size()
 
 
+def _fits(buffer: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> bool:
+    """Whether an earlier answer's ``buffer`` can be taken over for ``shape`` (``like``'s kind)."""
+    return (buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == like.dtype
+            and buffer.device == like.device)
+
+
 class _PrunedBlock:
     """Storage shared by the pruned layers: one working buffer [2 (k, v), layers, B, H, capacity, d]
     and one store of every visual entry [2, layers, B, H, visual, d], so that a selection is
     written into every layer's slot by one gather and one copy (two kernels, not four per layer).
     Allocated at the first pruned layer's prefill, when the shapes are known."""
 
-    def __init__(self, layers: int, selector: DecodeSelector, offload: bool):
-        self.layers, self.selector, self.offload = layers, selector, offload
+    def __init__(self, layers: int, selector: DecodeSelector, offload: bool, arena: "_PrunedBlock | None" = None):
+        self.layers, self.selector, self.offload, self.arena = layers, selector, offload, arena
         self.work: torch.Tensor | None = None
         self.store: torch.Tensor | None = None
         self.staging: torch.Tensor | None = None  # offloaded store: host [layers, 2, B, H, keep, d] (see stage)
@@ -112,7 +130,13 @@ class _PrunedBlock:
     def allocate(self, like: torch.Tensor, capacity: int) -> None:
         b, h, _, d = like.shape
         sel = self.selector
-        self.work = like.new_empty(2, self.layers, b, h, capacity, d)
+        arena, self.arena = self.arena, None
+        work_shape, store_shape = (2, self.layers, b, h, capacity, d), (2, self.layers, b, h, sel.total, d)
+        if (not self.offload and arena is not None
+                and _fits(arena.work, work_shape, like) and _fits(arena.store, store_shape, like)):
+            self.work, self.store = arena.work, arena.store  # an earlier answer's: its captured step reads them
+            return
+        self.work = like.new_empty(work_shape)
         pin = self.offload and like.device.type == "cuda"
         store_device = "cpu" if self.offload else like.device
         self.store = torch.empty(2, self.layers, b, h, sel.total, d, dtype=like.dtype, device=store_device,
@@ -240,10 +264,10 @@ class _PrunedLayer(_BufferLayer):
         return (torch.cat([k[:, :, :a], self.store_k.to(self.device), k[:, :, b : self.length]], dim=2),
                 torch.cat([v[:, :, :a], self.store_v.to(self.device), v[:, :, b : self.length]], dim=2))
 
-    def make_static(self, steps: torch.Tensor) -> None:
+    def make_static(self, steps: torch.Tensor, base: torch.Tensor | None = None) -> None:
         if self.offload_store:
             raise RuntimeError("static decoding reads the visual store on the device; it is offloaded")
-        super().make_static(steps)
+        super().make_static(steps, base)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -266,21 +290,27 @@ class PrunedKVCache(Cache):
         selector: a DecodeSelector, or None for no pruning.
         offload: keep the pruned layers' visual store in host memory.
         reduced: (first layer, capacity) for layers that hold fewer positions (FastV's after its cut).
+        arena: an earlier answer's cache whose captured decoding step is kept (decoding/static.py):
+            every buffer of the same shape is taken over, so that step can be replayed on this one.
     """
 
     def __init__(self, num_layers: int, capacity: int, selector: DecodeSelector | None = None,
-                 offload: bool = False, reduced: tuple[int, int] | None = None):
+                 offload: bool = False, reduced: tuple[int, int] | None = None,
+                 arena: "PrunedKVCache | None" = None):
         layers: list[CacheLayerMixin] = []
         self.block = None
+        old = list(arena.layers) if arena is not None and len(arena.layers) == num_layers else [None] * num_layers
         if selector is not None:
-            self.block = _PrunedBlock(num_layers - selector.prune_from, selector, offload)
+            self.block = _PrunedBlock(num_layers - selector.prune_from, selector, offload,
+                                      arena.block if arena is not None else None)
         for i in range(num_layers):
+            same = old[i] if old[i] is not None and not isinstance(old[i], _PrunedLayer) else None
             if selector is not None and i >= selector.prune_from:
                 layers.append(_PrunedLayer(capacity, self.block, i - selector.prune_from))
             elif reduced is not None and i >= reduced[0]:
-                layers.append(_BufferLayer(reduced[1]))  # a one-shot pruner left fewer tokens here
+                layers.append(_BufferLayer(reduced[1], same))  # a one-shot pruner left fewer tokens here
             else:
-                layers.append(_BufferLayer(capacity))
+                layers.append(_BufferLayer(capacity, same))
         super().__init__(layers=layers)
         self.selector = selector
         self.steps: torch.Tensor | None = None  # static mode's device step counter
@@ -323,15 +353,29 @@ class PrunedKVCache(Cache):
         """Whether the pruned entries' store lives in host memory."""
         return self.block is not None and self.block.offload
 
-    def make_static(self) -> torch.Tensor:
+    def make_static(self, like: "PrunedKVCache | None" = None) -> torch.Tensor:
         """Switch every layer to static-shape decoding (see the module docstring); returns the
-        device step counter, which :meth:`advance` moves on after each step."""
+        device step counter, which :meth:`advance` moves on after each step. ``like``: an earlier
+        answer's static cache whose buffers this one took over; its step counter and lengths
+        (the device values its captured step reads) are reset to this answer's."""
         device = self.layers[0].keys.device
         with torch.inference_mode():  # the buffers were made under it
-            self.steps = torch.zeros((), dtype=torch.long, device=device)
-            for layer in self.layers:
-                layer.make_static(self.steps)
+            if like is None:
+                self.steps = torch.zeros((), dtype=torch.long, device=device)
+                bases = [None] * len(self.layers)
+            else:
+                self.steps = like.steps.zero_()
+                bases = [layer.base for layer in like.layers]
+            for layer, base in zip(self.layers, bases):
+                layer.make_static(self.steps, base)
         return self.steps
+
+    def layout_key(self) -> tuple:
+        """What a captured static step bakes in about this cache: each layer's kind, capacity and
+        buffer, and which layers share a length mask. Equal keys: one step serves both caches."""
+        rooms = [layer.capacity - layer.length for layer in self.layers]
+        return tuple((type(layer).__name__, layer.capacity, layer.keys.data_ptr(), rooms.index(room))
+                     for layer, room in zip(self.layers, rooms))
 
     def step_masks(self) -> list[torch.Tensor]:
         """Static mode: each layer's attention mask for this step. Layers with the same room left

@@ -192,6 +192,28 @@ class DecodeSelector:
             self.refreshed.copy_(refresh)  # what the eager cache reads; static steps gather regardless
         self.started = True
 
+    def same_rule(self, other: "DecodeSelector") -> bool:
+        """Whether a step captured with ``other`` runs this selector's rule: the same layers,
+        budget, threshold and visual layout (a captured step bakes them in)."""
+        mine, theirs = self._candidates, other._candidates
+        return (type(other) is DecodeSelector and other.counters is not None
+                and (self.probe_layer, self.keep, self.threshold) == (other.probe_layer, other.keep, other.threshold)
+                and torch.equal(self.layout.where, other.layout.where)
+                and (mine is None) == (theirs is None)
+                and (mine is None or ((mine.per_frame, mine.rest) == (theirs.per_frame, theirs.rest)
+                                      and torch.equal(mine.groups.cpu(), theirs.groups.cpu()))))
+
+    def continue_from(self, other: "DecodeSelector") -> None:
+        """Take over ``other``'s device state (selection, reference, counters), reset as a fresh
+        selector's: a step captured with ``other`` then runs this selector's answer."""
+        other.selection.zero_()
+        other.reference.zero_()
+        other.refreshed.fill_(False)
+        other.counters.zero_()
+        self.selection, self.reference, self.refreshed, self.counters = (
+            other.selection, other.reference, other.refreshed, other.counters)
+        self.branch_free = True
+
     def _allocate(self, device) -> None:
         self.selection = torch.zeros(self.keep, dtype=torch.long, device=device)
         self.reference = torch.zeros(self.total, dtype=torch.float32, device=device)

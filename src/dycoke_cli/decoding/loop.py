@@ -39,6 +39,9 @@ class DecodeTimings:
     path_note: str | None = None  # why a CUDA graph was not used, when it was asked for and failed
     refreshes: int | None = None  # DyCoke's live counters, read with each token
     recalled: int | None = None
+    counters: tuple[int, ...] | None = None  # all four as of the last token kept (see DecodeSelector)
+    setup_s: float = 0.0  # warming up and capturing the static step (not in step_s)
+    reused: bool = False  # the static step was captured for an earlier answer of the session
 
     @property
     def decode_s(self) -> float:
@@ -195,17 +198,41 @@ class EagerSteps:
         return run_layers(self.lm, x, pos, self.cache, self.selector)
 
 
-def pick_steps(lm, cache, selector, opts: SamplingOptions, next_position: int, position_dims: int = 2):
-    """The decoding steps ``opts.decode`` asks for; ``auto``: static on CUDA unless the pruned
-    entries are offloaded to the host (their gather needs host indices), eager elsewhere."""
+def decodes_static(lm, opts: SamplingOptions, offloaded: bool) -> bool:
+    """Whether the steps run with static shapes: ``opts.decode``; ``auto``: on CUDA unless the
+    pruned entries are offloaded to the host (their gather needs host indices)."""
     mode = Decoding(opts.decode)
     if mode == Decoding.auto:
-        mode = Decoding.static if lm.device.type == "cuda" and not cache.offloaded else Decoding.eager
-    if mode == Decoding.eager:
+        return lm.device.type == "cuda" and not offloaded
+    return mode == Decoding.static
+
+
+def pick_steps(lm, cache, selector, opts: SamplingOptions, next_position: int, position_dims: int = 2,
+               kept=None):
+    """The decoding steps ``opts.decode`` asks for (see :func:`decodes_static`). ``kept``
+    (static.KeptSteps, a session's): its step is reused when this answer's cache fits it, and
+    a new static step is kept there for the next answers."""
+    if not decodes_static(lm, opts, cache.offloaded):
         return EagerSteps(lm, cache, selector, next_position)
     from .static import StaticSteps
 
-    return StaticSteps(lm, cache, selector, next_position, position_dims, graph=lm.device.type == "cuda")
+    greedy = opts.temperature <= 0
+    if kept is not None and kept.steps is not None and kept.steps.fits(lm, cache, selector, position_dims, greedy):
+        return kept.steps.rebind(cache, selector, next_position)
+    steps = StaticSteps(lm, cache, selector, next_position, position_dims, graph=lm.device.type == "cuda",
+                        greedy=greedy)
+    if kept is not None:
+        kept.steps = steps
+    return steps
+
+
+def _note(values: list[int], selector, timings: DecodeTimings) -> int:
+    """Keep the counters read with a token; returns its id. ``values``: [id, steps, selections,
+    refreshes, recalled]."""
+    if getattr(selector, "counters", None) is not None:
+        timings.counters = tuple(values[1:5])
+        timings.refreshes, timings.recalled = values[3], values[4]
+    return values[0]
 
 
 def _read(token: torch.Tensor, selector, timings: DecodeTimings) -> int:
@@ -213,19 +240,17 @@ def _read(token: torch.Tensor, selector, timings: DecodeTimings) -> int:
     counters = getattr(selector, "counters", None)
     if counters is None:
         return int(token)
-    values = torch.cat([token.view(1), counters[2:]]).tolist()
-    timings.refreshes, timings.recalled = values[1], values[2]
-    return values[0]
+    return _note(torch.cat([token.view(1), counters]).tolist(), selector, timings)
 
 
 def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, selector=None,
                     timings: DecodeTimings | None = None, positions: torch.Tensor | None = None,
-                    deepstack=None) -> Iterator[int]:
+                    deepstack=None, kept=None) -> Iterator[int]:
     """Prefill ``embeds`` [1, S, D], then yield token ids one by one until EOS or the limit.
 
     ``positions`` [S] (or [3, S]) are the prefill's position ids (default ``0..S-1``); generated
-    tokens continue after the largest one. ``deepstack``: see :func:`run_layers`. The EOS token
-    itself is not yielded.
+    tokens continue after the largest one. ``deepstack``: see :func:`run_layers`. ``kept``: a
+    session's static.KeptSteps (see :func:`pick_steps`). The EOS token itself is not yielded.
     """
     timings = timings if timings is not None else DecodeTimings()
     device = embeds.device
@@ -242,20 +267,80 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
                                  generator)
         value = _read(token, selector, timings)
         timings.prefill_s = time.perf_counter() - t0
-        steps = None
-        for step in range(opts.max_new_tokens):
-            if value in eos:
-                return
-            yield value
-            if step + 1 == opts.max_new_tokens:
-                return
-            t0 = time.perf_counter()
-            if steps is None:
-                steps = pick_steps(lm, cache, selector, opts, next_position, positions.dim())
-            with attention_backends(device, "decode"):
-                token = sample_token(steps(token), opts, generator)
-            value = _read(token, selector, timings)
-            timings.step_s.append(time.perf_counter() - t0)
-            timings.path, timings.path_note = steps.path, steps.note
+        if opts.max_new_tokens < 1 or value in eos:
+            return
+        yield value
+        if opts.max_new_tokens == 1:
+            return
+        steps = pick_steps(lm, cache, selector, opts, next_position, positions.dim(), kept)
+        timings.path, timings.reused = steps.path, getattr(steps, "reused", False)
+        if isinstance(steps, EagerSteps):
+            yield from _eager(steps, token, opts, generator, selector, eos, timings)
+        else:
+            yield from _queued(steps, token, opts, generator, selector, eos, timings)
+
+
+def _eager(steps, token, opts: SamplingOptions, generator, selector, eos: set, timings: DecodeTimings):
+    """Eager steps: one step, one host read, the next step (tokens 1.. of the answer)."""
+    device = token.device
+    for _ in range(1, opts.max_new_tokens):
+        t0 = time.perf_counter()
+        with attention_backends(device, "decode"):
+            token = sample_token(steps(token), opts, generator)
+        value = _read(token, selector, timings)
+        timings.step_s.append(time.perf_counter() - t0)
+        if value in eos:
+            return
+        yield value
+
+
+def _queued(steps, token, opts: SamplingOptions, generator, selector, eos: set, timings: DecodeTimings):
+    """Static steps, one ahead of the host: step k+1 is queued (its input is step k's token,
+    on the device) before the host reads step k's token, so the device never waits for the
+    host. Each step's report (token and counters) is copied into one of two pinned host slots
+    and read after its event. An answer that ends at EOS has queued one step too many: it is
+    discarded, and the counters kept are those read with the EOS (they are exact). Warm-up and
+    capture are timed apart (``setup_s``), not as decoding steps."""
+    device = token.device
+    cuda = device.type == "cuda"
+    host = torch.zeros(2, 5, dtype=torch.long, pin_memory=cuda)
+    steps.feed(token)
+
+    def queue(k: int):
+        t0 = time.perf_counter()
+        # a replay needs no kernel choice (the capture made it): no context per token
+        with contextlib.nullcontext() if steps.graph is not None else attention_backends(device, "decode"):
+            logits = steps()
+            if not steps.greedy:
+                steps.feed(sample_token(logits, opts, generator))
+        slot = host[k % 2]
+        slot.copy_(steps.report, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        if steps.setup:  # once per session: wait for it, and keep its time out of the steps'
+            sync(device)
+            timings.setup_s += time.perf_counter() - t0
+        timings.path, timings.path_note = steps.path, steps.note
+        return slot, event
+
+    last, setup_at = time.perf_counter(), timings.setup_s
+    pending = queue(1)
+    for k in range(1, opts.max_new_tokens):
+        ahead = queue(k + 1) if k + 1 < opts.max_new_tokens else None
+        slot, event = pending
+        if event is not None:
+            event.synchronize()
+        value = _note(slot.tolist(), selector, timings)
+        now = time.perf_counter()
+        timings.step_s.append(max(now - last - (timings.setup_s - setup_at), 0.0))  # setup: timed apart
+        last, setup_at = now, timings.setup_s
+        if value in eos:
+            return  # the step queued ahead is dropped
+        yield value
+        if ahead is None:
+            return
+        pending = ahead
 
 

@@ -8,6 +8,13 @@ the same kernels on the same addresses, with no host sync inside. On CUDA the fi
 eagerly on a side stream (it warms up the kernels and is a real step), the second is captured
 as a CUDA graph, and every later step is one replay: about 800 kernel launches become one.
 Elsewhere (or when capture fails) the same step runs eagerly; it gives the same tokens.
+
+Greedy decoding chooses the next token inside the step (an argmax written into the step's own
+input), so the host can queue the next step before it reads this one's token (decoding/loop.py).
+
+One step per session (:class:`KeptSteps`): a later answer whose cache fits takes over the
+earlier answer's buffers (compression/cache.py), its lengths and counters are written into the
+device values the captured step reads, and the step is replayed with no new capture.
 """
 
 from __future__ import annotations
@@ -21,12 +28,21 @@ from .layer_call import call_layer
 
 
 class StaticSteps:
-    """Callable: ``logits = steps(token)`` for one decoding step after ``token`` [1] (device)."""
+    """Callable: ``logits = steps()`` runs one decoding step after the token in ``self.token``
+    (``steps(token)``: after ``token``).
 
-    def __init__(self, lm, cache, selector, next_position: int, position_dims: int, graph: bool):
-        self.lm, self.cache, self.selector = lm, cache, selector
+    ``greedy``: the step also writes its argmax into ``self.token`` (the next step's input) and
+    ``self.report``; otherwise the caller chooses and calls :meth:`feed`. ``report`` [5] (device):
+    the step's token, then DyCoke's counters (steps, selections, refreshes, recalled; zeros
+    without a selector), what the host reads per token."""
+
+    def __init__(self, lm, cache, selector, next_position: int, position_dims: int, graph: bool,
+                 greedy: bool = False):
+        self.lm, self.cache, self.selector, self.greedy = lm, cache, selector, greedy
         device = lm.device
+        self.position_dims = position_dims
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.report = torch.zeros(5, dtype=torch.long, device=device)
         shape = (3, 1, 1) if position_dims == 3 else (1, 1)  # M-RoPE: the text's three ids are equal
         self.position = torch.full(shape, next_position, dtype=torch.long, device=device)
         cache.make_static()
@@ -36,15 +52,29 @@ class StaticSteps:
         self.want_graph = graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
+        self.answers = 1  # answers this step has served (a graph captured once, replayed by the later ones)
+        self.setup = False  # the last call warmed up or captured (its time is not a decoding step's)
         self.note: str | None = None  # why no graph, when one was wanted
 
     @property
     def path(self) -> str:
         return "cuda-graph" if self.graph is not None else "static"
 
-    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+    @property
+    def reused(self) -> bool:
+        return self.answers > 1
+
+    def feed(self, token: torch.Tensor) -> None:
+        """The next step's input ``token`` [1] (device), chosen outside the step."""
         self.token.copy_(token.view(1, 1))
+        self._emit(token)
+
+    def __call__(self, token: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [1, V] of one step; ``token`` [1] (device): its input, when not already fed."""
+        if token is not None:
+            self.token.copy_(token.view(1, 1))
         self.calls += 1
+        self.setup = self.graph is None and self.want_graph and self.calls <= 2
         if self.graph is not None:
             self.graph.replay()
         elif self.want_graph and self.calls == 1:
@@ -54,6 +84,12 @@ class StaticSteps:
         else:
             self._step()
         return self.logits
+
+    def _emit(self, token: torch.Tensor) -> None:
+        self.report[:1].copy_(token.view(1))
+        counters = getattr(self.selector, "counters", None)
+        if counters is not None:
+            self.report[1:].copy_(counters)
 
     def _step(self) -> None:
         """One step; every operation reads and writes fixed tensors (graph-capturable)."""
@@ -73,6 +109,10 @@ class StaticSteps:
             self.logits.copy_(logits)
         self.cache.advance()
         self.position += 1
+        if self.greedy:  # the next input, on the device: the host need not answer before the next step
+            chosen = self.logits.argmax(dim=-1)
+            self.token.copy_(chosen.view(1, 1))
+            self._emit(chosen)
 
     def _warm_up(self) -> None:
         side = torch.cuda.Stream()
@@ -96,3 +136,58 @@ class StaticSteps:
             return
         self.graph = graph
         graph.replay()
+
+    # -- one step for a whole session ------------------------------------------------------------
+
+    def fits(self, lm, cache, selector, position_dims: int, greedy: bool) -> bool:
+        """Whether this (captured) step can run another answer's decoding: same model, same
+        choice of token, a cache that took over this one's buffers with the same layout, and
+        the same selection rule."""
+        if lm is not self.lm or position_dims != self.position_dims or greedy != self.greedy:
+            return False
+        if self.calls == 0 or any(layer.keys is None for layer in cache.layers):
+            return False
+        if cache.layout_key() != self.cache.layout_key():
+            return False
+        if (selector is None) != (self.selector is None) or type(selector) is not type(self.selector):
+            return False
+        return selector is None or getattr(selector, "prunes", None) != "decode" or selector.same_rule(self.selector)
+
+    def rebind(self, cache, selector, next_position: int) -> "StaticSteps":
+        """Run another answer's decoding with this step: its cache's lengths and a zero step
+        count go into the device values the step reads, its selector takes over this one's
+        (reset) state, and the position restarts at ``next_position``."""
+        with torch.inference_mode():
+            cache.make_static(like=self.cache)
+            if selector is not None and selector.prunes == "decode":
+                selector.continue_from(self.selector)
+            self.position.fill_(next_position)
+            self.report.zero_()
+        self.answers += 1
+        self.setup = False
+        return self
+
+
+class KeptSteps:
+    """The static decoding step a session keeps for its next answers (one at a time: a step
+    holds its cache's buffers). ``arena``: the cache a new answer's cache takes over;
+    ``capacity(n)``: the capacity a new answer's cache gets (the kept one's when ``n``
+    positions fit in it; else ``n`` rounded up, with room for longer follow-up questions)."""
+
+    ROUND = 64  # positions: a new cache is rounded up to a multiple, plus one more multiple of room
+
+    def __init__(self):
+        self.steps: StaticSteps | None = None
+
+    @property
+    def arena(self):
+        return None if self.steps is None else self.steps.cache
+
+    def capacity(self, needed: int) -> int:
+        kept = None if self.steps is None else self.steps.cache.layers[0].capacity
+        if kept is not None and needed <= kept:
+            return kept
+        return -(-needed // self.ROUND) * self.ROUND + self.ROUND
+
+    def clear(self) -> None:
+        self.steps = None
