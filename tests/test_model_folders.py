@@ -204,6 +204,13 @@ def test_broken_shard_index(text, problem, tiny_model_dir, clip_path, tmp_path, 
     ({"positions": "shuffled"}, 'positions must be one of contiguous, original (got "shuffled")'),
     ({"caption_prompt": ""}, 'caption_prompt must be a non-empty string (got "")'),
     ({"caption_prompt": 7}, "caption_prompt must be a non-empty string (got 7)"),
+    ({"fps": 0}, "fps must be a number in (0, 240] (got 0)"),
+    ({"fps": "2"}, 'fps must be a number in (0, 240] (got "2")'),
+    ({"fps": 1000}, "fps must be a number in (0, 240] (got 1000)"),
+    ({"min_frames": 0}, "min_frames must be an integer >= 1 (got 0)"),
+    ({"max_frames": 2.5}, "max_frames must be an integer >= 1 (got 2.5)"),
+    ({"fps": 2, "min_frames": 9, "max_frames": 8}, "min_frames must be at most max_frames (or num_frames) (9 > 8)"),
+    ({"fps": 2, "min_frames": 9, "num_frames": 8}, "min_frames must be at most max_frames (or num_frames) (9 > 8)"),
 ])
 def test_bad_dycoke_json(content, problem, tiny_model_dir, clip_path, tmp_path, capsys, monkeypatch):
     folder = copy_model(tiny_model_dir, tmp_path)
@@ -233,6 +240,23 @@ def test_dycoke_json_unknown_keys_are_ignored(tiny_model_dir, clip_path, tmp_pat
     assert (code, err) == (0, "")
     assert json.loads(out)["options"]["frames"] == 4
     assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("defaults,flags,frames", [
+    ({"num_frames": 16, "fps": 2}, [], 6),  # the 3.0 s clip: 3.0 x 2
+    ({"num_frames": 16, "fps": 2, "max_frames": 5}, [], 5),
+    ({"num_frames": 16, "fps": 2, "min_frames": 7}, [], 7),
+    ({"num_frames": 4, "fps": 10}, [], 4),  # at most num_frames when no max_frames
+    ({"num_frames": 16, "fps": 2}, ["--frames", "3"], 3),  # the flag wins
+    ({"num_frames": 5}, [], 5),  # no fps: the count
+])
+def test_dycoke_json_fps_counts_frames_by_the_clips_length(defaults, flags, frames, tiny_model_dir, clip_path,
+                                                           tmp_path, capsys, monkeypatch):
+    folder = copy_model(tiny_model_dir, tmp_path)
+    (folder / "dycoke.json").write_text(json.dumps(defaults))
+    code, out, err = ask(folder, clip_path, capsys, monkeypatch, *flags, "--json", "--quiet")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["stats"]["frames"] == frames
 
 
 # --- pickle weights (--allow-pickle) -------------------------------------------------------------

@@ -43,6 +43,19 @@ class ModelDefaults:
     caption_prompt: str = CAPTION_PROMPT
     selection: str = "coverage"  # DyCoke's decode-time rule (options.Selection)
     frame_coverage: float = FRAME_COVERAGE
+    # Frames by the clip's length (families that count frames: LLaVA-OV): round(seconds * fps)
+    # within [min_frames, max_frames] (default num_frames); num_frames when fps is None or the
+    # length is unknown. (The Qwen families read fps from their video preprocessor config.)
+    fps: float | None = None
+    min_frames: int = 1
+    max_frames: int | None = None
+
+    def frames_for(self, seconds: float | None) -> int:
+        """The default frame count for a clip of ``seconds`` (see ``fps``)."""
+        if self.fps is None or not seconds or seconds <= 0:
+            return self.num_frames
+        top = self.max_frames if self.max_frames is not None else self.num_frames
+        return min(max(round(seconds * self.fps), self.min_frames), top)
 
     @classmethod
     def from_folder(cls, folder: Path, num_layers: int | None = None) -> "ModelDefaults":
@@ -61,6 +74,10 @@ class ModelDefaults:
                 valid = _default_is_valid(key, values[key], num_layers)
                 if valid is not None:
                     raise ModelError(f"{path}: {key} must be {valid} (got {show_json(values[key])})")
+            top = values.get("max_frames") or values.get("num_frames")
+            if "min_frames" in data and isinstance(top, int) and values["min_frames"] > top:
+                raise ModelError(f"{path}: min_frames must be at most max_frames (or num_frames) "
+                                 f"({values['min_frames']} > {top})")
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -78,8 +95,10 @@ def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:
     """None if ``value`` is valid for the dycoke.json ``key``, else the valid range in words."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if key == "num_frames":
+    if key in ("num_frames", "min_frames", "max_frames"):
         return None if is_int and value >= 1 else "an integer >= 1"
+    if key == "fps":
+        return None if is_number and 0 < value <= 240 else "a number in (0, 240]"
     if key == "prune_layer":
         if num_layers is None:
             return None if is_int and value >= 1 else "an integer >= 1"

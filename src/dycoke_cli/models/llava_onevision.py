@@ -59,7 +59,13 @@ class LlavaOneVisionAdapter(FamilyAdapter):
         )
 
     def default_frames(self, lm, path):
-        return lm.defaults.num_frames
+        """dycoke.json's ``num_frames``, or with its ``fps`` the clip's length times fps
+        (ModelDefaults.frames_for)."""
+        if lm.defaults.fps is None:
+            return lm.defaults.num_frames
+        from ..video.read import probe_video
+
+        return lm.defaults.frames_for(probe_video(path).duration)
 
     def preprocess(self, lm, frames, source=None):
         return preprocess_frames(frames, lm.frame_spec)
