@@ -197,7 +197,10 @@ def test_demo_model_answers_the_sample_clips():
         pytest.skip("dycoke_cli.video not available")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    defaults = json.loads((folder / "dycoke.json").read_text())
+    from dycoke_cli.models.base import ModelDefaults
+    from dycoke_cli.video.read import probe_video
+
+    defaults = ModelDefaults.from_folder(folder)
     cfg = model.config.vision_config
     fspec = FrameSpec.from_pretrained(folder, cfg.image_size)
     per_frame = (-(-(cfg.image_size // cfg.patch_size) // 2)) ** 2
@@ -207,7 +210,8 @@ def test_demo_model_answers_the_sample_clips():
     wrong = []
     for r in rows:
         if r["video"] not in pix:
-            frames = read_video(str(samples / r["video"]), defaults["num_frames"]).frames
+            count = defaults.frames_for(probe_video(samples / r["video"]).duration)  # the product's default
+            frames = read_video(str(samples / r["video"]), count).frames
             pix[r["video"]] = preprocess_frames(np.asarray(frames), fspec)[None]
         p = pix[r["video"]]
         prompt = tok.apply_chat_template(
@@ -217,7 +221,7 @@ def test_demo_model_answers_the_sample_clips():
         i = ids.index(video)
         ids = ids[:i] + [video] * (p.shape[1] * per_frame + 1) + ids[i + 1:]
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=p, max_new_tokens=12, do_sample=False)
+            out = model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=p, max_new_tokens=32, do_sample=False)
         got = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
         if got != r["answer"]:
             wrong.append((r["video"], r["question"], r["answer"], got))

@@ -27,6 +27,7 @@ from common import ROOT, read_clip  # noqa: E402
 
 from dycoke_cli.models.preprocess import FrameSpec, preprocess_frames  # noqa: E402
 from dycoke_cli.toyworld import write_dataset  # noqa: E402
+from dycoke_cli.toyworld.events import EVENT_KINDS  # noqa: E402
 from dycoke_cli.toyworld.render import KINDS  # noqa: E402
 
 
@@ -46,13 +47,17 @@ class HFAnswerer:
         self.fspec = FrameSpec.from_pretrained(folder, cfg.image_size)
         grid = -(-(cfg.image_size // cfg.patch_size) // 2)
         self.per_frame = grid * grid
-        defaults = json.loads((folder / "dycoke.json").read_text()) if (folder / "dycoke.json").is_file() else {}
-        self.frames = frames or defaults.get("num_frames", 8)
+        from dycoke_cli.models.base import ModelDefaults
+
+        self.defaults = ModelDefaults.from_folder(folder)
+        self.frames = frames
         self.video_id = self.tok.convert_tokens_to_ids("<video>")
 
     def encode(self, path: Path):
-        frames = read_clip(path, self.frames)
-        return preprocess_frames(frames, self.fspec)[None]
+        from dycoke_cli.video.read import probe_video
+
+        count = self.frames or self.defaults.frames_for(probe_video(path).duration)  # the product's default
+        return preprocess_frames(read_clip(path, count), self.fspec)[None]
 
     @torch.no_grad()
     def answer(self, pix, question: str) -> str:
@@ -63,7 +68,7 @@ class HFAnswerer:
         n = pix.shape[1] * self.per_frame + 1
         pos = ids.index(self.video_id)
         ids = ids[:pos] + [self.video_id] * n + ids[pos + 1:]
-        out = self.model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=pix, max_new_tokens=16,
+        out = self.model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=pix, max_new_tokens=32,
                                   do_sample=False)
         return self.tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
@@ -76,19 +81,19 @@ class PipelineAnswerer:
         from dycoke_cli.options import CompressionOptions
 
         self.lm = load_model(str(folder), device="cpu", dtype=dtype)
-        self.frames = frames or self.lm.defaults.num_frames
+        self.frames = frames
         self.opts = CompressionOptions(method=method)
 
     def encode(self, path: Path):
         from dycoke_cli.pipeline import encode_video
 
-        return encode_video(self.lm, path, self.frames)
+        return encode_video(self.lm, path, self.frames or self.lm.default_frames(path))
 
     def answer(self, enc, question: str) -> str:
         from dycoke_cli.options import SamplingOptions
         from dycoke_cli.pipeline import answer
 
-        return answer(self.lm, enc, question, self.opts, SamplingOptions(max_new_tokens=16)).text
+        return answer(self.lm, enc, question, self.opts, SamplingOptions(max_new_tokens=32)).text
 
 
 def main(argv=None):
@@ -99,7 +104,8 @@ def main(argv=None):
     ap.add_argument("--data", type=Path, default=None, help="dataset folder (default: /tmp/dycoke_eval_<seed>_<n>)")
     ap.add_argument("--methods", default="hf", help="comma list: hf (plain generate) and/or pipeline methods "
                                                    "(none, dycoke, fastv, random, frames)")
-    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+    ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world of the generated set")
     ap.add_argument("--dtype", default="float32", help="pipeline dtype (auto, float32, bfloat16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--show-errors", type=int, default=8)
@@ -107,11 +113,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    data = args.data or Path(f"/tmp/dycoke_eval_{args.seed}_{args.n}")
+    data = args.data or Path(f"/tmp/dycoke_eval_{args.world}_{args.seed}_{args.n}")
     qa = data / "qa.jsonl"
     if not qa.is_file():
         t = time.time()
-        write_dataset(data, args.n, args.seed)
+        write_dataset(data, args.n, args.seed, world=args.world)
         print(f"wrote {args.n} clips to {data} in {time.time() - t:.1f} s")
     rows = [json.loads(line) for line in qa.read_text().splitlines() if line.strip()]
     by_video: dict[str, list[dict]] = {}
@@ -134,7 +140,7 @@ def main(argv=None):
                 hits.setdefault(r["kind"], []).append(int(ok))
                 if not ok:
                     errors.append((video, r["question"], r["answer"], got))
-        acc = {k: float(np.mean(hits[k])) for k in KINDS if k in hits}
+        acc = {k: float(np.mean(hits[k])) for k in [*KINDS, *EVENT_KINDS] if k in hits}
         acc["overall"] = float(np.mean([x for v in hits.values() for x in v]))
         results[method] = {"accuracy": acc, "n_questions": sum(len(v) for v in hits.values()),
                            "n_clips": len(by_video), "seconds": time.time() - t0}

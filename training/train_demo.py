@@ -189,16 +189,18 @@ def make_frame_batch(step: int, args, fspec: FrameSpec, grid: int):
     return pix, aux
 
 
-def make_heldout(n: int, seed: int, args, packer: Packer, fspec: FrameSpec, folder: Path):
+def make_heldout(n: int, seed: int, args, packer: Packer, fspec: FrameSpec, folder: Path, frames_for=None):
     """Held-out clips written as real h264 mp4 and read back at segment centres, with every
-    applicable question in canonical wording plus one "cup"/"colour" variant of each."""
+    applicable question in canonical wording plus one "cup"/"colour" variant of each.
+    ``frames_for(seconds)``: the frames to read from a clip of that length (default: args.frames)."""
     rng = np.random.default_rng(seed)
     pix, ids, labels, kinds = [], [], [], []
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         spec = sample_spec(rng, variety=True)
         path = write_clip(spec, folder / f"{i:04d}.mp4", crf=int(rng.integers(18, 30)))
-        pix.append(preprocess_frames(read_clip(path, args.frames), fspec))
+        frames = args.frames if frames_for is None else frames_for(spec.duration)
+        pix.append(preprocess_frames(read_clip(path, frames), fspec))
         b_ids, b_labels, b_kinds = [], [], []
         for kd in KINDS:
             if kd == "color" and spec.changes:
