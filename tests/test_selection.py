@@ -225,12 +225,12 @@ def test_the_probe_sits_at_layer_l_minus_1():
         assert (sel.probe_layer, sel.prune_from) == (layer - 1, layer)
 
 
-def test_the_sample_clip_is_captioned_in_full_by_default_and_not_by_the_papers_rule(demo):
+def test_the_sample_clip_is_captioned_in_full_by_default(demo):
+    """The clip of issue 21, at the model's own frame count: DyCoke's default gives the
+    uncompressed caption. (The demo model of 2026-12-07 no longer loses it with the paper's
+    top-k either: the frame-dropping step is shown above, on the selection itself.)"""
     from dycoke_cli.session import ask
 
-    default = ask(demo, SAMPLE, QUESTION, frames=FRAMES).text
-    paper = ask(demo, SAMPLE, QUESTION, frames=FRAMES,
-                compression=CompressionOptions(method=Method.dycoke, selection=Selection.topk)).text
-    uncompressed = ask(demo, SAMPLE, QUESTION, frames=FRAMES, compression=CompressionOptions(method=Method.none)).text
-    assert (default, paper, uncompressed) == ("a blue cup moves right and turns yellow", "a blue cup moves right",
-                                               "a blue cup moves right and turns yellow")
+    default = ask(demo, SAMPLE, QUESTION).text
+    uncompressed = ask(demo, SAMPLE, QUESTION, compression=CompressionOptions(method=Method.none)).text
+    assert (default, uncompressed) == ("a blue cup moves right and turns yellow",) * 2
