@@ -1,4 +1,5 @@
 import torch
+from test_selection import plain_rule
 from torch.testing import assert_close
 
 from dycoke_cli.compression.cache import PrunedKVCache, _PrunedLayer
@@ -139,19 +140,6 @@ def test_selector_with_coverage():
     assert sel.selection.tolist() == [0, 4]
 
 
-def _reference_balanced(row, keep, frame_of, coverage):
-    """The rule in plain Python: each frame's best floor(coverage * keep / frames), then the best rest."""
-    frames = sorted(set(frame_of.tolist()))
-    per_frame = int(coverage * keep // len(frames))
-    chosen = set()
-    for f in frames:
-        mine = sorted((i for i in range(len(row)) if frame_of[i] == f), key=lambda i: -row[i])
-        chosen.update(mine[:per_frame])
-    rest = sorted((i for i in range(len(row)) if i not in chosen), key=lambda i: -row[i])
-    chosen.update(rest[: keep - len(chosen)])
-    return sorted(chosen)
-
-
 def test_balanced_topk_matches_the_rule_on_uneven_frames():
     g = torch.Generator().manual_seed(4)
     frame_of = torch.tensor([0] * 7 + [1] * 2 + [2] * 5 + [3] * 1 + [4] * 6)  # TTM leaves frames uneven
@@ -159,4 +147,4 @@ def test_balanced_topk_matches_the_rule_on_uneven_frames():
         for _ in range(20):
             r = torch.rand(21, generator=g)
             assert BalancedTopk(keep, frame_of, coverage)(r).tolist() == \
-                _reference_balanced(r.tolist(), keep, frame_of, coverage), (keep, coverage)
+                plain_rule(r.tolist(), keep, frame_of.tolist(), coverage), (keep, coverage)

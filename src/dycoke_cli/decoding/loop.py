@@ -185,6 +185,7 @@ class EagerSteps:
 
     path = "eager"
     note = None  # (static steps say here why they run without a CUDA graph)
+    reused = False  # (static steps: captured for an earlier answer of the session)
 
     def __init__(self, lm, cache, selector, next_position: int):
         self.lm, self.cache, self.selector = lm, cache, selector
@@ -273,7 +274,7 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
         if opts.max_new_tokens == 1:
             return
         steps = pick_steps(lm, cache, selector, opts, next_position, positions.dim(), kept)
-        timings.path, timings.reused = steps.path, getattr(steps, "reused", False)
+        timings.path, timings.reused = steps.path, steps.reused
         if isinstance(steps, EagerSteps):
             yield from _eager(steps, token, opts, generator, selector, eos, timings)
         else:
