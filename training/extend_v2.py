@@ -190,17 +190,55 @@ def make_heldout_v2(n: int, seed: int, args, packer: Packer, fspec: FrameSpec, f
     return pix, ids, labels, kinds
 
 
+def grown_layer_map(n_old: int, n_new: int) -> tuple[dict[int, int], list[int]]:
+    """Where the ``n_old`` language-model layers go when ``n_new - n_old`` are inserted evenly
+    between them (one after every n_old // grow old layers): ({old: new index}, [new layers])."""
+    grow = n_new - n_old
+    stride = max(1, n_old // grow) if grow else n_old + 1
+    where, added, j = {}, [], 0
+    for i in range(n_old):
+        where[i] = j
+        j += 1
+        if len(added) < grow and (i + 1) % stride == 0:
+            added.append(j)
+            j += 1
+    added += list(range(j, n_new))
+    return where, added
+
+
 def build(args):
-    """The v1 model with the vocabulary grown to v2's words (new rows: the mean embedding)."""
+    """The init model with the vocabulary grown to v2's words (new rows: the mean embedding)
+    and, with ``--grow-layers``, language-model layers inserted that start as the identity
+    (their attention output and MLP down projections are zero, so the model's function is
+    unchanged at step 0)."""
+    import re
+    from dataclasses import replace
+
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from dycoke_cli.models.base import quiet_transformers
 
     tokenizer = build_word_tokenizer(ALL_WORDS)
-    model = build_llava_onevision(tokenizer, SPEC, seed=args.seed)
     with quiet_transformers():
-        state = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).state_dict()
+        init = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+    n_old = init.config.text_config.num_hidden_layers
+    spec = replace(SPEC, text_layers=n_old + args.grow_layers)
+    args.text_layers = spec.text_layers
+    model = build_llava_onevision(tokenizer, spec, seed=args.seed)
     own = model.state_dict()
+    where, added = grown_layer_map(n_old, spec.text_layers)
+    layer = re.compile(r"(.*\.language_model\.(?:.*\.)?layers\.)(\d+)(\..*)")
+
+    def moved(name: str) -> str:
+        m = layer.match(f".{name}")
+        return f"{m[1]}{where[int(m[2])]}{m[3]}"[1:] if m else name
+
+    state = {moved(name): value for name, value in init.state_dict().items()}
+    for name, value in own.items():
+        m = layer.match(f".{name}")
+        if m and int(m[2]) in added:
+            zero = name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+            state[name] = torch.zeros_like(value) if zero else value.clone()
     for name, value in state.items():
         if own[name].shape != value.shape:  # the embedding and the output head: v1 rows first
             rows = value.shape[0]
@@ -230,7 +268,7 @@ def export(model, tokenizer, fspec, args, path: Path):
     if args.fps:  # by length: the model tells a 2-4 s v1 clip from a 6-9 s v2 clip by its frame count
         frames.update(fps=args.fps, min_frames=args.min_frames, max_frames=args.frames)
     save_checkpoint(model, tokenizer, path, fspec, {
-        **frames, "prune_layer": SPEC.text_layers // 2, "ttm_k": 0.7, "prune_p": 0.7,
+        **frames, "prune_layer": args.text_layers // 2, "ttm_k": 0.7, "prune_p": 0.7,
         "caption_prompt": "describe the video.",
     })
     print(f"wrote {path} ({(path / 'model.safetensors').stat().st_size / 1e6:.2f} MB weights)", flush=True)
@@ -254,6 +292,11 @@ def main(argv=None):
     ap.add_argument("--ttm-p", type=float, default=0.5)
     ap.add_argument("--decision-weight", type=float, default=3.0,
                     help="loss weight of the caption tokens that decide what comes next (moves/stays/turns/,/then)")
+    ap.add_argument("--decision-tokens", default="moves stays turns , then",
+                    help="the caption tokens that weigh --decision-weight (space-separated; <eos> is the end)")
+    ap.add_argument("--grow-layers", type=int, default=0,
+                    help="insert this many language-model layers into the init model, starting as the identity")
+    ap.add_argument("--aux-from", type=Path, default=None, help="a checkpoint (.pt) whose probe head to start from")
     ap.add_argument("--caption-weight", type=float, default=1.0,
                     help="loss weight of caption branches' tokens (the second stage used 3)")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -294,7 +337,10 @@ def main(argv=None):
         step, best, history = st["step"], st["best"], st.get("history", [])
         print(f"resumed at step {step} (best {best})", flush=True)
     model.train()
-    decision_ids = torch.tensor(tokenizer.convert_tokens_to_ids(["moves", "stays", "turns", ",", "then"]))
+    decision = [tokenizer.eos_token if w == "<eos>" else w for w in args.decision_tokens.split()]
+    decision_ids = torch.tensor(tokenizer.convert_tokens_to_ids(decision))
+    if args.aux_from is not None and step == 0:
+        aux_head.load_state_dict(torch.load(args.aux_from, weights_only=False)["aux"])
     v1_args = argparse.Namespace(frames=args.frames)
     t_h = time.time()
     held_v1 = make_heldout(args.heldout_v1, args.heldout_seed, v1_args, packer, fspec, args.ckpt_dir / "heldout_v1",
