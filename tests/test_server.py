@@ -326,7 +326,7 @@ def _bad(**fields):
     (_bad(max_completion_tokens=0), 400, "max_completion_tokens must be in [1, 1000] on this server (got 0)"),
     (_bad(temperature=0.001), 400, "temperature must be 0 (greedy) or in [0.01, 100] (got 0.001)"),
     (_bad(dycoke={"prune_p": 1.5}), 400, "dycoke.prune_p must be in [0, 1) (got 1.5)"),
-    (_bad(dycoke={"prune_layer": 9}), 400, "dycoke.prune_layer must be in [1, 3] for this 4-layer model (got 9)"),
+    (_bad(dycoke={"prune_layer": 9}), 400, "dycoke.prune_layer must be in [1, 5] for this 6-layer model (got 9)"),
     (_bad(dycoke={"turbo": True}), 422, "dycoke.turbo: Extra inputs are not permitted"),
     (_bad(n=2), 400, "n must be 1 (got 2)"),
     (_bad(model="gpt-4o"), 404, "model 'gpt-4o' is not served here (this server serves 'demo')"),
