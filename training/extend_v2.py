@@ -194,7 +194,7 @@ def grown_layer_map(n_old: int, n_new: int) -> tuple[dict[int, int], list[int]]:
     """Where the ``n_old`` language-model layers go when ``n_new - n_old`` are inserted evenly
     between them (one after every n_old // grow old layers): ({old: new index}, [new layers])."""
     grow = n_new - n_old
-    stride = max(1, n_old // grow) if grow else n_old + 1
+    stride = max(1, n_old // max(grow, 1))
     where, added, j = {}, [], 0
     for i in range(n_old):
         where[i] = j
@@ -223,7 +223,6 @@ def build(args):
         init = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     n_old = init.config.text_config.num_hidden_layers
     spec = replace(SPEC, text_layers=n_old + args.grow_layers)
-    args.text_layers = spec.text_layers
     model = build_llava_onevision(tokenizer, spec, seed=args.seed)
     own = model.state_dict()
     where, added = grown_layer_map(n_old, spec.text_layers)
@@ -268,7 +267,7 @@ def export(model, tokenizer, fspec, args, path: Path):
     if args.fps:  # by length: the model tells a 2-4 s v1 clip from a 6-9 s v2 clip by its frame count
         frames.update(fps=args.fps, min_frames=args.min_frames, max_frames=args.frames)
     save_checkpoint(model, tokenizer, path, fspec, {
-        **frames, "prune_layer": args.text_layers // 2, "ttm_k": 0.7, "prune_p": 0.7,
+        **frames, "prune_layer": model.config.text_config.num_hidden_layers // 2, "ttm_k": 0.7, "prune_p": 0.7,
         "caption_prompt": "describe the video.",
     })
     print(f"wrote {path} ({(path / 'model.safetensors').stat().st_size / 1e6:.2f} MB weights)", flush=True)
