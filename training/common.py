@@ -4,10 +4,12 @@ clips at segment centres, packed (prefix-shared) forward passes and exact-match 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -103,12 +105,32 @@ class Packer:
         return mask[None, None], pos[None]
 
 
+@dataclass(frozen=True)
+class DecodePruning:
+    """DyCoke's decode-time pruning as the product runs it (compression.selectors): layers
+    >= ``layer`` keep ``floor((1 - p) * TTM's count)`` visual entries, chosen by layer
+    ``layer - 1``'s head-averaged attention of the step's query (``coverage`` > 0: the product's
+    BalancedTopk), re-selected when that row's cosine to the reference falls below
+    ``threshold``."""
+
+    p: float = 0.7
+    layer: int = 3
+    coverage: float = 0.5
+    threshold: float = 0.9
+
+
 def packed_logits(model, packer: Packer, pixel_values, branch_ids, return_features: bool = False,
-                  ttm_k: float | None = None):
+                  ttm_k: float | None = None, prune: DecodePruning | None = None,
+                  decoding: torch.Tensor | None = None):
     """pixel_values [N, T, 3, h, w]; branch_ids long [N, k, B]. Returns logits [N, k, B, vocab]
     for the branch positions (logit at position i predicts token i+1 of the branch; the
     first answer token is predicted from the last question position), and optionally the
-    per-frame projected video features [N, T, n, D]."""
+    per-frame projected video features [N, T, n, D].
+
+    ``prune`` (with ``ttm_k``): DyCoke's decode-time KV pruning, teacher-forced as the product
+    decodes. The positions ``decoding`` marks (bool [N, k, B]: the answer tokens and the EOS,
+    the queries of decoding steps) attend, in layers >= ``prune.layer``, only to the visual
+    tokens the product's selector would keep at that step."""
     N, k, B = branch_ids.shape
     core = model.model
     out = core.get_video_features(pixel_values, vision_feature_layer=model.config.vision_feature_layer,
@@ -120,7 +142,8 @@ def packed_logits(model, packer: Packer, pixel_values, branch_ids, return_featur
     if ttm_k:  # DyCoke's TTM, as the product applies it: kept tokens packed, positions contiguous
         from dycoke_cli.compression.ttm import temporal_merge
 
-        kept = torch.stack([temporal_merge(per_frame[i], ttm_k)[0] for i in range(N)])
+        merged = [temporal_merge(per_frame[i], ttm_k) for i in range(N)]
+        kept, index = torch.stack([m[0] for m in merged]), merged[0][1]
         video = torch.cat([kept, feats[:, -1:]], dim=1)
     emb = core.get_input_embeddings()
     head = emb(torch.tensor(packer.head)).unsqueeze(0).expand(N, -1, -1)
@@ -128,11 +151,106 @@ def packed_logits(model, packer: Packer, pixel_values, branch_ids, return_featur
     x = torch.cat([head, video.to(head.dtype), branches], dim=1)
     P = len(packer.head) + video.shape[1]
     mask, pos = packer.layout(k, P)
-    h = core.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos.expand(N, -1)).last_hidden_state
+    if prune is None:
+        h = core.language_model(inputs_embeds=x, attention_mask=mask, position_ids=pos.expand(N, -1)).last_hidden_state
+    else:
+        if not ttm_k:
+            raise ValueError("decode pruning is DyCoke's second stage: it needs ttm_k")
+        frame_of = index // per_frame.shape[2]  # every clip of a batch has the same TTM layout
+        visual = slice(len(packer.head), len(packer.head) + len(frame_of))
+        h = _pruned_forward(core.language_model, x, mask, pos.expand(N, -1), prune, decoding, visual, frame_of)
     logits = model.lm_head(h[:, P:, :]).view(N, k, B, -1)
     if return_features:
         return logits, per_frame
     return logits
+
+
+def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _pruned_forward(lm, x, mask, pos, prune: DecodePruning, decoding, visual: slice, frame_of):
+    """The Qwen2 language model over packed sequences x [N, L, D], layer by layer: layers
+    before ``prune.layer`` with ``mask`` [1, 1, L, L]; from it on, the decoding positions of the
+    branches (``decoding`` [N, k, B]; the branches fill the sequence's last k * B positions)
+    see only their selection of the ``visual`` positions."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from dycoke_cli.compression.ttm import kept_per_frame
+
+    N, L, _ = x.shape
+    _, k, B = decoding.shape
+    first = L - k * B
+    keep = max(1, kept_per_frame(visual.stop - visual.start, prune.p))
+    rot = lm.rotary_emb(x, pos)
+    full, pruned = _additive(mask, x.dtype), None
+    h = x
+    for i, layer in enumerate(lm.layers):
+        if i == prune.layer - 1:
+            with torch.no_grad():  # the selection is a hard choice: no gradient through it
+                attn = layer.self_attn
+                hn = layer.input_layernorm(h)
+                q = attn.q_proj(hn).view(N, L, -1, attn.head_dim).transpose(1, 2)
+                key = attn.k_proj(hn).view(N, L, -1, attn.head_dim).transpose(1, 2)
+                q, key = apply_rotary_pos_emb(q, key, *rot)
+                key = key.repeat_interleave(q.shape[1] // key.shape[1], dim=1)  # grouped-query heads
+                scores = (q[:, :, first:].float() @ key.float().transpose(-1, -2)) * attn.scaling
+                rows = (scores + full[:, :, first:].float()).softmax(-1).mean(1)[..., visual]
+                chosen = pruned_visual_mask(rows.reshape(N, k, B, -1), decoding, keep, frame_of,
+                                            prune.coverage, prune.threshold)
+                m = mask.expand(N, 1, L, L).clone()
+                m[:, 0, first:, visual] &= chosen.reshape(N, k * B, -1)
+                pruned = _additive(m, x.dtype)
+        h = layer(h, attention_mask=full if i < prune.layer else pruned, position_ids=pos, position_embeddings=rot)
+    return lm.norm(h)
+
+
+def candidate_mask(rows: torch.Tensor, keep: int, frame_of: torch.Tensor, coverage: float) -> torch.Tensor:
+    """bool [..., V]: the ``keep`` entries of each row [..., V] that the product's rule picks:
+    with ``coverage`` > 0, each frame's ``floor(coverage * keep / frames)`` best first (at most
+    the frame's size), then the best of the rest; plain top-k at 0 (selectors.BalancedTopk)."""
+    V = rows.shape[-1]
+    chosen = torch.zeros(*rows.shape[:-1], V + 1, dtype=torch.bool)
+    frames, sizes = torch.unique(frame_of, return_counts=True)
+    per = min(int(coverage * keep // len(frames)), int(sizes.max()))
+    if per > 0:
+        groups = torch.full((len(frames), int(sizes.max())), V)
+        for g, f in enumerate(frames.tolist()):
+            where = torch.nonzero(frame_of == f).flatten()
+            groups[g, : len(where)] = where
+        padded = torch.cat([rows, rows.new_full((*rows.shape[:-1], 1), float("-inf"))], -1)
+        best = torch.topk(padded[..., groups], per, dim=-1).indices  # [..., frames, per]
+        picked = groups.expand(*best.shape[:-1], -1).gather(-1, best).flatten(-2)
+        chosen.scatter_(-1, picked, True)
+    chosen = chosen[..., :V]
+    rest = keep - int(sizes.clamp(max=per).sum())
+    if rest > 0:
+        top = torch.topk(rows.masked_fill(chosen, float("-inf")), rest, dim=-1).indices
+        chosen.scatter_(-1, top, True)
+    return chosen
+
+
+def pruned_visual_mask(rows, decoding, keep: int, frame_of, coverage: float, threshold: float) -> torch.Tensor:
+    """bool [N, k, B, V]: which visual entries each branch position sees under the product's
+    rule. rows [N, k, B, V]: the probed attention over the visual entries; decoding [N, k, B]:
+    the decoding steps (the other positions, the prefill, see everything). In each branch the
+    first decoding step selects; a later one re-selects when cos(row, reference) < threshold
+    (DecodeSelector.observe_row)."""
+    cand = candidate_mask(rows, keep, frame_of, coverage)
+    out = torch.ones_like(cand)
+    N, k, B, V = rows.shape
+    sel = torch.zeros(N, k, V, dtype=torch.bool)
+    ref = torch.zeros(N, k, V)
+    has = torch.zeros(N, k, dtype=torch.bool)
+    for t in range(B):
+        on = decoding[..., t]
+        sim = F.cosine_similarity(rows[:, :, t], ref, dim=-1)
+        refresh = on & (~has | (sim < threshold))
+        sel = torch.where(refresh[..., None], cand[:, :, t], sel)
+        ref = torch.where(refresh[..., None], rows[:, :, t], ref)
+        has = has | on
+        out[:, :, t] = torch.where(on[..., None], sel, out[:, :, t])
+    return out
 
 
 def branch_targets(branch_labels: torch.Tensor) -> torch.Tensor:

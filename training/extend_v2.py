@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, WORDS, Packer, branch_targets, packed_logits, read_clip  # noqa: E402
+from common import ROOT, WORDS, DecodePruning, Packer, branch_targets, packed_logits, read_clip  # noqa: E402
 from train_demo import (  # noqa: E402
     aux_loss,
     branches_for,
@@ -289,6 +289,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--aux-weight", type=float, default=0.3)
     ap.add_argument("--ttm-p", type=float, default=0.5)
+    ap.add_argument("--prune-share", type=float, default=0.0,
+                    help="share of the TTM steps that also prune the KV cache while decoding, as the product "
+                         "does (teacher-forced; the budget and the rule drawn per step)")
     ap.add_argument("--decision-weight", type=float, default=3.0,
                     help="loss weight of the caption tokens that decide what comes next (moves/stays/turns/,/then)")
     ap.add_argument("--decision-tokens", default="moves stays turns , then",
@@ -317,6 +320,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer, model, fspec, grid, packer, aux_head = build(args)
+    prune_layer = model.config.text_config.num_hidden_layers // 2  # what export writes to dycoke.json
     print(f"vocab {len(tokenizer)} (+{len(V2_WORDS)}: {' '.join(V2_WORDS)}); {args.frames} frames -> "
           f"{packer.V} video tokens", flush=True)
     params = list(model.parameters()) + list(aux_head.parameters())
@@ -357,8 +361,14 @@ def main(argv=None):
         t2 = evaluate(model, packer, held_v2, ttm_k=0.7)
         res = {"step": step, "v1": r1, "v2": r2, "v2_ttm": t2,
                "score": min(r1["overall"], r2["overall"]) + 0.25 * r2["caption"] + 0.25 * t2["overall"]}
+        names = ["v1", "v2", "v2_ttm"]
+        if args.prune_share:  # DyCoke at the product's defaults: its v2 overall weighs like TTM's
+            d2 = evaluate(model, packer, held_v2, ttm_k=0.7, prune=DecodePruning(layer=prune_layer))
+            res["v2_dycoke"] = d2
+            res["score"] += 0.25 * d2["overall"] + 0.25 * d2["caption"]
+            names.append("v2_dycoke")
         history.append(res)
-        for name in ("v1", "v2", "v2_ttm"):
+        for name in names:
             print(f"EVAL step {step} {name}: " + " ".join(f"{k} {v:.3f}" for k, v in res[name].items()), flush=True)
         if res["score"] >= best["score"]:
             best = {"score": res["score"], "step": step}
@@ -381,7 +391,13 @@ def main(argv=None):
             ttm_k = None
             if np.random.default_rng([args.seed, 7, step]).random() < args.ttm_p:
                 ttm_k = float(np.random.default_rng([args.seed, 8, step]).choice([0.5, 0.6, 0.7, 0.7, 0.8]))
-            logits, feats = packed_logits(model, packer, pix, ids, return_features=True, ttm_k=ttm_k)
+            prune = None
+            pick = np.random.default_rng([args.seed, 9, step])
+            if ttm_k is not None and pick.random() < args.prune_share:
+                prune = DecodePruning(p=float(pick.choice([0.6, 0.7, 0.7, 0.8])), layer=prune_layer,
+                                      coverage=float(pick.choice([0.0, 0.5, 0.5, 1.0])))
+            logits, feats = packed_logits(model, packer, pix, ids, return_features=True, ttm_k=ttm_k, prune=prune,
+                                          decoding=labels != -100)
             lm = weighted_lm_loss(logits, branch_targets(labels), captions, decision_ids, args.decision_weight,
                                   args.caption_weight)
             al, _ = aux_loss(aux_head, feats, aux)

@@ -217,12 +217,14 @@ def make_heldout(n: int, seed: int, args, packer: Packer, fspec: FrameSpec, fold
 
 
 @torch.no_grad()
-def evaluate(model, packer: Packer, heldout, ttm_k: float | None = None) -> dict:
+def evaluate(model, packer: Packer, heldout, ttm_k: float | None = None, prune=None) -> dict:
+    """Teacher-forced exact match per question kind (``prune``: common.DecodePruning, with TTM)."""
     model.eval()
     pix, ids, labels, kinds = heldout
     hits: dict[str, list[int]] = {}
     for p, i, l, kd in zip(pix, ids, labels, kinds):
-        logits = packed_logits(model, packer, p[None], torch.tensor([i]), ttm_k=ttm_k)
+        logits = packed_logits(model, packer, p[None], torch.tensor([i]), ttm_k=ttm_k, prune=prune,
+                               decoding=torch.tensor([l]) != -100)
         ok = exact_match(logits, branch_targets(torch.tensor([l])))[0]
         for kind, good in zip(kd, ok.tolist()):
             hits.setdefault(kind, []).append(int(good))
