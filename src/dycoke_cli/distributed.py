@@ -92,6 +92,10 @@ def process_group(device: str, timeout_s: float | None, environ=os.environ):
         raise DycokeError(f"rank {rank}: cannot join torchrun's process group ({_first_line(exc)})") from None
     try:
         yield Shard(rank, world)
+        try:  # every rank past its last collective before any tears the group down: a rank
+            dist.barrier()  # that left early made gloo abort another one still reading from it
+        except RuntimeError:
+            pass  # another rank went away; its error is its own line
     finally:
         dist.destroy_process_group()
 
