@@ -7,11 +7,13 @@ word vocabulary by the words v2's questions and captions need (the v1 ids stay w
 are; the new rows start at the mean embedding), and trains on a mix of v1 and v2 clips. Frames:
 ``--frames`` per clip, or with ``--fps`` by the clip's length as the product counts them from
 dycoke.json (round(seconds * fps) within [--min-frames, --frames]: a 2-4 s v1 clip gets 4-8, a
-6-9 s v2 clip 12-16), one world and one count per batch. Half of the steps run the video
-tokens through DyCoke's TTM, as the v1 fine-tune did. Held-out v1 and v2 clips (real h264 mp4
-read back like the product reads them) are scored every ``--eval-every`` steps; the best by
-the lower of the two overall accuracies (plus a share of v2's captions and of v2 under TTM) is
-exported.
+6-9 s v2 clip 12-16), one world and one count per batch. ``--ttm-p`` of the steps run the
+video tokens through DyCoke's TTM, as the v1 fine-tune did; ``--prune-share`` of those also
+prune the KV cache while decoding, teacher-forced as the product decodes
+(common.DecodePruning). Held-out v1 and v2 clips (real h264 mp4, read back by presentation
+time at full size, then resized) are scored every ``--eval-every`` steps; the best by the lower
+of the two overall accuracies (plus a share of v2's captions, of v2 under TTM and, with
+``--prune-share``, of v2 under DyCoke) is exported.
 
 Seeded and resumable like train_demo.py (``--ckpt-dir``/last.pt; ``--fresh``); ``--until`` stops
 at a step with the schedule of ``--steps``, ``--resume-from`` starts a new folder from another
@@ -362,7 +364,7 @@ def main(argv=None):
         res = {"step": step, "v1": r1, "v2": r2, "v2_ttm": t2,
                "score": min(r1["overall"], r2["overall"]) + 0.25 * r2["caption"] + 0.25 * t2["overall"]}
         names = ["v1", "v2", "v2_ttm"]
-        if args.prune_share:  # DyCoke at the product's defaults: its v2 overall weighs like TTM's
+        if args.prune_share:  # DyCoke at the product's defaults: its v2 overall and captions weigh 0.25 each
             d2 = evaluate(model, packer, held_v2, ttm_k=0.7, prune=DecodePruning(layer=prune_layer))
             res["v2_dycoke"] = d2
             res["score"] += 0.25 * d2["overall"] + 0.25 * d2["caption"]
