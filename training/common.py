@@ -205,38 +205,15 @@ def _pruned_forward(lm, x, mask, pos, prune: DecodePruning, decoding, visual: sl
     return lm.norm(h)
 
 
-def candidate_mask(rows: torch.Tensor, keep: int, frame_of: torch.Tensor, coverage: float) -> torch.Tensor:
-    """bool [..., V]: the ``keep`` entries of each row [..., V] that the product's rule picks:
-    with ``coverage`` > 0, each frame's ``floor(coverage * keep / frames)`` best first (at most
-    the frame's size), then the best of the rest; plain top-k at 0 (selectors.BalancedTopk)."""
-    V = rows.shape[-1]
-    chosen = torch.zeros(*rows.shape[:-1], V + 1, dtype=torch.bool)
-    frames, sizes = torch.unique(frame_of, return_counts=True)
-    per = min(int(coverage * keep // len(frames)), int(sizes.max()))
-    if per > 0:
-        groups = torch.full((len(frames), int(sizes.max())), V)
-        for g, f in enumerate(frames.tolist()):
-            where = torch.nonzero(frame_of == f).flatten()
-            groups[g, : len(where)] = where
-        padded = torch.cat([rows, rows.new_full((*rows.shape[:-1], 1), float("-inf"))], -1)
-        best = torch.topk(padded[..., groups], per, dim=-1).indices  # [..., frames, per]
-        picked = groups.expand(*best.shape[:-1], -1).gather(-1, best).flatten(-2)
-        chosen.scatter_(-1, picked, True)
-    chosen = chosen[..., :V]
-    rest = keep - int(sizes.clamp(max=per).sum())
-    if rest > 0:
-        top = torch.topk(rows.masked_fill(chosen, float("-inf")), rest, dim=-1).indices
-        chosen.scatter_(-1, top, True)
-    return chosen
-
-
 def pruned_visual_mask(rows, decoding, keep: int, frame_of, coverage: float, threshold: float) -> torch.Tensor:
     """bool [N, k, B, V]: which visual entries each branch position sees under the product's
     rule. rows [N, k, B, V]: the probed attention over the visual entries; decoding [N, k, B]:
     the decoding steps (the other positions, the prefill, see everything). In each branch the
     first decoding step selects; a later one re-selects when cos(row, reference) < threshold
     (DecodeSelector.observe_row)."""
-    cand = candidate_mask(rows, keep, frame_of, coverage)
+    from dycoke_cli.compression.selectors import BalancedTopk
+
+    cand = BalancedTopk(keep, frame_of, coverage).chosen(rows)  # coverage 0: plain top-k
     out = torch.ones_like(cand)
     N, k, B, V = rows.shape
     sel = torch.zeros(N, k, V, dtype=torch.bool)

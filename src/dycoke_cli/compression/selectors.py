@@ -84,20 +84,27 @@ class BalancedTopk:
         self.rest = keep - int(sizes.clamp(max=self.per_frame).sum())  # a constant: no count at run time
 
     def __call__(self, row: torch.Tensor) -> torch.Tensor:
-        total = row.shape[0]
-        chosen = torch.zeros(total + 1, dtype=torch.bool, device=row.device)
-        if self.per_frame > 0:
-            padded = torch.cat([row, row.new_full((1,), float("-inf"))])
-            if self.groups.device != row.device:
-                self.groups = self.groups.to(row.device)  # once: a step copies nothing from the host
-            groups = self.groups
-            best = torch.topk(padded[groups], self.per_frame, dim=1, sorted=False).indices
-            chosen[groups.gather(1, best).flatten()] = True  # a frame's padding lands on the extra slot
-        chosen = chosen[:total]
-        if self.rest > 0:
-            chosen[torch.topk(row.masked_fill(chosen, float("-inf")), self.rest, sorted=False).indices] = True
         # the chosen positions in ascending order: exactly `keep` of them, so a static shape
-        return torch.argsort((~chosen).to(torch.uint8), stable=True)[: self.keep]
+        return torch.argsort((~self.chosen(row)).to(torch.uint8), stable=True)[: self.keep]
+
+    def chosen(self, rows: torch.Tensor) -> torch.Tensor:
+        """bool [..., total]: the ``keep`` positions the rule picks in each row [..., total] (any
+        leading dimensions: the training recipe applies it to every answer position at once)."""
+        lead, total = rows.shape[:-1], rows.shape[-1]
+        chosen = torch.zeros(*lead, total + 1, dtype=torch.bool, device=rows.device)
+        if self.per_frame > 0:
+            padded = torch.cat([rows, rows.new_full((*lead, 1), float("-inf"))], dim=-1)
+            if self.groups.device != rows.device:
+                self.groups = self.groups.to(rows.device)  # once: a step copies nothing from the host
+            groups = self.groups
+            best = torch.topk(padded[..., groups], self.per_frame, dim=-1, sorted=False).indices
+            # a frame's padding lands on the extra slot
+            chosen.scatter_(-1, groups.expand(*lead, -1, -1).gather(-1, best).flatten(-2), True)
+        chosen = chosen[..., :total]
+        if self.rest > 0:
+            top = torch.topk(rows.masked_fill(chosen, float("-inf")), self.rest, dim=-1, sorted=False).indices
+            chosen.scatter_(-1, top, True)
+        return chosen
 
 
 @dataclass
