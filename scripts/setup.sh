@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with dycoke-cli and its test extras.
-# CPU-only machines get the CPU build of torch (torch==2.13.0); on a machine with an NVIDIA
-# GPU, install a CUDA build first (see README, "GPU"), then run this script.
+# torch first, chosen by scripts/pick_torch.py (it says which build and why): a torch already in
+# the venv within the tested range is kept; a CPU-only machine gets the newest tested CPU build
+# from PyTorch's CPU index, or from the default index when that index cannot be reached; a
+# machine with an NVIDIA GPU gets the newest tested CUDA build (README, "GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
 fi
-VPY=.venv/bin/python
+VPY=$VENV/bin/python
 "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  if command -v nvidia-smi >/dev/null 2>&1 && [ -z "${DYCOKE_CPU_TORCH:-}" ]; then
-    echo "setup: NVIDIA GPU found; installing the default (CUDA) torch build" >&2
-    "$VPY" -m pip install -q "torch>=2.11,<2.14"  # the range pyproject.toml declares (tested)
-  else
-    "$VPY" -m pip install -q "torch==2.13.0"
-  fi
+INSTALLED=$("$VPY" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+TORCH_ARGS=$("$VPY" scripts/pick_torch.py "$INSTALLED" "${DYCOKE_TORCH_RELEASE:-}")
+if [ -n "$TORCH_ARGS" ]; then
+  # shellcheck disable=SC2086 - the words are pip arguments
+  "$VPY" -m pip install -q $TORCH_ARGS
 fi
 "$VPY" -m pip install -q -e ".[test]"
 echo "setup: ready ($("$VPY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))" >&2

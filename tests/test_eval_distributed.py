@@ -63,6 +63,7 @@ def _without_times(report: dict) -> dict:
     return report
 
 
+@pytest.mark.timing
 def test_two_ranks_give_the_report_of_one_process(qa_file):
     args = ["eval", str(qa_file), "--model", "demo", "--methods", "none,dycoke", "--max-new-tokens", "3"]
     one = _one_process([*args, "--json"])
@@ -99,6 +100,7 @@ def test_a_bad_qa_file_is_one_line_on_every_rank(tmp_path):
 LOST = "dycoke: error: rank 0: lost the other ranks while gathering the results ("
 
 
+@pytest.mark.timing
 def test_a_rank_that_fails_ends_the_run_with_its_line():
     proc = _torchrun(2, [str(ROOT / "tests" / "dist_worker.py"), "fail", "3"])
     assert (proc.returncode, proc.stdout) == (1, "")
@@ -110,6 +112,7 @@ def test_a_rank_that_fails_ends_the_run_with_its_line():
     assert all(x.startswith(LOST) and x.endswith(")") for x in errors if "rank 1" not in x), proc.stderr
 
 
+@pytest.mark.timing
 def test_a_rank_that_hangs_is_given_up_after_the_timeout():
     # rank 1 never comes to the gather: rank 0 gives up after the timeout (3 s), and torchrun
     # then stops rank 1
@@ -119,6 +122,7 @@ def test_a_rank_that_hangs_is_given_up_after_the_timeout():
     assert len(errors) == 1 and errors[0].startswith(f"{LOST}Timed out waiting 3000ms"), proc.stderr
 
 
+@pytest.mark.timing
 def test_the_worker_gathers_when_every_rank_behaves():
     proc = _torchrun(2, [str(ROOT / "tests" / "dist_worker.py"), "ok", "60"])
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "[{'rank': 0}, {'rank': 1}]\n", "")

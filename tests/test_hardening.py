@@ -307,14 +307,11 @@ def _drain(stream, chunks: list[bytes]) -> None:
         chunks.append(chunk)
 
 
+@pytest.mark.timing
 def test_ctrl_c_prints_the_partial_answer_and_exits_130(tiny_model_dir, clip_path):
-    # Under a loaded machine the signal can race the end of a run; three tries, one must pass.
-    for attempt in range(3):
-        try:
-            return _ctrl_c_once(tiny_model_dir, clip_path)
-        except AssertionError:
-            if attempt == 2:
-                raise
+    # The answer runs to the 4,096-token context (tens of seconds here), so the signal sent
+    # after its first words always lands mid-answer: no retry.
+    _ctrl_c_once(tiny_model_dir, clip_path)
 
 
 def _ctrl_c_once(tiny_model_dir, clip_path):
@@ -493,6 +490,7 @@ def test_hour_long_clip_in_bounded_time_and_memory(tmp_path, tiny_model_dir):
     assert snapshot(folder) == before
 
 
+@pytest.mark.timing
 def test_ctrl_c_with_json_prints_the_partial_answer_as_json(tiny_model_dir, clip_path, tmp_path):
     cmd = [sys.executable, "-m", "dycoke_cli", "ask", str(clip_path), QUESTION, "--model", str(tiny_model_dir),
            "--max-new-tokens", "100000", "--no-compress", "--dtype", "float32", "--json"]

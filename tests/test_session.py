@@ -189,6 +189,7 @@ def test_chat_reads_questions_and_commands_from_stdin(tiny_model_dir, clip_path,
                    "[dycoke] unknown command /nope (/help lists them)\n")
 
 
+@pytest.mark.timing
 def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_session(tiny_model_dir, clip_path):
     cmd = [sys.executable, "-m", "dycoke_cli", "chat", str(clip_path), "--model", str(tiny_model_dir), "-q",
            "--max-new-tokens", "3000", "--method", "none", "--dtype", "float32"]

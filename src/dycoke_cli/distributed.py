@@ -7,18 +7,29 @@ not imported. Ranks talk through ``torch.distributed``: gloo on the CPU, NCCL on
 device per rank (LOCAL_RANK). Every collective waits at most a given time for the other ranks
 (`dycoke eval`: DYCOKE_DIST_TIMEOUT seconds, default 1800), so a rank that hangs cannot hang
 the others for ever; a rank that fails exits, and torchrun then stops the others.
+
+How a rank ends: the command-line entry point leaves a process that joined a group with
+:func:`leave`, which flushes stdout and stderr and ends the process at once (``os._exit``).
+gloo's threads (``gloo_tcp_loop`` and two ``pt_gloo_runloop``) outlive
+``destroy_process_group`` in a process that ran `dycoke eval`, and a C++ thread still running
+when the interpreter tears down its native state aborts the process ("terminate called without
+an active exception", SIGABRT) after the report was printed. Nothing runs after the flush, so
+nothing can abort.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import DycokeError, UsageError
 
 TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")
+
+_joined = False  # this process joined a group that it did not tear down (see leave)
 
 
 def launched_by_torchrun(environ=os.environ) -> bool:
@@ -61,12 +72,16 @@ def _rank_numbers(environ) -> tuple[int, int, int]:
 
 
 @contextmanager
-def process_group(device: str, timeout_s: float | None, environ=os.environ):
+def process_group(device: str, timeout_s: float | None, environ=os.environ, *, teardown: bool = True):
     """Join torchrun's process group for the ``with`` block and yield this rank's Shard, or
     yield None when the process was not started by torchrun. Each collective waits at most
     ``timeout_s`` seconds (torch's default where None). ``device`` is the --device choice:
     CUDA (``cuda``, or ``auto`` where CUDA is available) uses NCCL on device LOCAL_RANK, which
-    becomes the current device, so the model loads there; the CPU uses gloo."""
+    becomes the current device, so the model loads there; the CPU uses gloo.
+
+    ``teardown=False`` leaves the group standing at the end of the block: the process must then
+    end with :func:`leave` (the command line does), never through the interpreter's exit."""
+    global _joined
     if not launched_by_torchrun(environ):
         yield None
         return
@@ -90,14 +105,31 @@ def process_group(device: str, timeout_s: float | None, environ=os.environ):
         dist.init_process_group(**kwargs)
     except (RuntimeError, ValueError) as exc:  # the store cannot be reached, or timed out
         raise DycokeError(f"rank {rank}: cannot join torchrun's process group ({_first_line(exc)})") from None
+    _joined = not teardown
     try:
         yield Shard(rank, world)
-        try:  # every rank past its last collective before any tears the group down: a rank
-            dist.barrier()  # that left early made gloo abort another one still reading from it
+        try:  # every rank past its last collective before any leaves
+            dist.barrier()
         except RuntimeError:
             pass  # another rank went away; its error is its own line
     finally:
-        dist.destroy_process_group()
+        if teardown:
+            dist.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """``code`` back, where this process joined no group that is still standing; otherwise
+    flush stdout and stderr and end the process now with ``code``, running no destructor (see
+    the module's note). Call it last: nothing after it runs."""
+    if not _joined:
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or gone reader: nothing more can be written anyway
+    os._exit(code)
 
 
 def _first_line(exc: BaseException) -> str:

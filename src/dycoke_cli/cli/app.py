@@ -191,10 +191,15 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
     display = make_display(flags.quiet, flags.json_out, flags.model_name, session.compression.method.value,
                            stdout_is_terminal=bool(sys.stdout.isatty()))
     answering = Answering(display, flags.json_out)
-    try:
-        with oom_guard(RunSettings(session.frames, session.compression.ttm_k, session.compression.method.value)):
-            for event in session.stream(question, flags.sampling()):
+    try:  # Ctrl-C stops the answer between two tokens, never inside the session's generator
+        with oom_guard(RunSettings(session.frames, session.compression.ttm_k, session.compression.method.value)), \
+                interrupts.requested() as stop:
+            events = session.stream(question, flags.sampling())
+            for event in events:
                 answering.show(event)
+                if stop.is_set():
+                    events.close()
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         display.close()
         out(answering.interrupted_output())
@@ -302,7 +307,7 @@ def eval_cmd(
     settings = RunSettings()
     err = Console(stderr=True)
     wait = _env_seconds("DYCOKE_DIST_TIMEOUT", 1800) if launched_by_torchrun() else None  # on a collective
-    with process_group(flags.device.value, wait) as shard, oom_guard(settings):
+    with process_group(flags.device.value, wait, teardown=False) as shard, oom_guard(settings):
         if shard is not None and shard.rank != 0:  # only rank 0 speaks, and prints the report
             flags = replace(flags, quiet=True)
         lm = _load_announced(flags)
@@ -487,4 +492,6 @@ def main() -> None:
     if sys.stdout is None:
         _error("cannot write the output (stdout is closed)")
         sys.exit(1)
-    sys.exit(_run_command(sys.argv[1:], debug))
+    from ..distributed import leave
+
+    sys.exit(leave(_run_command(sys.argv[1:], debug)))

@@ -5,8 +5,12 @@ pybind11 or PyO3 extensions) can abort the whole process (``pybind11::error_alre
 So the command-line entry point installs :func:`exit_now` first: it writes what the running
 command registered (a partial answer, say), then ``dycoke: interrupted``, and leaves at once.
 Loops that are plain Python and want to finish their output themselves run inside
-:func:`raising`, where Ctrl-C raises KeyboardInterrupt as usual. Library users are not
-affected: nothing is installed unless the entry point does it.
+:func:`raising`, where Ctrl-C raises KeyboardInterrupt as usual. A loop that must stop only
+between two of its own steps (the chat's answer: a KeyboardInterrupt raised inside the
+session's generator, between a cache write and its bookkeeping, would leave the session
+half-updated) runs inside :func:`requested`: Ctrl-C sets an event that the loop reads, and a
+second Ctrl-C exits at once. Library users are not affected: nothing is installed unless the
+entry point does it.
 """
 
 from __future__ import annotations
@@ -75,3 +79,25 @@ def raising() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, exit_now)
+
+
+@contextmanager
+def requested() -> Iterator[threading.Event]:
+    """Inside, Ctrl-C sets the yielded event (the loop stops at its next check); a second Ctrl-C
+    before the loop stopped exits at once, as :func:`exit_now` does. Where no handler can be
+    installed (not the main thread), the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            exit_now()
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
