@@ -55,7 +55,7 @@ class Server:
 
     def ttft(self, messages: list[dict], **extra) -> tuple[float, str]:
         """Seconds to the first content chunk, and the whole answer."""
-        from dycoke_cli.server.app import served_name
+        from dycoke_cli.server.service import served_name
 
         body = json.dumps({"model": served_name(MODEL), "stream": True, "messages": messages, **EXTRA, **extra})
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=600)

@@ -61,6 +61,7 @@ def reachable(index: str) -> bool:
 def choose(installed: str, environ=os.environ, wanted: str = "") -> tuple[list[str], str, int]:
     """(pip arguments, reason, exit code) for this machine."""
     low, cap, newest = tested_range()
+    which = "the release asked for" if wanted else "the newest tested"
     newest = wanted or newest
     if installed:
         if release(low) <= release(installed) < release(cap):
@@ -71,16 +72,16 @@ def choose(installed: str, environ=os.environ, wanted: str = "") -> tuple[list[s
                     f"--index-url https://download.pytorch.org/whl/cu130 for CUDA, or {CPU_INDEX} for the "
                     f"CPU build), then run setup again; or set PYTHON and start from a new venv"), 1
     if shutil.which("nvidia-smi", path=environ.get("PATH")) and not environ.get("DYCOKE_CPU_TORCH"):
-        return [f"torch=={newest}"], (f"installing torch {newest}, the newest tested, from the default index: "
+        return [f"torch=={newest}"], (f"installing torch {newest}, {which}, from the default index: "
                                       f"an NVIDIA GPU is present (nvidia-smi), and PyPI's Linux torch is a CUDA "
                                       f"build (DYCOKE_CPU_TORCH=1 picks the CPU build instead)"), 0
     index = environ.get("DYCOKE_TORCH_CPU_INDEX") or CPU_INDEX
     if reachable(index):
         return [f"torch=={newest}", "--index-url", index], (
-            f"installing torch {newest}+cpu, the newest tested CPU build, from PyTorch's CPU index ({index}): "
+            f"installing torch {newest}+cpu, {which} (CPU build), from PyTorch's CPU index ({index}): "
             f"no GPU was found (or DYCOKE_CPU_TORCH is set)"), 0
     return [f"torch=={newest}"], (
-        f"PyTorch's CPU index ({index}) cannot be reached; installing torch {newest}, the newest tested, "
+        f"PyTorch's CPU index ({index}) cannot be reached; installing torch {newest}, {which}, "
         f"from the default index instead. On Linux that is a CUDA build (several GB with its NVIDIA "
         f"libraries); it runs on the CPU all the same"), 0
 

@@ -59,7 +59,7 @@ def closed_port() -> int:
 def test_a_cpu_machine_gets_the_cpu_build_from_pytorchs_index(index, tmp_path):
     code, out, err = pick("", path=tmp_path, DYCOKE_TORCH_CPU_INDEX=index)
     assert (code, out) == (0, f"torch=={NEWEST} --index-url {index}\n")
-    assert err == (f"setup: installing torch {NEWEST}+cpu, the newest tested CPU build, from PyTorch's CPU index "
+    assert err == (f"setup: installing torch {NEWEST}+cpu, the newest tested (CPU build), from PyTorch's CPU index "
                    f"({index}): no GPU was found (or DYCOKE_CPU_TORCH is set)\n")
 
 
@@ -94,5 +94,6 @@ def test_a_torch_in_range_is_kept_and_one_outside_is_never_replaced(tmp_path):
 
 
 def test_the_oldest_release_can_be_asked_for(index, tmp_path):
-    code, out, _ = pick("", "2.13.0", path=tmp_path, DYCOKE_TORCH_CPU_INDEX=index)
+    code, out, err = pick("", "2.13.0", path=tmp_path, DYCOKE_TORCH_CPU_INDEX=index)
     assert (code, out) == (0, f"torch==2.13.0 --index-url {index}\n")
+    assert err.startswith("setup: installing torch 2.13.0+cpu, the release asked for (CPU build), from")

@@ -370,14 +370,15 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", help="Requests that may wait while one generates; more get 429.")] = 16,
     sessions: Annotated[int, typer.Option("--sessions", help="Recent sessions kept (encoded video and prefix KV) for follow-up turns.")] = 8,
     sessions_mb: Annotated[int, typer.Option("--sessions-mb", help="Most memory the kept sessions may hold, in MB.")] = 2048,
+    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", show_default=False, help="Another name the Host header may carry (repeatable); the bound address and localhost always are. Others get 403 (DNS rebinding).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions with a video_url part, /v1/models, /health).
 
     The compression and sampling flags are the defaults of every request; a request may override
     them within the server's limits. One generation runs at a time. Ctrl-C or SIGTERM finishes
     the current token, then exits 0."""
-    from ..server.app import ServerConfig
     from ..server.app import serve as run_server
+    from ..server.service import ServerConfig
 
     flags.check()
     config = ServerConfig(
@@ -385,6 +386,7 @@ def serve(
         max_tokens=max_tokens, max_upload_bytes=max_upload_mb * 2**20, queue=queue, sessions=sessions,
         sessions_bytes=sessions_mb * 2**20, frames=flags.frames, compression=flags.compression(),
         sampling=flags.sampling(), cache=flags.feature_cache(), timeout_s=_decode_timeout(), quiet=flags.quiet,
+        allowed_hosts=tuple(allowed_host or ()),
     ).check()
     lm = _load_announced(flags)
     run_server(lm, config)

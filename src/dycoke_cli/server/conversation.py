@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .protocol import ApiError, ChatRequest
+from .protocol import ApiError, ChatRequest, valid_unicode
 
 _PROBE = "\ue000dycoke-question\ue001"  # private-use characters: no template or user text holds them
 
@@ -55,8 +55,9 @@ def parse(lm, request: ChatRequest) -> Conversation:
             raise ApiError(400, f"messages[{i}]: role must be user or assistant (got {m.role!r})", "invalid_role")
         turns += m.role == "user"
         messages.append({"role": m.role, "content": _content(lm, i, m)})
-    first = messages[0]
-    if first["role"] != "user" or not isinstance(first["content"], list) or first["content"][0]["type"] != "video":
+    first = messages[0] if messages else {"role": None, "content": None}
+    if first["role"] != "user" or not isinstance(first["content"], list) or not first["content"] \
+            or first["content"][0]["type"] != "video":
         raise ApiError(400, "the video must be in the first message, a user message", "video_not_first")
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be a user message", "invalid_role")
@@ -104,6 +105,9 @@ def _content(lm, i: int, message) -> list[dict] | str:
 
 
 def _check_text(lm, i: int, text: str) -> None:
+    if not valid_unicode(text):
+        raise ApiError(400, f"messages[{i}]: the text is not valid Unicode (it holds a lone UTF-16 surrogate)",
+                       "invalid_text")
     for token in _control_tokens(lm):
         if token in text:
             raise ApiError(400, f"messages[{i}]: the text holds the model's control token {token!r}", "invalid_text")

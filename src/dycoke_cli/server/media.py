@@ -3,9 +3,10 @@
 - ``file://`` URLs only under ``--allowed-local-media-path``: a path with a ``..`` segment is
   refused outright, and the resolved real path (symlinks followed) must lie inside the folder.
   The file is opened here without following a final symlink and without blocking, checked to be
-  a regular file, and the reader then opens that same open file (``/proc/self/fd/N`` on Linux),
-  so a path swapped after the check is never read. A FIFO, a device or a folder inside the
-  allowed folder gets the reader's own message.
+  a regular file, hashed through the descriptor, and the reader then opens that same open file
+  (``/proc/self/fd/N``), so a path swapped after the check is never read: when the no-follow
+  open fails, the request is refused, never retried by name. A FIFO, a device or a folder
+  inside the allowed folder gets the reader's own words; a NUL byte in the path is a 400.
 - ``data:video/...;base64,`` URLs are decoded, at most ``max_upload_bytes``, into a private
   temporary file (mode 0600) that :meth:`LocalVideo.close` removes.
 - ``http(s)://`` URLs are refused: this server fetches nothing.
@@ -21,14 +22,13 @@ import binascii
 import hashlib
 import os
 import re
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..feature_cache import file_digest
-from .protocol import ApiError
+from ..video.container import file_problem as _file_problem
+from .protocol import ApiError, valid_unicode
 
 DATA_URL = re.compile(r"data:(video/[A-Za-z0-9.+-]+)((?:;[A-Za-z0-9=._+-]+)*);base64,", re.ASCII)
 _SUFFIX = {"video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm", "video/x-matroska": ".mkv",
@@ -65,6 +65,16 @@ class LocalVideo:
         return message.replace(self._temp, self.label) if self._temp else message
 
 
+def _digest_fd(fd: int) -> str:
+    """SHA-256 of the open file's bytes, read through the descriptor (its offset left at 0)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
 class MediaPolicy:
     def __init__(self, allowed: Path | None, max_upload_bytes: int):
         self.allowed = Path(os.path.realpath(allowed)) if allowed is not None else None
@@ -72,6 +82,8 @@ class MediaPolicy:
 
     def check_url(self, url: str) -> None:
         """Refuse a URL by its form alone (no file is touched): 400."""
+        if not valid_unicode(url):
+            raise ApiError(400, "malformed video URL: not valid Unicode (a lone UTF-16 surrogate)", "invalid_url")
         scheme = urlsplit(url).scheme.lower() if ":" in url else ""
         if scheme in ("http", "https"):
             raise ApiError(400, FETCHES_NOTHING, "unsupported_url")
@@ -99,28 +111,50 @@ class MediaPolicy:
         return self._from_file(unquote(urlsplit(url).path))
 
     def _from_file(self, path: str) -> LocalVideo:
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, str(self.allowed)]) != str(self.allowed) or real == str(self.allowed):
+        """The file opened once, without following a final link; everything after reads that open
+        file. Nothing here reopens a path by name: a name swapped after a check is never read."""
+        if "\x00" in path:
+            raise ApiError(400, "malformed file:// URL: the path holds a NUL byte", "invalid_url")
+        try:
+            real = os.path.realpath(path)
+        except OSError as exc:  # a link swapped between realpath's lstat and readlink (EINVAL)
+            raise ApiError(400, f"{path}: cannot open ({exc.strerror or exc}); the file changed while it was "
+                                "being opened", "invalid_video") from None
+        if not self._inside(real) or real == str(self.allowed):
             raise ApiError(400, "the file:// URL points outside the allowed media folder", "file_url_refused")
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ApiError(400, f"{path}: no such file", "invalid_video") from None
-        except OSError:  # a symlink swapped in after realpath, a permission problem: the reader says why
-            return LocalVideo(real, path, "")
+        except PermissionError:
+            raise ApiError(400, f"{path}: permission denied", "invalid_video") from None
+        except OSError as exc:  # ELOOP: a symlink swapped in after realpath; the name is not read
+            raise ApiError(400, f"{path}: cannot open ({exc.strerror or exc}); the file changed while it was "
+                                "being opened", "invalid_video") from None
+        try:
+            return self._checked(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _checked(self, fd: int, path: str) -> LocalVideo:
         proc = f"/proc/self/fd/{fd}"
-        opened = os.path.realpath(proc) if os.path.exists(proc) else real
-        if os.path.commonpath([opened, str(self.allowed)]) != str(self.allowed):  # a parent swapped meanwhile
-            os.close(fd)
+        linux = os.path.exists(proc)
+        # where the open file lives, as the kernel names it (one readlink: realpath would go on to
+        # resolve that name, which may be a link again by now)
+        if linux and not self._inside(os.readlink(proc)):  # a parent folder swapped meanwhile
             raise ApiError(400, "the file:// URL points outside the allowed media folder", "file_url_refused")
-        kind = os.fstat(fd).st_mode
-        if not stat.S_ISREG(kind):  # the reader's own message (a FIFO is never read: it would block)
-            os.close(fd)
-            return LocalVideo(real, path, "")
+        problem = _file_problem(os.fstat(fd))  # a FIFO is never read: it would block
+        if problem:
+            raise ApiError(400, f"{path}: {problem}", "invalid_video")
+        if not linux:  # no way to name the open file: refuse rather than reopen by name
+            raise ApiError(400, "file:// URLs are served on Linux only", "file_url_refused")
         os.set_blocking(fd, True)
-        reader_path = proc if os.path.exists(proc) else real
-        digest = file_digest(reader_path) or ""
-        return LocalVideo(reader_path, path, digest, _fd=fd)
+        digest = _digest_fd(fd)
+        return LocalVideo(proc, path, digest, _fd=fd)
+
+    def _inside(self, real: str) -> bool:
+        return os.path.commonpath([real, str(self.allowed)]) == str(self.allowed)
 
     def _from_data(self, url: str) -> LocalVideo:
         head = DATA_URL.match(url)

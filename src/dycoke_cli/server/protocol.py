@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..errors import one_line
 
@@ -20,13 +20,14 @@ from ..errors import one_line
 class ApiError(Exception):
     """An error response: HTTP ``status``, OpenAI ``type`` and ``code``, one-line ``message``."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code = status, one_line(message), code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.code)
@@ -35,6 +36,36 @@ class ApiError(Exception):
 def error_body(status: int, message: str, code: str | None = None) -> dict:
     return {"error": {"message": one_line(message), "type": ApiError.TYPES.get(status, "invalid_request_error"),
                       "code": code}}
+
+
+def valid_unicode(text: str) -> bool:
+    """False for a string that cannot be written as UTF-8: JSON's \\ud800 escapes decode to lone
+    surrogates, which the tokenizer and the file system cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _not_a_boolean(value):
+    """JSON's true and false are not numbers: pydantic's lax mode would take true as 1."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean), Field(strict=True)]
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+
+# OpenAI fields that ask for something this server does not do: a request that sets one gets a
+# 400 naming it, rather than an answer that silently lacks it. The value that asks for nothing
+# (false, none, an empty list, text) is accepted, as clients send it by default.
+UNSUPPORTED = {"tools": lambda v: bool(v), "functions": lambda v: bool(v),
+               "tool_choice": lambda v: v not in (None, "none", "auto"),
+               "function_call": lambda v: v not in (None, "none", "auto"),
+               "logprobs": lambda v: bool(v), "top_logprobs": lambda v: bool(v),
+               "response_format": lambda v: not (v is None or (isinstance(v, dict) and v.get("type") == "text"))}
 
 
 class _Open(BaseModel):
@@ -87,31 +118,42 @@ class DycokeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Optional[str] = None
-    ttm_k: Optional[float] = None
-    prune_p: Optional[float] = None
-    prune_layer: Optional[int] = None
-    refresh_threshold: Optional[float] = None
-    frame_coverage: Optional[float] = None
+    ttm_k: Optional[Number] = None
+    prune_p: Optional[Number] = None
+    prune_layer: Optional[Int] = None
+    refresh_threshold: Optional[Number] = None
+    frame_coverage: Optional[Number] = None
     selection: Optional[str] = None
     positions: Optional[str] = None
-    frames: Optional[int] = None
+    frames: Optional[Int] = None
 
 
 class ChatRequest(_Open):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
+    max_tokens: Optional[Int] = None
+    max_completion_tokens: Optional[Int] = None
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
+    seed: Optional[Int] = None
     stop: Union[str, list[str], None] = None
-    n: Optional[int] = None
+    n: Optional[Int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False  # vLLM's extra sampling field: always generate max_tokens (benchmarks)
     media_io_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"video": {"num_frames": N}}
     dycoke: Optional[DycokeOptions] = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+
+    def unsupported(self) -> str | None:
+        """The first field that asks for what this server does not do (see UNSUPPORTED), or None."""
+        return next((name for name, asks in UNSUPPORTED.items() if asks(getattr(self, name))), None)
 
 
 # -------------------------------------------------------------------------------- responses

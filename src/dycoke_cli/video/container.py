@@ -161,7 +161,7 @@ def _open_file(path: str) -> io.FileIO:
         raise VideoError(f"{path}: permission denied") from None
     except (OSError, ValueError) as e:
         raise VideoError(f"{path}: cannot open ({getattr(e, 'strerror', None) or e})") from None
-    problem = _file_problem(os.fstat(file.fileno()))
+    problem = file_problem(os.fstat(file.fileno()))
     if problem:
         file.close()
         raise VideoError(f"{path}: {problem}")
@@ -169,7 +169,8 @@ def _open_file(path: str) -> io.FileIO:
     return file
 
 
-def _file_problem(st: os.stat_result) -> str | None:
+def file_problem(st: os.stat_result) -> str | None:
+    """What makes a file unreadable as a video by its stat alone (a folder, not a regular file, empty), or None."""
     if stat.S_ISDIR(st.st_mode):
         return "is a directory, not a video file"
     if not stat.S_ISREG(st.st_mode):

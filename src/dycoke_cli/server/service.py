@@ -1,0 +1,257 @@
+"""The serving logic of `dycoke serve`: its configuration, a request checked into a Plan, the
+generation run on the worker thread against kept sessions, and the one place that turns a
+failure into an API error (:func:`api_error`, with the request's own field names).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import DycokeError, UsageError, VideoError
+from ..feature_cache import FeatureCache
+from ..options import CompressionOptions, OptionError, SamplingOptions
+from ..pipeline import reuses_prefix
+from ..results import Planned
+from ..session import Session
+from ..video.read import probe_video
+from .answers import Prompt, Reused
+from .conversation import parse
+from .media import LocalVideo, MediaPolicy
+from .protocol import ApiError, ChatRequest, valid_unicode
+from .runner import Runner, Stopping
+from .sessions import SessionLRU
+
+# A request names these fields; the library's errors name its own (options.py).
+_FIELD = {"max_new_tokens": "max_tokens", "frames": "dycoke.frames", "method": "dycoke.method",
+          "ttm_k": "dycoke.ttm_k", "prune_p": "dycoke.prune_p", "prune_layer": "dycoke.prune_layer",
+          "refresh_threshold": "dycoke.refresh_threshold", "frame_coverage": "dycoke.frame_coverage",
+          "selection": "dycoke.selection", "positions": "dycoke.positions"}
+MAX_STOPS = 4  # as OpenAI
+TEXT_ALLOWANCE = 2 * 2**20  # body bytes beside a data: URL (messages, options)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allowed_media: Path | None = None
+    max_frames: int = 64
+    max_tokens: int = 1024
+    max_upload_bytes: int = 100 * 2**20
+    queue: int = 16
+    sessions: int = 8
+    sessions_bytes: int = 2048 * 2**20
+    frames: int | None = None  # the default of a request that names none (None: the model's)
+    compression: CompressionOptions = CompressionOptions()
+    sampling: SamplingOptions = SamplingOptions()
+    cache: FeatureCache | None = None
+    timeout_s: float = 60.0
+    quiet: bool = False
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted beside the bound address and localhost
+
+    def host_names(self, bound: str, port: int) -> frozenset[str] | None:
+        """The Host names a request may carry (guard.py), or None where any is taken: a server
+        bound to every interface and given no --allowed-host is reached by names it cannot know."""
+        extra = {h.strip().lower().strip("[]") for h in self.allowed_hosts}
+        if bound in ("0.0.0.0", "::", "") and not extra:
+            return None
+        return frozenset({"localhost", "127.0.0.1", "::1", bound.lower()} | extra)
+
+    def check(self) -> "ServerConfig":
+        """Refuse limits that make no sense, naming the flag (UsageError)."""
+        for flag, value, low in (("--port", self.port, 0), ("--max-frames", self.max_frames, 1),
+                                 ("--max-tokens", self.max_tokens, 1), ("--max-upload-mb", self.max_upload_bytes, 1),
+                                 ("--queue", self.queue, 0), ("--sessions", self.sessions, 0)):
+            if value < low:
+                raise UsageError(f"{flag} must be at least {low} (got {value})")
+        if self.port > 65535:
+            raise UsageError(f"--port must be in [0, 65535] (got {self.port})")
+        if self.frames is not None and self.frames > self.max_frames:
+            raise UsageError(f"--frames must be at most --max-frames {self.max_frames} (got {self.frames})")
+        if self.sampling.max_new_tokens > self.max_tokens:
+            raise UsageError(f"--max-new-tokens must be at most --max-tokens {self.max_tokens} "
+                             f"(got {self.sampling.max_new_tokens})")
+        if self.allowed_media is not None and not self.allowed_media.is_dir():
+            raise UsageError(f"--allowed-local-media-path must be a folder (got {self.allowed_media})")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("--api-key is empty")
+        return self
+
+
+def served_name(name: str) -> str:
+    """The model's id on the wire: a local folder is named by its last part (no server path)."""
+    path = Path(name).expanduser()
+    return path.name if path.is_dir() else name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked request, before its video is opened."""
+
+    url: str
+    question: str
+    system: str | None
+    frames: int | None
+    compression: CompressionOptions  # resolved
+    sampling: SamplingOptions
+    stops: list[str]
+
+
+class Server:
+    """The state behind the routes: the model, its limits, the queue and the kept sessions."""
+
+    def __init__(self, lm, config: ServerConfig):
+        self.lm, self.config = lm, config
+        self.model_id = served_name(lm.name)
+        self.model_info = {**{k: v for k, v in lm.describe().items() if k != "path"}, "name": self.model_id}
+        self.policy = MediaPolicy(config.allowed_media, config.max_upload_bytes)
+        self.runner = Runner(config.queue)
+        self.sessions = SessionLRU(config.sessions, config.sessions_bytes)
+
+    # ---------------------------------------------------------------- checking a request
+
+    def plan(self, body: ChatRequest) -> Plan:
+        if body.model != self.model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here (this server serves {self.model_id!r})",
+                           "model_not_found")
+        if body.n not in (None, 1):
+            raise ApiError(400, f"n must be 1 (got {body.n})", "invalid_value")
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            raise ApiError(400, f"{unsupported} is not supported by this server", "unsupported_field")
+        conv = parse(self.lm, body)
+        self.policy.check_url(conv.url)
+        return Plan(conv.url, conv.question, conv.system, self._frames(body), self._compression(body),
+                    self._sampling(body), self._stops(body))
+
+    def _frames(self, body: ChatRequest) -> int | None:
+        frames = body.dycoke.frames if body.dycoke is not None else None
+        io = body.media_io_kwargs
+        if io is not None:
+            video = io.get("video")
+            if set(io) != {"video"} or not isinstance(video, dict) or set(video) - {"num_frames"}:
+                raise ApiError(400, "media_io_kwargs: only {\"video\": {\"num_frames\": N}} is supported",
+                               "invalid_value")
+            n = video.get("num_frames")
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+                raise ApiError(400, f"media_io_kwargs.video.num_frames must be an integer (got {n!r})", "invalid_value")
+            if n is not None and frames is not None and n != frames:
+                raise ApiError(400, f"dycoke.frames ({frames}) and media_io_kwargs.video.num_frames ({n}) differ",
+                               "invalid_value")
+            frames = n if n is not None else frames
+        if frames is not None and not 1 <= frames <= self.config.max_frames:
+            raise ApiError(400, f"dycoke.frames must be in [1, {self.config.max_frames}] on this server (got {frames})",
+                           "frames_over_limit")
+        return frames if frames is not None else self.config.frames
+
+    def _compression(self, body: ChatRequest) -> CompressionOptions:
+        given = body.dycoke.model_dump(exclude_none=True, exclude={"frames"}) if body.dycoke is not None else {}
+        if body.seed is not None:
+            given["seed"] = body.seed
+        with _request_fields():
+            return replace(self.config.compression, **given).validate().resolve(self.lm)
+
+    def _sampling(self, body: ChatRequest) -> SamplingOptions:
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if asked is not None and not 1 <= asked <= self.config.max_tokens:
+            name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            raise ApiError(400, f"{name} must be in [1, {self.config.max_tokens}] on this server (got {asked})",
+                           "tokens_over_limit")
+        default = self.config.sampling
+        with _request_fields():
+            return replace(default, max_new_tokens=asked if asked is not None else default.max_new_tokens,
+                           temperature=default.temperature if body.temperature is None else body.temperature,
+                           top_p=default.top_p if body.top_p is None else body.top_p,
+                           seed=default.seed if body.seed is None else body.seed,
+                           ignore_eos=body.ignore_eos).validate()
+
+    @staticmethod
+    def _stops(body: ChatRequest) -> list[str]:
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if not all(valid_unicode(x) for x in stops):
+            raise ApiError(400, "stop: not valid Unicode (a lone UTF-16 surrogate)", "invalid_value")
+        if len(stops) > MAX_STOPS or not all(stops):
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} non-empty strings", "invalid_value")
+        return stops
+
+    # ---------------------------------------------------------------- the worker's side
+
+    def work(self, plan: Plan, video: LocalVideo):
+        """The generation, run on the worker thread: find or start the session, stream."""
+        lm = self.lm
+        frames = plan.frames
+        if frames is None and lm.default_frames(video.path) > self.config.max_frames:
+            frames = self.config.max_frames  # the model's default, within the server's ceiling
+        key = (video.digest, frames, plan.compression, plan.system) if video.digest else None
+        session = self.sessions.take(key) if key is not None else None
+        found = session is not None
+        if session is None:
+            probe_video(video.path, timeout_s=self.config.timeout_s)  # as the CLI does first: its reasons
+            session = Session(lm, video.path, frames=frames, compression=plan.compression, cache=self.config.cache,
+                              timeout_s=self.config.timeout_s, system=plan.system)
+        session.video = video.path
+        before, failed = session.encoded, True
+        try:
+            for event in session.stream(plan.question, plan.sampling, plan.compression):
+                if isinstance(event, Planned):
+                    yield Reused(found and session.encoded is before
+                                 and reuses_prefix(lm, plan.compression, plan.question, plan.system))
+                    yield Prompt(self._prompt_tokens(session, plan.question, event))
+                yield event
+            failed = False
+        except GeneratorExit:  # cancelled: the session is whole, keep it
+            failed = False
+            raise
+        finally:
+            session.answers.clear()
+            if key is not None and not failed:
+                self.sessions.keep(key, session)
+
+    def _prompt_tokens(self, session, question: str, planned: Planned) -> int:
+        before, after = self.lm.prompt_ids(question, session.system)
+        newline = 1 if session.encoded is not None and session.encoded.newline is not None else 0
+        return len(before) + planned.visual_tokens_prefill + newline + len(after)
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "dycoke"}
+
+    def health(self) -> dict:
+        r = self.runner
+        return {"status": "stopping" if r.stopping.is_set() else "ok", "model": self.model_id,
+                "running": r.running, "waiting": r.waiting, "served": r.served, "cancelled": r.cancelled,
+                "failed": r.failed, "refused": r.refused, "sessions": len(self.sessions),
+                "session_bytes": self.sessions.bytes}
+
+
+@contextmanager
+def _request_fields():
+    """Library option errors as 400s that name the request's fields."""
+    try:
+        yield
+    except OptionError as exc:
+        raise ApiError(400, f"{_FIELD.get(exc.name, exc.name)} {exc.problem}", "invalid_value") from None
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "invalid_value") from None
+
+
+def api_error(exc: BaseException, video: LocalVideo | None) -> ApiError:
+    """What a failed job answers."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, Stopping):
+        return ApiError(503, "the server is stopping", "server_stopping")
+    if isinstance(exc, OptionError):
+        return ApiError(400, f"{_FIELD.get(exc.name, exc.name)} {exc.problem}", "invalid_value")
+    if isinstance(exc, (VideoError, UsageError)):
+        message = str(exc).replace("--frames", "dycoke.frames")
+        return ApiError(400, video.shown(message) if video is not None else message,
+                        "invalid_video" if isinstance(exc, VideoError) else "invalid_value")
+    if isinstance(exc, DycokeError):
+        return ApiError(500, str(exc), "server_error")
+    print(f"dycoke serve: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+          file=sys.stderr)
+    return ApiError(500, f"internal error ({type(exc).__name__})", "server_error")
