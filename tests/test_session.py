@@ -290,3 +290,23 @@ def test_the_qwen_feature_cache_hits(tmp_path):
     hit = encode_video(lm, clip, 8, cache=cache)
     assert first.frames == 4 and hit.video.frames is None and torch.equal(hit.features, first.features)
     assert (hit.rows, hit.cols, hit.step_seconds) == (first.rows, first.cols, first.step_seconds)
+
+
+def test_a_sessions_size_counts_its_kept_decoding_step():
+    """--sessions-mb bounds what a kept session holds: its encoded video, its prefixes' KV and the
+    static decoding step it keeps for the next answer (a whole KV cache, the pruning store)."""
+    from dycoke_cli import SamplingOptions, Session, load_model
+    from dycoke_cli.options import Decoding
+
+    session = Session(load_model("demo"), Path(__file__).resolve().parents[1] / "sample_videos" / "red_cup.mp4")
+    session.ask("what color is the cup?", SamplingOptions(decode=Decoding.eager))
+    without = session.nbytes()
+    assert session.kept.steps is None and without > 0
+    session.ask("what color is the cup?", SamplingOptions(decode=Decoding.static))
+    kept = session.kept.nbytes()
+    cache = session.kept.steps.cache
+    keys = sum(layer.keys.untyped_storage().nbytes() for layer in cache.layers[: cache.selector.prune_from])
+    assert kept > 2 * keys > 0  # at least the unpruned layers' keys and values
+    assert session.nbytes() == without + kept
+    session.kept.clear()
+    assert session.nbytes() == without

@@ -135,14 +135,31 @@ class Comparison:
 
 def compare(lm, enc: EncodedVideo, question: str | None, methods: list[MethodChoice], base: CompressionOptions,
             sampling: SamplingOptions) -> Comparison:
-    """Run every method on the same encoded frames; the first is the baseline of the ratios."""
+    """Run every method on the same encoded frames; the first is the baseline of the ratios.
+
+    Like with like: every method prefills its whole prompt (no prefix is reused, whatever a chat
+    session keeps), and every method has run once, untimed, in this process before it is timed,
+    so none pays one-off costs (first calls of its kernels and code paths) that another paid
+    earlier. In a chat, a method already warmed by an earlier comparison is not warmed again."""
     question = question or lm.defaults.caption_prompt
-    # Warm-up: one short untimed run so the first timed method pays no one-off costs.
-    answer(lm, enc, question, CompressionOptions(method=Method.none), SamplingOptions(max_new_tokens=2))
+    chosen = list(choices(methods))
+    for choice in chosen:
+        _warm(lm, enc, question, choice.options(base))
     comp = Comparison(question, enc.frames)
-    for choice in choices(methods):
+    for choice in chosen:
         comp.results.append(replace(answer(lm, enc, question, choice.options(base), sampling), method=choice.value))
     return comp
+
+
+_WARMED: set[tuple[int, CompressionOptions]] = set()
+
+
+def _warm(lm, enc: EncodedVideo, question: str, opts: CompressionOptions) -> None:
+    """One short untimed run of a method, once per model and options in this process."""
+    key = (id(lm), opts)
+    if key not in _WARMED:
+        answer(lm, enc, question, opts, SamplingOptions(max_new_tokens=2))
+        _WARMED.add(key)
 
 
 @dataclass

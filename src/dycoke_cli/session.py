@@ -52,6 +52,30 @@ class Session:
     def set_compression(self, compression: CompressionOptions) -> None:
         self.compression = compression.resolve(self.lm)
 
+    def rebind(self, video: str | os.PathLike) -> None:
+        """Read the clip from another name from now on: the same bytes (the server's sessions
+        are keyed by content, and each request opens the clip anew)."""
+        self.video = video
+
+    def forget_answers(self) -> None:
+        """Drop the answers kept so far (a long-lived session would otherwise keep them all)."""
+        self.answers.clear()
+
+    def has_prefix(self, compression: CompressionOptions) -> bool:
+        """Whether the prompt up to the question is computed already for these options."""
+        return compression.resolve(self.lm) in self._prefixes
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this session keeps between answers: the encoded video, the
+        prefixes' keys and values, and the kept decoding step's buffers."""
+        total = 0
+        enc = self.encoded
+        if enc is not None:
+            total += sum(t.numel() * t.element_size() for t in (enc.features, enc.newline) if t is not None)
+        for prefix in self._prefixes.values():
+            total += sum(t.numel() * t.element_size() for t in (*prefix.keys, *prefix.values))
+        return total + self.kept.nbytes()
+
     def encoding(self, question: str = "?", compression: CompressionOptions | None = None) -> Iterator[Event]:
         """Events of encoding the clip (none while the encoded frames still fit); sets ``encoded``.
         The frame count is fitted to the context for this question and method: a method or a

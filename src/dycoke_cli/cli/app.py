@@ -264,7 +264,8 @@ def _show_comparison(comp, flags: Flags, video, lm) -> None:
     if flags.json_out:
         out(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
                          "model": lm.describe(), "baseline": rows[0]["method"], "methods": rows,
-                         "note": "measured after one warm-up run, methods in the order listed"},
+                         "prefix": "fresh", "note": "every method prefills its whole prompt (no prefix reused) and was "
+                         "warmed up once, untimed; methods run in the order listed"},
                         indent=2, default=str) + "\n")
         return
     from .display import comparison_table

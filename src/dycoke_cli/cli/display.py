@@ -239,7 +239,8 @@ def _num(x, fmt: str, suffix: str = "") -> str:
 
 def comparison_table(rows: list[dict], question: str, frames: int):
     """Methods side by side (first = baseline); words that differ from its answer in bold red."""
-    table = Table(title=f"{question}  ({frames} frames; warm-up done, methods run in this order)")
+    table = Table(title=f"{question}  ({frames} frames; every method warmed up and prefilled from scratch, "
+                        "run in this order)")
     table.add_column("", style="dim")
     for r in rows:
         table.add_column(r["method"], overflow="fold")

@@ -191,3 +191,19 @@ class KeptSteps:
 
     def clear(self) -> None:
         self.steps = None
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the kept step holds: its cache's buffers (the pruning store and
+        slot included) and its own inputs and outputs, each storage counted once."""
+        if self.steps is None:
+            return 0
+        cache = self.steps.cache
+        holders = [self.steps, cache, *getattr(cache, "layers", []), getattr(cache, "block", None),
+                   getattr(cache, "selector", None)]
+        seen: dict[int, int] = {}
+        for holder in holders:
+            for value in vars(holder).values() if holder is not None else ():
+                if isinstance(value, torch.Tensor):
+                    storage = value.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())

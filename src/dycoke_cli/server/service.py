@@ -193,7 +193,7 @@ class Server:
             probe_video(video.path, timeout_s=self.config.timeout_s)  # as the CLI does first: its reasons
             session = Session(lm, video.path, frames=frames, compression=plan.compression, cache=self.config.cache,
                               timeout_s=self.config.timeout_s, system=plan.system)
-        session.video = video.path
+        session.rebind(video.path)
         before, failed = session.encoded, True
         try:
             for event in session.stream(plan.question, plan.sampling, plan.compression):
@@ -207,7 +207,7 @@ class Server:
             failed = False
             raise
         finally:
-            session.answers.clear()
+            session.forget_answers()
             if key is not None and not failed:
                 self.sessions.keep(key, session)
 

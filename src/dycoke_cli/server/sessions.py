@@ -1,7 +1,8 @@
 """Recent sessions, least recently used evicted first, bounded in count and in bytes.
 
 A session is one clip at one frame count with one set of compression options: its encoded
-video and the prompt up to the question with its KV (session.py). Its key is the clip's
+video, the prompt up to the question with its KV, and its kept decoding step (session.py;
+``Session.nbytes`` counts all three). Its key is the clip's
 content (SHA-256), not its name, so the same video sent again as a ``data:`` URL or under
 another name finds it. Only the runner's one worker thread touches this.
 """
@@ -10,20 +11,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
-
-
-def session_bytes(session) -> int:
-    """What a kept session holds in tensors: the encoded video and its prefixes' keys and values."""
-    enc = session.encoded
-    total = 0
-    if enc is not None:
-        total += enc.features.numel() * enc.features.element_size()
-        if enc.newline is not None:
-            total += enc.newline.numel() * enc.newline.element_size()
-    # Session keeps its prefixes in a private dict; read-only here until it reports its size itself.
-    for prefix in getattr(session, "_prefixes", {}).values():
-        total += sum(t.numel() * t.element_size() for t in (*prefix.keys, *prefix.values))
-    return total
 
 
 class SessionLRU:
@@ -39,7 +26,7 @@ class SessionLRU:
     def keep(self, key: Hashable, session) -> None:
         """Keep ``session`` as the most recent; evict the oldest beyond the bounds (a session
         larger than the byte bound alone is not kept)."""
-        size = session_bytes(session)
+        size = session.nbytes()
         if self.max_count < 1 or size > self.max_bytes:
             return
         self._items[key] = (session, size)
