@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The feature cache of every test (and of the CLIs they start) lives in a folder of this run,
 # never in the user's ~/.cache.
 os.environ["DYCOKE_CACHE"] = tempfile.mkdtemp(prefix="dycoke-test-cache-")
+# --device auto means the CPU in every test (and every CLI a test starts): tests written for the
+# CPU stay there on a GPU machine. Tests marked gpu name cuda themselves (and see below).
+os.environ["DYCOKE_DEVICE"] = "cpu"
 
 
 import pytest  # noqa: E402
@@ -57,3 +60,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_choose_freely(request, monkeypatch):
+    """A test marked gpu runs with --device auto meaning what it means for a user."""
+    if request.node.get_closest_marker("gpu") is not None:
+        monkeypatch.delenv("DYCOKE_DEVICE", raising=False)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -246,3 +247,21 @@ def test_question_beyond_the_context_is_refused_with_numbers(tmp_path, clip_path
     assert code == 0
     payload = json.loads(out)
     assert payload["stats"]["tokens_generated"] <= 64 - payload["stats"]["prefill_tokens"]
+
+
+def test_dycoke_device_sets_what_auto_means(tmp_path):
+    import torch
+
+    clip = Path(__file__).resolve().parents[1] / "sample_videos" / "red_cup.mp4"
+    args = [sys.executable, "-m", "dycoke_cli", "ask", str(clip), "what color is the cup?", "--model", "demo"]
+    bad = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "DYCOKE_DEVICE": "tpu"}, timeout=300)
+    assert (bad.returncode, bad.stdout, bad.stderr.splitlines()[-1]) == (
+        2, "", "dycoke: error: DYCOKE_DEVICE must be auto, cpu or cuda (got 'tpu')")
+    if not torch.cuda.is_available():  # auto now means cuda, which this machine lacks: the flag's own error
+        cuda = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "DYCOKE_DEVICE": "cuda"},
+                              timeout=300)
+        assert cuda.returncode == 2 and cuda.stderr.splitlines()[-1].startswith(
+            "dycoke: error: --device cuda: no CUDA device is available")
+    explicit = subprocess.run([*args, "--device", "cpu", "-q"], capture_output=True, text=True,
+                              env={**os.environ, "DYCOKE_DEVICE": "tpu"}, timeout=300)
+    assert (explicit.returncode, explicit.stdout) == (0, "red\n")  # only auto reads it

@@ -90,7 +90,10 @@ def process_group(device: str, timeout_s: float | None, environ=os.environ, *, t
     import torch
     import torch.distributed as dist
 
+    from .models.loader import auto_device
+
     rank, world, local = _rank_numbers(environ)
+    device = auto_device(device, environ)
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if local >= torch.cuda.device_count():
             raise UsageError(f"LOCAL_RANK {local} needs a CUDA device of that index, but this machine "

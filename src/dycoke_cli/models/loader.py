@@ -136,9 +136,22 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+def auto_device(device: str, environ=os.environ) -> str:
+    """``auto`` made what $DYCOKE_DEVICE says (cpu, cuda or auto), where it is set; any other
+    choice as given. The test suite sets it to cpu, so tests meant for the CPU stay there on a
+    machine with a GPU."""
+    if device != "auto":
+        return device
+    chosen = environ.get("DYCOKE_DEVICE", "").strip() or "auto"
+    if chosen not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"DYCOKE_DEVICE must be auto, cpu or cuda (got {chosen!r})")
+    return chosen
+
+
 def pick_device(device: str):
     import torch
 
+    device = auto_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
