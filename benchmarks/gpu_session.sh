@@ -10,19 +10,21 @@
 # Everything lands in $OUT (the device tool returns it; default runs/gpu_session): one log per
 # step (NN-step.log), bench_<arch>.{json,png,md}, summary.txt.
 #
-# Steps, in this order: install info gpu-tests attention suite bench-0.5b bench-7b. Name some to run only
-# those (install always runs):  bash benchmarks/gpu_session.sh bench-7b
-# Each step runs under `timeout`: its cap in seconds (T_INSTALL 60, T_INFO 30, T_GPU_TESTS 90, T_ATTENTION 45,
-# T_BENCH_05B 110, T_BENCH_7B 150; the suite, T_SUITE, gets by default what is left once the
-# benchmarks' caps are set aside, about 250 s), never past the session's deadline (BUDGET_S, default
-# 560 s from the start). A failed step does not stop the next ones; the exit status is 1 when
+# Steps, in this order: install info serve gpu-tests attention bench-0.5b bench-7b suite. Name some to
+# run only those (install always runs):  bash benchmarks/gpu_session.sh bench-7b
+# Each step runs under `timeout`: its cap in seconds (T_INSTALL 45, T_INFO 20, T_SERVE 30, T_GPU_TESTS 60,
+# T_ATTENTION 30, T_BENCH_05B 60, T_BENCH_7B 90; the suite, last, gets what is left), never past the
+# session's deadline (BUDGET_S, default 330 s from the start: with a machine's cold start of 1-2
+# minutes, the whole run fits 7 minutes of device time). The figures come first; the suite runs
+# with -m "not gpu" and without -x (DYCOKE_DEVICE=cpu keeps its tests on the CPU), so one failure
+# does not hide the rest. A failed step does not stop the next ones; the exit status is 1 when
 # any step failed or was skipped for lack of time.
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/runs/gpu_session}
-BUDGET_S=${BUDGET_S:-560}
+BUDGET_S=${BUDGET_S:-330}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -106,7 +108,7 @@ bench() {
         --json "$OUT/bench_$arch.json" --plot "$OUT/bench_$arch.png" --markdown "$OUT/bench_$arch.md"
 }
 
-STEPS="install info gpu-tests attention suite bench-0.5b bench-7b"
+STEPS="install info serve gpu-tests attention bench-0.5b bench-7b suite"
 for step in "$@"; do
     case " $STEPS " in
         *" $step "*) ;;
@@ -122,26 +124,47 @@ wanted() {  # wanted STEP [NAMED...]: true when no step was named, or STEP was
     return 1
 }
 
-export -f install_wheels print_versions bench
+# `dycoke serve` from the carried wheels (fastapi or uvicorn may import a package not carried):
+# start it on a free port, read /health, stop it.
+serve_check() {
+    local err="$OUT/serve.stderr"
+    "$PY" -m dycoke_cli serve --model demo --port 0 2> "$err" &
+    local pid=$! url=""
+    for _ in $(seq 200); do
+        url=$(sed -n 's/.*serving demo at \(http[^ ]*\)\/v1 .*/\1/p' "$err")
+        [ -n "$url" ] && break
+        kill -0 "$pid" 2> /dev/null || break
+        sleep 0.1
+    done
+    [ -n "$url" ] && "$PY" -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + '/health').read().decode())" "$url"
+    local rc=$?
+    [ -n "$url" ] || { cat "$err"; rc=1; }
+    kill "$pid" 2> /dev/null
+    wait "$pid" 2> /dev/null
+    return "$rc"
+}
+
+# What travels: the tree and the wheels, against the device tool's 64 MiB cap.
+carried() {
+    du -sh .whl 2> /dev/null
+    git ls-files -z | xargs -0 du -cb 2> /dev/null | tail -n 1 | awk '{printf "tracked tree: %.1f MB\n", $1 / 1e6}'
+}
+
+export -f install_wheels print_versions bench serve_check carried
 export PY OUT
 
-run_step install "${T_INSTALL:-60}" bash -c install_wheels
+run_step install "${T_INSTALL:-45}" bash -c install_wheels
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 import_check || { echo "import FAILED" >> "$SUMMARY"; cat "$SUMMARY"; exit 1; }
-wanted info "$@" && run_step info "${T_INFO:-30}" bash -c print_versions
-wanted gpu-tests "$@" && run_step gpu-tests "${T_GPU_TESTS:-90}" --no-tests-ok "$PY" -m pytest -q -m gpu tests
-wanted attention "$@" && run_step attention "${T_ATTENTION:-45}" \
+wanted info "$@" && run_step info "${T_INFO:-20}" bash -c "print_versions; carried"
+wanted serve "$@" && run_step serve "${T_SERVE:-30}" bash -c serve_check
+wanted gpu-tests "$@" && run_step gpu-tests "${T_GPU_TESTS:-60}" --no-tests-ok "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+wanted attention "$@" && run_step attention "${T_ATTENTION:-30}" \
     "$PY" benchmarks/bench_attention.py --arch 7b --json "$OUT/attention_7b.json"
-T_BENCH_05B=${T_BENCH_05B:-110}
-T_BENCH_7B=${T_BENCH_7B:-150}
-# The suite (~500 tests) gets what is left once the benchmarks' caps are set aside.
-reserve=0
-wanted bench-0.5b "$@" && reserve=$((reserve + T_BENCH_05B))
-wanted bench-7b "$@" && reserve=$((reserve + T_BENCH_7B))
-wanted suite "$@" && run_step suite "${T_SUITE:-$((BUDGET_S - SECONDS - 5 - reserve))}" \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests
-wanted bench-0.5b "$@" && run_step bench-0.5b "$T_BENCH_05B" bash -c "bench 0.5b"
-wanted bench-7b "$@" && run_step bench-7b "$T_BENCH_7B" bash -c "bench 7b"
+wanted bench-0.5b "$@" && run_step bench-0.5b "${T_BENCH_05B:-60}" bash -c "bench 0.5b"
+wanted bench-7b "$@" && run_step bench-7b "${T_BENCH_7B:-90}" bash -c "bench 7b"
+wanted suite "$@" && run_step suite "${T_SUITE:-$((BUDGET_S - SECONDS - 5))}" \
+    env DYCOKE_DEVICE=cpu "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider tests
 
 echo "=== summary ($SECONDS s in all; files in $OUT)"
 cat "$SUMMARY"
