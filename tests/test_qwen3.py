@@ -351,3 +351,17 @@ def test_a_bad_video_preprocessor_config_is_one_line(config, q3_dir, clip, tmp_p
     assert run_cli(["ask", str(clip), QUESTION, "--model", str(folder), "-q"], capsys, monkeypatch) == (
         1, "", f"dycoke: error: {folder}: bad video preprocessor config (size, fps, frame counts, mean/std, "
                "patch 16, merge 2 and temporal patch 2 are supported)\n")
+
+
+def test_the_prompt_length_known_before_the_prefill_is_the_prefilled_length(q3_dense, clip):
+    """The server's usage.prompt_tokens when a stop string ends an answer (no Done to read it
+    from): Planned.prompt_tokens, the timestamps' text and a reused prefix included."""
+    from dycoke_cli import Session
+    from dycoke_cli.results import Done, Planned
+
+    session = Session(q3_dense, clip)
+    for question in ("what color is the cup?", "which way does the cup move?"):  # fresh, then a reused prefix
+        events = list(session.stream(question, SamplingOptions(max_new_tokens=3)))
+        planned = next(e for e in events if isinstance(e, Planned))
+        done = next(e for e in events if isinstance(e, Done))
+        assert planned.prompt_tokens == done.answer.stats.prefill_tokens > done.answer.stats.visual_tokens_prefill

@@ -268,7 +268,7 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix, system, kept)
     shape = LMShape.from_config(lm.model.config.text_config)
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
-                  plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1])
+                  plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1], prep.seq)
     yield Stage("prefill")
     stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
     with PeakMemory(lm.device) as memory:

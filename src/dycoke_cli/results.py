@@ -162,6 +162,7 @@ class Planned:
     visual_tokens_decode: int
     prune_layer: int | None
     flops_ratio_estimate: float
+    prompt_tokens: int = 0  # the prompt's length as prefilled (a reused prefix included): exact for every family
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ class Server:
                 if isinstance(event, Planned):
                     yield Reused(found and session.encoded is before
                                  and reuses_prefix(lm, plan.compression, plan.question, plan.system))
-                    yield Prompt(self._prompt_tokens(session, plan.question, event))
+                    yield Prompt(event.prompt_tokens)
                 yield event
             failed = False
         except GeneratorExit:  # cancelled: the session is whole, keep it
@@ -210,11 +210,6 @@ class Server:
             session.forget_answers()
             if key is not None and not failed:
                 self.sessions.keep(key, session)
-
-    def _prompt_tokens(self, session, question: str, planned: Planned) -> int:
-        before, after = self.lm.prompt_ids(question, session.system)
-        newline = 1 if session.encoded is not None and session.encoded.newline is not None else 0
-        return len(before) + planned.visual_tokens_prefill + newline + len(after)
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "dycoke"}
