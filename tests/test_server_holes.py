@@ -304,3 +304,35 @@ def test_a_name_swapped_to_an_outside_clip_is_never_read(tmp_path):
     assert len(sorted(cache.rglob("*.safetensors"))) == 1  # a hit: the same entry
     print(f"\n[swap race] {len(answers)} answers (all about the allowed clip), {len(failures)} refused "
           f"({sorted(set(c for c, _ in failures))})")
+
+
+def test_one_request_hashes_its_clip_once(media, tmp_path, monkeypatch):
+    """The server hashes the open file once (media.py); the feature cache's key is that digest,
+    not a second read of the file. Counted on the real calls, in process."""
+    from dycoke_cli import load_model
+    from dycoke_cli import pipeline
+    from dycoke_cli.feature_cache import FeatureCache
+    from dycoke_cli.server import media as media_module
+    from dycoke_cli.server.protocol import ChatRequest
+    from dycoke_cli.server.service import Server, ServerConfig
+
+    calls = {"fd": 0, "file": 0}
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(media_module, "_digest_fd", counted("fd", media_module._digest_fd))
+    monkeypatch.setattr(pipeline, "file_digest", counted("file", pipeline.file_digest))
+    server = Server(load_model("demo"), ServerConfig(allowed_media=media, cache=FeatureCache(tmp_path / "cache")))
+    body = ChatRequest.model_validate({"model": "demo", "messages": describe(f"file://{media}/red_cup.mp4")})
+    plan = server.plan(body)
+    video = server.policy.open(plan.url)
+    try:
+        texts = [e.text for e in server.work(plan, video) if type(e).__name__ == "Token"]
+    finally:
+        video.close()
+    assert "".join(texts).strip() == RED
+    assert calls == {"fd": 1, "file": 0}

@@ -63,14 +63,16 @@ def drain(events: Generator[Event, None, object]):
 
 
 def encoding(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
-             cache: FeatureCache | None = None) -> Generator[Stage, None, EncodedVideo]:
+             cache: FeatureCache | None = None, digest: str | None = None) -> Generator[Stage, None, EncodedVideo]:
     """Read ``num_frames`` frames by time and run the vision tower once over them; with a
-    ``cache``, take the features from it when this clip was encoded before, and store them."""
+    ``cache``, take the features from it when this clip was encoded before, and store them.
+    ``digest``: the clip's SHA-256 when the caller has it already (the server hashed the open
+    file it passes as ``path``), so the file is not read a second time for the cache key."""
     key = None
     if cache is not None:
         yield Stage("looking up the feature cache")
         t0 = time.perf_counter()
-        key = _feature_key(lm, path, num_frames)
+        key = _feature_key(lm, path, num_frames, digest)
         hit = cache.get(key) if key is not None else None
         if hit is not None:
             info = replace(VideoInfo.from_dict(hit.info), path=os.fsdecode(path), requested=num_frames)
@@ -86,8 +88,8 @@ def encoding(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60
     return enc
 
 
-def _feature_key(lm, path, num_frames: int) -> FeatureKey | None:
-    model, content = model_identity(lm), file_digest(path)
+def _feature_key(lm, path, num_frames: int, digest: str | None = None) -> FeatureKey | None:
+    model, content = model_identity(lm), digest or file_digest(path)
     if model is None or content is None:
         return None
     return FeatureKey(content, model, num_frames, str(lm.dtype))

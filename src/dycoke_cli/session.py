@@ -29,12 +29,15 @@ class Session:
     ``frames``: frames to sample (default: the model's). ``compression``: the default options
     of every question (a question may pass its own). ``cache``: the on-disk feature cache, or
     None to encode afresh. ``system``: a system message before the video in every prompt.
+    ``digest``: the clip's SHA-256, when the caller has hashed the bytes it will read (else the
+    feature cache hashes the file itself).
     """
 
     def __init__(self, lm, video: str | os.PathLike, *, frames: int | None = None,
                  compression: CompressionOptions = CompressionOptions(), cache: FeatureCache | None = None,
-                 timeout_s: float = 60.0, system: str | None = None):
+                 timeout_s: float = 60.0, system: str | None = None, digest: str | None = None):
         self.lm, self.video, self.cache, self.timeout_s, self.system = lm, video, cache, timeout_s, system
+        self.digest = digest  # the clip's SHA-256 when the caller has it (the feature cache's key)
         self.compression = compression.resolve(lm)
         self.frames = frames
         self._default_frames: int | None = None  # the model's frame count for this clip (Qwen: by fps)
@@ -52,10 +55,10 @@ class Session:
     def set_compression(self, compression: CompressionOptions) -> None:
         self.compression = compression.resolve(self.lm)
 
-    def rebind(self, video: str | os.PathLike) -> None:
+    def rebind(self, video: str | os.PathLike, digest: str | None = None) -> None:
         """Read the clip from another name from now on: the same bytes (the server's sessions
-        are keyed by content, and each request opens the clip anew)."""
-        self.video = video
+        are keyed by content, and each request opens the clip anew), with their digest."""
+        self.video, self.digest = video, digest
 
     def forget_answers(self) -> None:
         """Drop the answers kept so far (a long-lived session would otherwise keep them all)."""
@@ -86,7 +89,7 @@ class Session:
         n = fit_frames(self.lm, self.frames, compression or self.compression, question, self._default_frames,
                        self.system)
         if self.encoded is None or self.encoded.video.info.requested != n:
-            self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache)
+            self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache, self.digest)
             self._prefixes.clear()
 
     def stream(self, question: str, sampling: SamplingOptions = SamplingOptions(),

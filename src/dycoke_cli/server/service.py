@@ -192,8 +192,9 @@ class Server:
         if session is None:
             probe_video(video.path, timeout_s=self.config.timeout_s)  # as the CLI does first: its reasons
             session = Session(lm, video.path, frames=frames, compression=plan.compression, cache=self.config.cache,
-                              timeout_s=self.config.timeout_s, system=plan.system)
-        session.rebind(video.path)
+                              timeout_s=self.config.timeout_s, system=plan.system,
+                              digest=video.digest)
+        session.rebind(video.path, video.digest)
         before, failed = session.encoded, True
         try:
             for event in session.stream(plan.question, plan.sampling, plan.compression):
