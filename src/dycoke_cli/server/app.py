@@ -235,7 +235,7 @@ def serve(lm, config: ServerConfig) -> None:
     max_body = 4 * (-(-config.max_upload_bytes // 3)) + TEXT_ALLOWANCE
     sock = _listen(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    guard = Guard(app, config.api_key, max_body, hosts=config.host_names(host, port))
+    guard = Guard(app, config.api_key, max_body, hosts=config.host_names(host))
     server = _Uvicorn.make(uvicorn.Config(guard, http=_Protocol, log_config=None, log_level="warning",
                                           access_log=False, lifespan="off", timeout_graceful_shutdown=None), runner)
     if not config.quiet:

@@ -53,7 +53,7 @@ class ServerConfig:
     quiet: bool = False
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted beside the bound address and localhost
 
-    def host_names(self, bound: str, port: int) -> frozenset[str] | None:
+    def host_names(self, bound: str) -> frozenset[str] | None:
         """The Host names a request may carry (guard.py), or None where any is taken: a server
         bound to every interface and given no --allowed-host is reached by names it cannot know."""
         extra = {h.strip().lower().strip("[]") for h in self.allowed_hosts}
