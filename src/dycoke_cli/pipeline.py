@@ -139,15 +139,18 @@ class Prefix:
     opts: CompressionOptions  # resolved
     plan: TokenPlan
     span: VisualSpan  # the video part's place in the prompt, and its visual tokens' positions
-    keys: tuple[torch.Tensor, ...]  # per layer [1, KVH, P, d]
-    values: tuple[torch.Tensor, ...]
+    keys: tuple[torch.Tensor | None, ...]  # per layer [1, KVH, P, d] (None: a hybrid stack's linear layer)
+    values: tuple[torch.Tensor | None, ...]
     plan_s: float  # choosing the visual tokens (TTM or a baseline)
     compute_s: float  # the language model over the prefix
     system: str | None = None  # the system message before the video, if any
+    # a hybrid stack's linear layers: a copy of each one's (conv, recurrent) state at the prefix's
+    # end (None for the other layers), loaded afresh for every question; empty for a plain stack
+    states: tuple = ()
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2]
+        return next(k for k in self.keys if k is not None).shape[2]
 
     def next_positions(self, lm, enc: EncodedVideo, n: int) -> torch.Tensor:
         """Position ids of ``n`` tokens after the prefix ([n], or [3, n] for 3-D positions)."""
@@ -175,22 +178,23 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions, system: str | 
     (after a ``system`` message, if any)."""
     opts = opts.resolve(lm)
     t0 = time.perf_counter()
-    plan = plan_tokens(enc, opts)
+    plan = plan_tokens(enc, opts, lm.fastv_layer)
     plan_s = time.perf_counter() - t0
     before = lm.prompt_ids(PREFIX_PROBE, system)[0]
     with torch.inference_mode():
         embeds, span = prefix_embeds(lm, before, plan, enc)
         length = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, length, opts.positions)
-        cache = PrunedKVCache(lm.num_layers, length)
+        cache = PrunedKVCache(lm.num_layers, length, linear=lm.linear_layers)
         ids = positions if positions is not None else torch.arange(length)
         with attention_backends(lm.device, "prefill"):
             run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache, head=False,
                        deepstack=(span.visual, plan.deepstack))
+        states = cache.linear_states() if lm.linear_layers else ()
     sync(lm.device)
-    keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
-    values = tuple(layer.values[:, :, :length] for layer in cache.layers)
-    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s, system)
+    keys = tuple(None if layer.keys is None else layer.keys[:, :, :length] for layer in cache.layers)
+    values = tuple(None if layer.keys is None else layer.values[:, :, :length] for layer in cache.layers)
+    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s, system, states)
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ class _Prepared:
 def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
              prefix: Prefix | None, system: str | None, kept=None) -> _Prepared:
     t0 = time.perf_counter()
-    plan = prefix.plan if prefix is not None else plan_tokens(enc, opts)
+    plan = prefix.plan if prefix is not None else plan_tokens(enc, opts, lm.fastv_layer)
     setup_s = time.perf_counter() - t0
     if prefix is not None:
         embeds = embed_parts(lm, lm.prompt_ids(question, system)[1])
@@ -234,14 +238,15 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
         capacity, arena = kept.capacity(capacity), kept.arena
     if plan.prunes == "decode":
         selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold,
-                                  frame_of=plan.index // enc.tokens_per_frame, coverage=opts.coverage)
+                                  frame_of=plan.index // enc.tokens_per_frame, coverage=opts.coverage,
+                                  probe_layer=lm.probe_layer(plan.prune_from))
     elif plan.prunes == "prefill":
-        selector = PrefillSelector(plan.prune_from, span, plan.keep)
+        selector = PrefillSelector(plan.prune_from, span, plan.keep, probe_layer=lm.probe_layer(plan.prune_from))
         reduced = (plan.prune_from, capacity - plan.prefill_visual + plan.keep)  # its cut layers hold fewer
     cache = PrunedKVCache(lm.num_layers, capacity, selector if plan.prunes == "decode" else None,
-                          opts.offload_pruned, reduced=reduced, arena=arena)
+                          opts.offload_pruned, reduced=reduced, arena=arena, linear=lm.linear_layers)
     if prefix is not None:
-        cache.load_prefix(prefix.keys, prefix.values)
+        cache.load_prefix(prefix.keys, prefix.values, prefix.states)
     return _Prepared(plan, embeds, positions, seq, sampling, deepstack, selector, cache, setup_s)
 
 

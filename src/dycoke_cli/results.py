@@ -219,6 +219,7 @@ class KVBytes:
     device_total: int
     saved_on_device: int  # what --offload-pruned took off the accelerator
     moved_to_device: int = 0  # bytes copied from an offloaded store to the accelerator (its price)
+    linear_state: int = 0  # a hybrid stack's linear layers: their fixed-size states (in device_total)
 
 
 @dataclass(frozen=True)

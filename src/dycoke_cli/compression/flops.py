@@ -32,12 +32,22 @@ class LMShape:
     def from_config(cls, text_config) -> "LMShape":
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         return cls(text_config.num_hidden_layers, text_config.hidden_size, text_config.num_attention_heads,
-                   text_config.num_key_value_heads, head_dim, text_config.intermediate_size, text_config.vocab_size)
+                   text_config.num_key_value_heads, head_dim, _mlp_width(text_config), text_config.vocab_size)
 
     @property
     def linear_per_token(self) -> int:
         d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         return 2 * (d * q + 2 * d * kv + q * d + 3 * d * self.intermediate)
+
+
+def _mlp_width(text_config) -> int:
+    """The MLP width a token passes through: ``intermediate_size``, or for a MoE stack without one
+    (Qwen3.5-MoE) its active experts' plus the shared expert's."""
+    width = getattr(text_config, "intermediate_size", None)
+    if width:
+        return int(width)
+    experts = int(getattr(text_config, "moe_intermediate_size", 0) or 0) * int(getattr(text_config, "num_experts_per_tok", 0) or 0)
+    return experts + int(getattr(text_config, "shared_expert_intermediate_size", 0) or 0)
 
 
 def answer_flops(shape: LMShape, prefill_tokens: list[int], decode_context: list[int], generated: int) -> float:

@@ -138,6 +138,26 @@ class LoadedModel:
     adapter: "FamilyAdapter" = field(repr=False, default=None)  # type: ignore[assignment]
     video_spec: object = None  # the family's own video preprocessing settings, if any
     text_per_step: int = 0  # text tokens a temporal step adds to the prompt (Qwen3-VL's timestamps)
+    linear_layers: tuple[int, ...] = ()  # a hybrid stack's linear-attention layers: a fixed state, no keys
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers that attend over a KV cache (all of them but a hybrid stack's linear ones)."""
+        return tuple(i for i in range(self.num_layers) if i not in self.linear_layers)
+
+    def probe_layer(self, prune_from: int) -> int:
+        """The layer whose attention chooses what layers ``>= prune_from`` see: the one before, or
+        on a hybrid stack the last full-attention layer before (a linear layer has no attention)."""
+        before = [i for i in self.attention_layers if i < prune_from]
+        return before[-1] if before else prune_from - 1
+
+    @property
+    def fastv_layer(self) -> int:
+        """FastV's first cut layer K: its paper's 2, or on a hybrid stack the layer after the first
+        full-attention one (its probe)."""
+        from ..options import FASTV_LAYER
+
+        return self.attention_layers[0] + 1 if self.linear_layers else FASTV_LAYER
 
     # The calls the pipeline makes; they forward to the family adapter.
     @property

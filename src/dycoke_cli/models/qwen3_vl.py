@@ -200,7 +200,7 @@ class Qwen3VLAdapter(FamilyAdapter):
 
     def encode_video(self, lm, pixels):
         """Frames [F, 3, H, W] -> (features [ceil(F/2), (H/32)·(W/32), D], None, DeepStack levels
-        of the same shape)."""
+        of the same shape; none for Qwen3.5)."""
         import torch
 
         patches, grid = patchify_video(pixels, lm.video_spec.temporal_patch, PATCH, MERGE)
@@ -211,7 +211,8 @@ class Qwen3VLAdapter(FamilyAdapter):
         features = out.pooler_output[0]
         if features.shape[0] != steps * rows * cols:
             raise ModelError(f"{lm.path}: vision tower gave {features.shape[0]} tokens, expected {steps * rows * cols}")
-        levels = tuple(level[0].reshape(steps, rows * cols, -1) for level in out.deepstack_features)
+        deepstack = getattr(out, "deepstack_features", None) or ()  # Qwen3.5 has none
+        levels = tuple(level[0].reshape(steps, rows * cols, -1) for level in deepstack)
         return features.reshape(steps, rows * cols, -1), None, levels
 
     def prompt_ids(self, lm, question, system=None):
