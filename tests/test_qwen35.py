@@ -355,3 +355,34 @@ def test_a_command_with_the_network_blocked_makes_no_request_and_prints_no_notic
                           "--frames", "8", "--max-new-tokens", "3", "--method", "dycoke", "-q"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert (run.returncode, run.stderr) == (0, "") and run.stdout.strip()
+
+
+def test_serve_answers_as_ask_does_with_no_library_notices(q35_dir, clip, tmp_path, capsys, monkeypatch):
+    """A real `dycoke serve` process with the hybrid model: one request, the answer `ask` gives."""
+    import time
+    import urllib.request
+
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dycoke_cli", "serve", "--model", str(q35_dir), "--port", "0",
+                                 "--frames", "8", "--allowed-local-media-path", str(clip.parent)],
+                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while "(Ctrl-C stops)" not in err_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.05)
+        model_id, base = re.search(r"serving (.+) at (http://\S+/v1) ", err_path.read_text()).groups()
+        body = {"model": model_id, "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": f"file://{clip}"}}, {"type": "text", "text": QUESTION}]}]}
+        req = urllib.request.Request(f"{base}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            served = json.loads(resp.read())["choices"][0]["message"]["content"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    code, out, _ = run_cli(["ask", str(clip), QUESTION, "--model", str(q35_dir), "--frames", "8", "--max-new-tokens",
+                            "4", "-q"], capsys, monkeypatch)
+    assert code == 0 and served == out.strip()
+    assert "falling back" not in err_path.read_text() and "Traceback" not in err_path.read_text()

@@ -152,6 +152,12 @@ class Prefix:
     def length(self) -> int:
         return next(k for k in self.keys if k is not None).shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors held: keys and values, and a hybrid stack's linear states."""
+        tensors = [*self.keys, *self.values, *(t for state in self.states if state is not None for t in state)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def next_positions(self, lm, enc: EncodedVideo, n: int) -> torch.Tensor:
         """Position ids of ``n`` tokens after the prefix ([n], or [3, n] for 3-D positions)."""
         whole = lm.positions(self.span, self.plan.index, enc, self.length + n,

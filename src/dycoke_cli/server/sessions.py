@@ -22,7 +22,7 @@ def session_bytes(session) -> int:
             total += enc.newline.numel() * enc.newline.element_size()
     # Session keeps its prefixes in a private dict; read-only here until it reports its size itself.
     for prefix in getattr(session, "_prefixes", {}).values():
-        total += sum(t.numel() * t.element_size() for t in (*prefix.keys, *prefix.values))
+        total += prefix.nbytes  # keys, values and a hybrid model's linear states
     return total
 
 
