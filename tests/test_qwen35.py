@@ -386,3 +386,14 @@ def test_serve_answers_as_ask_does_with_no_library_notices(q35_dir, clip, tmp_pa
                             "4", "-q"], capsys, monkeypatch)
     assert code == 0 and served == out.strip()
     assert "falling back" not in err_path.read_text() and "Traceback" not in err_path.read_text()
+
+
+def test_the_flops_estimate_counts_linear_layers_at_their_fixed_cost(dense):
+    from dycoke_cli.compression.flops import LMShape, answer_flops
+
+    shape = LMShape.from_config(dense.model.config.text_config)
+    # d 64; keys 2 x 16, values 4 x 16, 4 value heads; MLP 128; conv 4: projections, conv, delta rule
+    c_lin = 2 * (64 * (2 * 32 + 2 * 64 + 2 * 4) + 64 * 64 + 3 * 64 * 128) + 2 * 4 * (2 * 32 + 64) + 8 * 4 * 16 * 16
+    assert (shape.linear, shape.linear_token) == (LINEAR, c_lin)
+    longer = [100 if i in LINEAR else 50 for i in range(8)]  # a linear layer's context costs nothing
+    assert answer_flops(shape, [50] * 8, [60] * 8, 1) + 6 * 50 * c_lin == answer_flops(shape, longer, [60] * 8, 1)
