@@ -21,7 +21,6 @@ import torch
 from clips import write_clip
 from conftest import TINY_WORDS
 from test_cli import run_cli
-from test_qwen3 import hf_inputs
 from torch.testing import assert_close
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -32,6 +31,8 @@ from dycoke_cli.decoding.loop import DecodeTimings, batch_positions, generate_to
 from dycoke_cli.decoding.prompt import embed_parts, prefill_positions, prompt_embeds
 from dycoke_cli.errors import UsageError
 from dycoke_cli.models.loader import load_model
+from dycoke_cli.models.preprocess import patchify_video
+from dycoke_cli.models.qwen3_vl import PATCH
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import build_prefix, encode_video
 from dycoke_cli.session import Session, ask
@@ -73,6 +74,27 @@ def dense(q35_dir):
 def clip(tmp_path_factory):
     """64 x 48 px at 10 fps: frame k at k / 10 s."""
     return write_clip(tmp_path_factory.mktemp("q35clips") / "clip.mp4", n_frames=30, size=(64, 48), fps=10)
+
+
+def reference_ids(lm, enc, question: str, fps: float = 10.0) -> torch.Tensor:
+    """input_ids as Qwen3VLProcessor writes them for this clip's sampled frames, thinking off
+    (``enable_thinking=False``, our default)."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                            enable_thinking=False)
+    indices = [round(t * fps) for t in enc.video.info.timestamps]
+    times = Qwen3VLProcessor._calculate_timestamps(None, indices, fps, 2)
+    video = "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * enc.tokens_per_frame + "<|vision_end|>"
+                    for t in times)
+    text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", video, 1)
+    return torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def hf_inputs(lm, enc, question: str) -> dict:
+    ids = reference_ids(lm, enc, question).unsqueeze(0)
+    patches, grid = patchify_video(lm.preprocess(enc.video.frames), 2, PATCH, 2)
+    return dict(input_ids=ids, pixel_values_videos=patches, video_grid_thw=grid,
+                mm_token_type_ids=(ids == lm.video_token_id).int() * 2, attention_mask=torch.ones_like(ids))
 
 
 def prefill(lm, enc, question: str, method=Method.none, chunk=None, **knobs):
@@ -150,10 +172,12 @@ def test_a_session_follow_up_equals_transformers(q35, clip):
 def test_first_greedy_tokens_equal_model_generate(q35, clip):
     enc = encode_video(q35, clip, 8)
     inputs = hf_inputs(q35, enc, QUESTION)
-    reference = q35.model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    pad = q35.tokenizer.pad_token_id  # generate stops at it only: EOS is generated like any token (ignore_eos)
+    reference = q35.model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=pad,
+                                   pad_token_id=pad)[0, inputs["input_ids"].shape[1]:]
     ours = ask(q35, clip, QUESTION, frames=8, compression=CompressionOptions(method=Method.none),
                sampling=SamplingOptions(max_new_tokens=8, ignore_eos=True))
-    assert list(ours.token_ids) == reference.tolist() and len(ours.token_ids) == 8
+    assert list(ours.token_ids) == reference.tolist() and len(ours.token_ids) == 8 and pad not in ours.token_ids
 
 
 # -- the prompt: timestamps, pads per step, positions ----------------------------------------------
@@ -397,3 +421,84 @@ def test_the_flops_estimate_counts_linear_layers_at_their_fixed_cost(dense):
     assert (shape.linear, shape.linear_token) == (LINEAR, c_lin)
     longer = [100 if i in LINEAR else 50 for i in range(8)]  # a linear layer's context costs nothing
     assert answer_flops(shape, [50] * 8, [60] * 8, 1) + 6 * 50 * c_lin == answer_flops(shape, longer, [60] * 8, 1)
+
+
+# -- thinking ----------------------------------------------------------------------------------------------
+
+
+def test_reasoning_split_holds_back_a_tag_cut_in_two():
+    from dycoke_cli.decoding.detokenize import ReasoningSplit
+
+    split, got = ReasoningSplit(), []
+    for piece in ["<th", "ink>\nlet me", " see</", "think>\n\nThe cup", " is red"]:
+        got.append(split.push(piece))
+    got.append(split.finish())
+    assert got == [("", ""), ("let me", ""), (" see", ""), ("", "The cup"), ("", " is red"), ("", "")]
+    assert (split.reasoning, split.answer) == ("let me see", "The cup is red")
+
+
+@pytest.fixture(scope="module")
+def thinker(q35_dir, dense, clip, tmp_path_factory):
+    """The tiny checkpoint with two vocabulary rows swapped (embedding and head): ``</think>`` and the
+    token it greedily writes fourth with thinking on. It then writes ``</think>`` there and goes on
+    exactly as before: three tokens of reasoning, then the answer. Returns (folder, tokens before)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    before = ask(dense, clip, QUESTION, frames=8, sampling=SamplingOptions(max_new_tokens=8, ignore_eos=True,
+                                                                           thinking=True)).token_ids
+    close = dense.tokenizer.convert_tokens_to_ids("</think>")
+    prompt = set(dense.prompt_ids(QUESTION, None, True)[0].tolist()) | set(dense.prompt_ids(QUESTION, None, True)[1].tolist())
+    swap = before[3]
+    assert swap not in prompt and swap not in before[:3] and close not in before
+    assert not set(before) & set(dense.eos_token_ids)  # the command line, without --ignore-eos, writes them all
+    folder = tmp_path_factory.mktemp("thinker") / "model"
+    shutil.copytree(q35_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        w = weights[name]
+        w[[swap, close]] = w[[close, swap]]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder, before
+
+
+def test_thinking_is_off_by_default_where_the_template_has_the_switch(dense):
+    assert dense.has_thinking_switch
+    decode = dense.tokenizer.decode
+    assert decode(dense.prompt_ids(QUESTION)[1]).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert torch.equal(dense.prompt_ids(QUESTION)[1], dense.prompt_ids(QUESTION, None, False)[1])
+    assert decode(dense.prompt_ids(QUESTION, None, True)[1]).endswith("assistant\n<think>\n")
+
+
+def test_thinking_on_keeps_the_reasoning_apart_from_the_answer(thinker, clip, capsys, monkeypatch):
+    folder, before = thinker
+    lm = load_model(str(folder), device="cpu", dtype="float32")
+    r = ask(lm, clip, QUESTION, frames=8, sampling=SamplingOptions(max_new_tokens=8, ignore_eos=True, thinking=True))
+    close = lm.tokenizer.convert_tokens_to_ids("</think>")
+    assert list(r.token_ids) == [*before[:3], close, *before[4:]]
+    reasoning, answer = (lm.tokenizer.decode(ids).strip() for ids in (before[:3], before[4:]))
+    assert (r.reasoning, r.text) == (reasoning, answer) and answer and reasoning
+    args = ["ask", str(clip), QUESTION, "--model", str(folder), "--frames", "8", "--max-new-tokens", "8",
+            "--thinking", "on"]
+    code, out, err = run_cli([*args, "-q"], capsys, monkeypatch)
+    assert (code, out.strip(), err) == (0, answer, "")  # stdout: the answer alone (as streamed, then a newline)
+    code, out, _ = run_cli([*args, "--json"], capsys, monkeypatch)
+    payload = json.loads(out)
+    assert (code, payload["answer"], payload["reasoning"], payload["options"]["thinking"]) == (0, answer, reasoning,
+                                                                                             True)
+    code, out, _ = run_cli([*args[:-2], "--json"], capsys, monkeypatch)  # off: no reasoning field
+    assert code == 0 and "reasoning" not in json.loads(out) and json.loads(out)["options"]["thinking"] is None
+
+
+def test_the_live_panel_shows_the_reasoning_dimmed():
+    import io
+
+    from rich.console import Console
+
+    from dycoke_cli.cli.display import LiveState, render
+
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=100)
+    console.print(render(LiveState(stage="generating", reasoning="the cup looks red", answer="")))
+    text = console.file.getvalue()
+    assert "\x1b[2mthe cup looks red" in text and "thinking:" in text

@@ -165,6 +165,9 @@ class SamplingOptions:
     seed: int | None = None  # None: a fresh seed per run (torch's global RNG is left alone)
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks: fixed decode length)
     decode: Decoding = Decoding.auto
+    # reason first (a <think> ... </think> block, kept apart from the answer): the chat template's
+    # enable_thinking where it has one; None or False: off
+    thinking: bool | None = None
 
     def validate(self) -> "SamplingOptions":
         check_count("max_new_tokens", self.max_new_tokens)

@@ -20,7 +20,7 @@ from .compression.baselines import plan_tokens
 from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector, SelectionCounts
-from .decoding.detokenize import TextStream
+from .decoding.detokenize import ReasoningSplit, TextStream
 from .decoding.loop import (
     DecodeTimings,
     attention_backends,
@@ -224,13 +224,13 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
     plan = prefix.plan if prefix is not None else plan_tokens(enc, opts, lm.fastv_layer)
     setup_s = time.perf_counter() - t0
     if prefix is not None:
-        embeds = embed_parts(lm, lm.prompt_ids(question, system)[1])
+        embeds = embed_parts(lm, lm.prompt_ids(question, system, sampling.thinking)[1])
         span, seq = prefix.span, prefix.length + embeds.shape[1]
         positions = prefix.next_positions(lm, enc, embeds.shape[1])
         extent = int(positions.max()) + 1
         deepstack = None  # the prefix, computed with them, holds every visual token
     else:
-        embeds, span = prompt_embeds(lm, question, plan, enc, system)
+        embeds, span = prompt_embeds(lm, question, plan, enc, system, sampling.thinking)
         seq = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, seq, opts.positions)
         extent = seq if positions is None else int(positions.max()) + 1
@@ -282,6 +282,7 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
                   plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1])
     yield Stage("prefill")
     stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
+    split = ReasoningSplit() if prep.sampling.thinking else None  # reasoning first, kept apart
     with PeakMemory(lm.device) as memory:
         for token in generate_tokens(lm, prep.embeds, prep.cache, prep.sampling, prep.selector, timings,
                                      prep.positions, prep.deepstack, kept):
@@ -290,19 +291,36 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
                 yield Stage("generating")
             ids.append(token)
             if delta := stream.push(token):
-                yield _token_event(delta, len(ids), ttft, timings)
-    if tail := stream.finish():
-        yield _token_event(tail, len(ids), ttft or 0.0, timings)
+                yield from _token_events(delta, split, len(ids), ttft, timings)
+    yield from _token_events(stream.finish(), split, len(ids), ttft or 0.0, timings, last=True)
     gen_s = time.perf_counter() - t_gen
     stats = _stats(lm, enc, prep, shape, len(ids), timings, built, ttft if ttft is not None else gen_s, gen_s,
                    memory.peak_above_start)
-    return Answer(stream.text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
-                  stats, question=question)
+    text, reasoning = (stream.text, None) if split is None else (split.answer, split.reasoning.strip())
+    return Answer(text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
+                  stats, question=question, reasoning=reasoning)
 
 
 def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
            prefix: Prefix | None = None, kept=None) -> Answer:
     return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept))
+
+
+def _token_events(text: str, split: ReasoningSplit | None, generated: int, ttft: float, timings: DecodeTimings,
+                  last: bool = False):
+    """The Token events of one piece of text: as it is, or its reasoning and answer parts (``split``);
+    ``last``: the end of the answer (a split gives what it held back)."""
+    if split is None:
+        parts = [(text, False)]
+    else:
+        reasoning, answer = split.push(text)
+        if last:
+            more = split.finish()
+            reasoning, answer = reasoning + more[0], answer + more[1]
+        parts = [(reasoning, True), (answer, False)]
+    for piece, is_reasoning in parts:
+        if piece:
+            yield replace(_token_event(piece, generated, ttft, timings), reasoning=is_reasoning)
 
 
 def _token_event(text: str, generated: int, ttft: float, timings: DecodeTimings) -> Token:

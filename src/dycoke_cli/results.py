@@ -174,6 +174,7 @@ class Token:
     decode_tokens_per_s: float | None
     refreshes: int | None  # DyCoke's selection counters, None for other methods
     recalled: int | None
+    reasoning: bool = False  # the text is reasoning (a <think> block), not the answer
 
 
 @dataclass(frozen=True)
@@ -279,13 +280,16 @@ class Answer:
     stats: AnswerStats
     video: VideoInfo | None = None
     question: str = ""
+    reasoning: str | None = None  # with thinking on: the <think> block's text (``text`` is the answer alone)
 
 
 def answer_json(answer: Answer, model: dict) -> dict:
     """The ``--json`` object of one answer (schema ``SCHEMA_VERSION``, see the README)."""
+    reasoning = {} if answer.reasoning is None else {"reasoning": answer.reasoning}
     return {
         "schema_version": SCHEMA_VERSION,
         "answer": answer.text,
+        **reasoning,
         "model": model,
         "video": answer.video.to_dict() if answer.video is not None else None,
         "options": {**answer.options, "frames": answer.stats.frames_requested, "question": answer.question},

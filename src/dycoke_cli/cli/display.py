@@ -20,6 +20,7 @@ from rich.text import Text
 from ..results import Done, Planned, Stage, Token
 
 STAGES = ("reading frames", "encoding", "prefill", "generating", "done")
+REASONING_SHOWN = 600  # characters: the live panel shows the end of a long reasoning
 
 
 @dataclass
@@ -31,6 +32,7 @@ class LiveState:
     method: str = ""
     stats: dict = field(default_factory=dict)
     answer: str | None = None  # shown in the panel only when stdout is this same terminal
+    reasoning: str = ""  # with --thinking on: the model's reasoning so far, shown dimmed
 
 
 def _fmt_bytes(n) -> str:
@@ -92,6 +94,10 @@ def render(state: LiveState):
     for note in video_notes(s):
         table.add_row("note", note)
     parts.append(table)
+    if state.reasoning:
+        tail = state.reasoning[-REASONING_SHOWN:]
+        parts.append(Text.assemble(("thinking: ", "dim bold"), ("..." if len(tail) < len(state.reasoning) else "", "dim"),
+                                   (tail, "dim")))
     if state.answer is not None:
         parts.append(Text.assemble(("answer: ", "bold"), state.answer))
     return Group(*parts)
@@ -124,7 +130,9 @@ class _Base:
                  decode_tokens_per_s=event.decode_tokens_per_s)
         if event.refreshes is not None:
             s.update(refreshes=event.refreshes, recalled=event.recalled)
-        if self.state.answer is not None:
+        if event.reasoning:
+            self.state.reasoning += event.text
+        elif self.state.answer is not None:
             self.state.answer += event.text
         self._changed(stage_changed=False)
 

@@ -28,6 +28,7 @@ PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0
 # (options.Selection, FRAME_COVERAGE); a checkpoint's dycoke.json may choose "topk".
 PRODUCT_DEFAULTS = {"selection": "coverage", "frame_coverage": FRAME_COVERAGE}
 CAPTION_PROMPT = "Describe this video in detail."
+THINKING_SWITCH = "enable_thinking"  # the chat-template variable of Qwen3.5's (and Qwen3's) reasoning
 DEFAULTS_FILE = "dycoke.json"
 POSITION_MODES = tuple(p.value for p in Positions)
 SELECTIONS = tuple(s.value for s in Selection)
@@ -193,10 +194,16 @@ class LoadedModel:
         [n, D]; offsets of the visual tokens within the part [M]; the part's length)."""
         return self.adapter.video_part(self, enc, plan)
 
-    def prompt_ids(self, question: str, system: str | None = None):
+    def prompt_ids(self, question: str, system: str | None = None, thinking: bool | None = None):
         """Token ids before and after the video of the chat prompt for ``question`` (and a system
-        message before it, if any)."""
-        return self.adapter.prompt_ids(self, question, system)
+        message before it, if any). ``thinking``: the template's ``enable_thinking`` where it has
+        one (None: off); it changes only what comes after the question."""
+        return self.adapter.prompt_ids(self, question, system, thinking)
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the chat template takes ``enable_thinking`` (Qwen3.5, Qwen3)."""
+        return THINKING_SWITCH in (getattr(self.tokenizer, "chat_template", None) or "")
 
     def positions(self, span: tuple[int, int], kept, enc, seq: int, original: bool):
         return self.adapter.positions(self, span, kept, enc, seq, original)
@@ -263,15 +270,16 @@ class FamilyAdapter:
 
         return [plan.tokens, enc.newline], torch.arange(plan.prefill_visual), plan.prefill_visual
 
-    def prompt_ids(self, lm: LoadedModel, question: str, system: str | None = None):
+    def prompt_ids(self, lm: LoadedModel, question: str, system: str | None = None, thinking: bool | None = None):
         """Token ids before and after the single video placeholder of the chat prompt."""
         import torch
 
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
+        switch = {THINKING_SWITCH: bool(thinking)} if lm.has_thinking_switch else {}  # off unless asked
         try:
-            text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **switch)
         except Exception as exc:  # noqa: BLE001 - jinja2 syntax or runtime errors of the checkpoint's template
             raise ModelError(f"{lm.path}: the chat template fails ({_first_line(exc)})") from None
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]

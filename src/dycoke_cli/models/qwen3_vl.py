@@ -215,10 +215,10 @@ class Qwen3VLAdapter(FamilyAdapter):
         levels = tuple(level[0].reshape(steps, rows * cols, -1) for level in deepstack)
         return features.reshape(steps, rows * cols, -1), None, levels
 
-    def prompt_ids(self, lm, question, system=None):
+    def prompt_ids(self, lm, question, system=None, thinking=None):
         """Token ids before and after the video: the chat template's
         ``<|vision_start|><|video_pad|><|vision_end|>`` is left out (each step brings its own)."""
-        before, after = super().prompt_ids(lm, question, system)
+        before, after = super().prompt_ids(lm, question, system, thinking)
         config = lm.model.config
         if len(before) and len(after) and int(before[-1]) == config.vision_start_token_id \
                 and int(after[0]) == config.vision_end_token_id:

@@ -443,12 +443,16 @@ def build_bpe_tokenizer(words: list[str]):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, eos_token=IM_END,
                                    bos_token=None, extra_special_tokens={"image_token": IMAGE_PAD,
                                                                          "video_token": VIDEO_PAD})
+    from tokenizers import AddedToken
+
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])  # as Qwen3.5's
     fast.chat_template = QWEN35_CHAT_TEMPLATE
     return fast
 
 
 # ChatML as Qwen3.5's template writes it: newlines after the role, the video's three markers
-# with nothing between them (the processor replaces the pad by the steps).
+# with nothing between them (the processor replaces the pad by the steps), and the reasoning
+# switch: the answer starts inside <think> unless enable_thinking is false (an empty block).
 QWEN35_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -460,5 +464,7 @@ QWEN35_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
 )
