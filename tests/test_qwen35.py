@@ -381,14 +381,17 @@ def test_a_command_with_the_network_blocked_makes_no_request_and_prints_no_notic
     assert (run.returncode, run.stderr) == (0, "") and run.stdout.strip()
 
 
-def test_serve_answers_as_ask_does_with_no_library_notices(q35_dir, clip, tmp_path, capsys, monkeypatch):
-    """A real `dycoke serve` process with the hybrid model: one request, the answer `ask` gives."""
+def test_serve_answers_as_ask_does_and_returns_reasoning_apart(thinker, clip, tmp_path, capsys, monkeypatch):
+    """A real `dycoke serve` process with the hybrid model: the answer `ask` gives; with
+    chat_template_kwargs' enable_thinking the reasoning in reasoning_content (whole or streamed)."""
     import time
+    import urllib.error
     import urllib.request
 
+    folder, _ = thinker
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "dycoke_cli", "serve", "--model", str(q35_dir), "--port", "0",
+        proc = subprocess.Popen([sys.executable, "-m", "dycoke_cli", "serve", "--model", str(folder), "--port", "0",
                                  "--frames", "8", "--allowed-local-media-path", str(clip.parent)],
                                 stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -397,18 +400,38 @@ def test_serve_answers_as_ask_does_with_no_library_notices(q35_dir, clip, tmp_pa
             assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.05)
         model_id, base = re.search(r"serving (.+) at (http://\S+/v1) ", err_path.read_text()).groups()
-        body = {"model": model_id, "max_tokens": 4, "messages": [{"role": "user", "content": [
-            {"type": "video_url", "video_url": {"url": f"file://{clip}"}}, {"type": "text", "text": QUESTION}]}]}
-        req = urllib.request.Request(f"{base}/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            served = json.loads(resp.read())["choices"][0]["message"]["content"]
+
+        def post(**extra):
+            body = {"model": model_id, "max_tokens": 8, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": f"file://{clip}"}}, {"type": "text", "text": QUESTION}]}],
+                **extra}
+            req = urllib.request.Request(f"{base}/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    raw = resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+            if not extra.get("stream"):
+                return 200, json.loads(raw)["choices"][0]["message"]
+            deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in raw.splitlines()
+                      if line.startswith("data: {") and '"choices"' in line]
+            return 200, {k: "".join(d.get(k) or "" for d in deltas) for k in ("content", "reasoning_content")}
+
+        plain = post()
+        thought = post(chat_template_kwargs={"enable_thinking": True})
+        streamed = post(chat_template_kwargs={"enable_thinking": True}, stream=True)
+        refused = post(chat_template_kwargs={"reasoning_effort": "high"})
     finally:
         proc.terminate()
         proc.wait(60)
-    code, out, _ = run_cli(["ask", str(clip), QUESTION, "--model", str(q35_dir), "--frames", "8", "--max-new-tokens",
-                            "4", "-q"], capsys, monkeypatch)
-    assert code == 0 and served == out.strip()
+    args = ["ask", str(clip), QUESTION, "--model", str(folder), "--frames", "8", "--max-new-tokens", "8", "--json"]
+    off = json.loads(run_cli(args, capsys, monkeypatch)[1])
+    on = json.loads(run_cli([*args, "--thinking", "on"], capsys, monkeypatch)[1])
+    assert plain == (200, {"role": "assistant", "content": off["answer"]})
+    assert thought == (200, {"role": "assistant", "content": on["answer"], "reasoning_content": on["reasoning"]})
+    assert streamed == (200, {"content": on["answer"], "reasoning_content": on["reasoning"]})
+    assert refused[0] == 400 and "chat_template_kwargs: only" in refused[1]["error"]["message"]
     assert "falling back" not in err_path.read_text() and "Traceback" not in err_path.read_text()
 
 
@@ -449,7 +472,7 @@ def thinker(q35_dir, dense, clip, tmp_path_factory):
     before = ask(dense, clip, QUESTION, frames=8, sampling=SamplingOptions(max_new_tokens=8, ignore_eos=True,
                                                                            thinking=True)).token_ids
     close = dense.tokenizer.convert_tokens_to_ids("</think>")
-    prompt = set(dense.prompt_ids(QUESTION, None, True)[0].tolist()) | set(dense.prompt_ids(QUESTION, None, True)[1].tolist())
+    prompt = set(torch.cat(dense.prompt_ids(QUESTION, None, True)).tolist())
     swap = before[3]
     assert swap not in prompt and swap not in before[:3] and close not in before
     assert not set(before) & set(dense.eos_token_ids)  # the command line, without --ignore-eos, writes them all
@@ -502,3 +525,20 @@ def test_the_live_panel_shows_the_reasoning_dimmed():
     console.print(render(LiveState(stage="generating", reasoning="the cup looks red", answer="")))
     text = console.file.getvalue()
     assert "\x1b[2mthe cup looks red" in text and "thinking:" in text
+
+
+def test_bench_builds_the_qwen3_5_2b_shapes():
+    """`dycoke bench --arch qwen3.5-2b`: Qwen3.5-2B's text model (counted on the meta device)."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_compression as bench
+
+    assert bench.parse_args(["--arch", "qwen3.5-2b"]).arch == "qwen3.5-2b"
+    arch = bench.pick_arch("qwen3.5-2b", False)
+    with torch.device("meta"):
+        model, _ = bench._build_random(arch, torch.bfloat16, None)
+    text = model.config.text_config
+    assert [i for i, kind in enumerate(text.layer_types) if kind == "full_attention"] == [3, 7, 11, 15, 19, 23]
+    language = sum(p.numel() for p in model.model.language_model.parameters())
+    assert language == 1_881_825_088 and bench.pick_arch("qwen3.5-2b", True).family == "qwen3_5"  # 0.51 B embedding

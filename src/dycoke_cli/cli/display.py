@@ -96,8 +96,8 @@ def render(state: LiveState):
     parts.append(table)
     if state.reasoning:
         tail = state.reasoning[-REASONING_SHOWN:]
-        parts.append(Text.assemble(("thinking: ", "dim bold"), ("..." if len(tail) < len(state.reasoning) else "", "dim"),
-                                   (tail, "dim")))
+        cut = "..." if len(tail) < len(state.reasoning) else ""
+        parts.append(Text.assemble(("thinking: ", "dim bold"), (cut + tail, "dim")))
     if state.answer is not None:
         parts.append(Text.assemble(("answer: ", "bold"), state.answer))
     return Group(*parts)

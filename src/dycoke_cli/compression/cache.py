@@ -468,8 +468,8 @@ class PrunedKVCache(Cache):
             room = layer.capacity - layer.length
             if room not in widest:  # one mask per room (not setdefault: its argument always runs)
                 widest[room] = layer.step_mask()
-        return [None if getattr(layer, "is_linear", False) else widest[layer.capacity - layer.length][..., -layer.capacity :]
-                for layer in self.layers]
+        return [None if getattr(layer, "is_linear", False)
+                else widest[layer.capacity - layer.length][..., -layer.capacity :] for layer in self.layers]
 
     def advance(self) -> None:
         self.steps += 1

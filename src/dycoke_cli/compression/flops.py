@@ -59,8 +59,10 @@ def _mlp_width(text_config) -> int:
     width = getattr(text_config, "intermediate_size", None)
     if width:
         return int(width)
-    experts = int(getattr(text_config, "moe_intermediate_size", 0) or 0) * int(getattr(text_config, "num_experts_per_tok", 0) or 0)
-    return experts + int(getattr(text_config, "shared_expert_intermediate_size", 0) or 0)
+    def field(name: str) -> int:
+        return int(getattr(text_config, name, 0) or 0)
+
+    return field("moe_intermediate_size") * field("num_experts_per_tok") + field("shared_expert_intermediate_size")
 
 
 def _linear_token(cfg, width: int) -> int:

@@ -173,7 +173,7 @@ class Server:
                            temperature=default.temperature if body.temperature is None else body.temperature,
                            top_p=default.top_p if body.top_p is None else body.top_p,
                            seed=default.seed if body.seed is None else body.seed,
-                           ignore_eos=body.ignore_eos).validate()
+                           ignore_eos=body.ignore_eos, thinking=_thinking(body, default.thinking)).validate()
 
     @staticmethod
     def _stops(body: ChatRequest) -> list[str]:
@@ -382,7 +382,7 @@ def create_app(lm, config: ServerConfig):
                 raise api_error(end.error, video)
             reply.finish()
             return {**completion.response(reply.text, reply.finish_reason, reply.usage(),
-                                          reply.dycoke(state.model_info, video.label))}
+                                          reply.dycoke(state.model_info, video.label), reply.final_reasoning)}
         left.cancel()
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = _sse(job, first, text, reply, completion, include_usage, state.model_info, video)
@@ -390,6 +390,18 @@ def create_app(lm, config: ServerConfig):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def _thinking(body: ChatRequest, default: bool | None) -> bool | None:
+    """chat_template_kwargs (vLLM's): only ``enable_thinking``, a boolean, is taken."""
+    kwargs = body.chat_template_kwargs
+    if kwargs is None:
+        return default
+    value = kwargs.get("enable_thinking")
+    if set(kwargs) - {"enable_thinking"} or (value is not None and not isinstance(value, bool)):
+        raise ApiError(400, "chat_template_kwargs: only {\"enable_thinking\": true|false} is supported",
+                       "invalid_value")
+    return default if value is None else value
 
 
 async def _disconnected(request: Request) -> None:
@@ -448,6 +460,8 @@ async def _sse(job: Job, first, text: str, reply: Reply, completion: Completion,
     try:
         yield _data(completion.chunk({"role": "assistant", "content": ""}, **extra))
         while True:
+            if reasoning := reply.take_reasoning():  # thinking on: vLLM's reasoning_content deltas
+                yield _data(completion.chunk({"reasoning_content": reasoning}, **extra))
             if text:
                 yield _data(completion.chunk({"content": text}, **extra))
                 # let the loop run its callbacks: a lost connection is noticed before the next
