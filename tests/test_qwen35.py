@@ -284,6 +284,18 @@ def test_prune_layer_must_leave_a_full_attention_layer_to_probe_and_to_prune(den
         opts.resolve(dense)
 
 
+def test_a_dycoke_json_prune_layer_that_probes_a_linear_layer_is_refused_at_load(q35_dir, clip, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(q35_dir, folder)
+    (folder / "dycoke.json").write_text(json.dumps({"prune_layer": 2}))
+    assert run_cli(["ask", str(clip), QUESTION, "--model", str(folder), "-q"], capsys, monkeypatch) == (
+        1, "", f"dycoke: error: {folder / 'dycoke.json'}: prune_layer must be in [4, 7] for this hybrid model: a "
+               "full-attention layer before it is probed, those from it on are pruned (got 2)\n")
+
+
 def test_a_bad_prune_layer_is_one_line_from_the_command_line(q35_dir, clip, capsys, monkeypatch):
     code, out, err = run_cli(["ask", str(clip), QUESTION, "--model", str(q35_dir), "--prune-layer", "2", "-q"],
                              capsys, monkeypatch)
@@ -326,6 +338,19 @@ def test_stats_count_the_linear_state_and_the_pruned_layers(dense, clip):
     assert s.kv_bytes.linear_state == 6 * per_layer
     assert s.kv_bytes.device_total == s.kv_bytes.working + s.kv_bytes.store + s.kv_bytes.linear_state
     assert (s.visual_tokens, s.visual_tokens_prefill, s.visual_tokens_decode) == (16, 7, 2)
+    assert (s.prune_layer, s.pruned_layers, s.decode_retention) == (4, (7,), 2 / 7)  # the pruned layer only
+    fastv = ask(dense, clip, QUESTION, frames=8, compression=CompressionOptions(method=Method.fastv),
+                sampling=SamplingOptions(max_new_tokens=2, ignore_eos=True)).stats
+    assert (fastv.prune_layer, fastv.pruned_layers) == (4, (4, 5, 6, 7))  # after its cut every layer sees fewer
+    import io
+
+    from rich.console import Console
+
+    from dycoke_cli.cli.display import LiveState, render
+
+    console = Console(file=io.StringIO(), width=120)  # the panel names the pruned layers
+    console.print(render(LiveState(stats=s.to_dict())))
+    assert "2/7 visual KV entries (full-attention layers 7)" in console.file.getvalue()
 
 
 # -- the command line ------------------------------------------------------------------------------------

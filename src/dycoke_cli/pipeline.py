@@ -352,8 +352,16 @@ def _stats(lm, enc: EncodedVideo, prep: _Prepared, shape: LMShape, generated: in
         kv_bytes=prep.cache.kv_bytes(), peak_memory_bytes=process_peak(lm.device),
         peak_memory_above_start_bytes=peak_above_start, flops_estimate=flops, flops_ratio_estimate=ratio,
         selection=selection, decode_path=timings.path, decode_path_note=timings.path_note,
-        decode_step_reused=timings.reused,
+        decode_step_reused=timings.reused, pruned_layers=_pruned_layers(lm, plan),
     )
+
+
+def _pruned_layers(lm, plan: TokenPlan) -> tuple[int, ...] | None:
+    """The layers that see only the plan's ``keep`` visual tokens (see AnswerStats.pruned_layers)."""
+    if plan.prune_from is None:
+        return None
+    later = range(plan.prune_from, lm.num_layers)
+    return tuple(i for i in later if plan.prunes == "prefill" or i not in lm.linear_layers)
 
 
 def _median_ms(values: list[float]) -> float | None:

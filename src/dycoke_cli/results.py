@@ -247,6 +247,9 @@ class AnswerStats:
     decode_path: str | None = None  # how the decoding steps ran: "eager", "static" or "cuda-graph"
     decode_path_note: str | None = None  # why not a CUDA graph, when one was wanted and failed
     decode_step_reused: bool = False  # the static step (CUDA graph) was captured for an earlier answer
+    # the layers that see only the reduced visual tokens after the prefill (DyCoke: the KV layers
+    # from L on, a hybrid stack's full-attention ones only; FastV: every layer after its cut)
+    pruned_layers: tuple[int, ...] | None = None
 
     @property
     def prefill_retention(self) -> float:

@@ -68,6 +68,9 @@ def render(state: LiveState):
         active = s.get("visual_tokens_decode", total)
         layer = s.get("prune_layer")
         where = f" (layers >= {layer})" if layer is not None else ""
+        pruned = s.get("pruned_layers")
+        if pruned and layer is not None and list(pruned) != list(range(layer, layer + len(pruned))):  # a hybrid's
+            where = f" (full-attention layers {', '.join(map(str, pruned))})"
         table.add_row("decode retention", f"{active}/{total} visual KV entries{where}")
     if "refreshes" in s:
         table.add_row("refreshes / recalls", f"{s.get('refreshes', 0)} / {s.get('recalled', 0)}")

@@ -28,6 +28,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import ModelError
 from .base import DEFAULTS_FILE, ModelDefaults
 from .checkpoint import read_json
 from .qwen3_vl import Qwen3VLAdapter
@@ -86,6 +87,11 @@ class Qwen35Adapter(Qwen3VLAdapter):
         named = path.is_file() and "prune_layer" in read_json(path, "DyCoke defaults")
         if span is not None and not named:
             settings["defaults"] = replace(settings["defaults"], prune_layer=span[0])
+        layer = settings["defaults"].prune_layer
+        if named and (span is None or not span[0] <= layer <= span[1]):
+            valid = "impossible (fewer than two full-attention layers)" if span is None else f"in [{span[0]}, {span[1]}]"
+            raise ModelError(f"{path}: prune_layer must be {valid} for this hybrid model: a full-attention layer "
+                             f"before it is probed, those from it on are pruned (got {layer})")
         return settings
 
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults: ModelDefaults | None = None,
