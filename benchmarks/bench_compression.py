@@ -5,7 +5,8 @@ Builds, with dycoke_cli.models.tiny's builders and random weights, the LLaVA-One
 architecture (``--arch llava-ov-0.5b``, the default: SigLIP so400m-patch14-384 with the 26 layers
 LLaVA-OV uses + Qwen2-0.5B; short name ``0.5b``), the LLaVA-OneVision-7B one (``--arch llava-ov-7b``
 or ``7b``: the same SigLIP + Qwen2-7B), the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``) or the
-Qwen3-VL-8B one (``--arch qwen3-vl-8b``, with its DeepStack levels and timestamps); the large ones
+Qwen3-VL-8B one (``--arch qwen3-vl-8b``, with its DeepStack levels and timestamps) or the Qwen3.5-2B
+one (``--arch qwen3.5-2b``: a hybrid stack, linear attention in 3 of every 4 layers); the large ones
 need ~15-18 GB in bf16, a GPU (on CUDA every model is built directly on the device).
 ``--quick`` builds a scaled-down model of the chosen family. The
 arithmetic and the memory traffic are those of the real checkpoint, only the answers are
@@ -55,7 +56,7 @@ from bench_report import add_ratios, draw_plot, evaluate_targets, loadavg, machi
 
 from dycoke_cli.errors import DycokeError
 from dycoke_cli.memory import PeakMemory, rss_bytes
-from dycoke_cli.models.tiny import TinyQwen3Spec, TinyQwenSpec, TinySpec
+from dycoke_cli.models.tiny import TinyQwen3Spec, TinyQwen35Spec, TinyQwenSpec, TinySpec
 
 METHODS = ("none", "dycoke", "fastv")
 MEMORY_PASS_TOKENS = 4
@@ -65,10 +66,11 @@ WORDS = "describe the video in detail . what happens which color moves left righ
 
 QWEN = "qwen2_5_vl"
 QWEN3 = "qwen3_vl"
-QWEN_FAMILIES = (QWEN, QWEN3)  # temporal steps of 2 frames, M-RoPE
+QWEN35 = "qwen3_5"
+QWEN_FAMILIES = (QWEN, QWEN3, QWEN35)  # temporal steps of 2 frames, M-RoPE
 GENERATE_SKIPPED = {family: (f"not timed for {name}: transformers' generate from inputs_embeds does not give the "
                              "video tokens their M-RoPE (t, h, w) positions, so its tokens are not comparable with ours")
-                    for family, name in ((QWEN, "Qwen2.5-VL"), (QWEN3, "Qwen3-VL"))}
+                    for family, name in ((QWEN, "Qwen2.5-VL"), (QWEN3, "Qwen3-VL"), (QWEN35, "Qwen3.5"))}
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Arch:
 
     name: str
     vocab: int
-    spec: TinySpec | TinyQwenSpec | TinyQwen3Spec
+    spec: TinySpec | TinyQwenSpec | TinyQwen3Spec | TinyQwen35Spec
     family: str = "llava_onevision"
     frame_side: int = 0  # 0: the vision tower's image_size (LLaVA-OV)
 
@@ -142,8 +144,23 @@ QWEN3_8B = Arch("Qwen3-VL-8B architecture, random weights", 151936, TinyQwen3Spe
 # TinyQwen3Spec with a wider vision tower: 128x128 frames, 4x4 = 16 tokens per step, two DeepStack levels.
 QWEN3_QUICK = Arch("quick: scaled-down Qwen3-VL, random weights", 2048, TinyQwen3Spec(
     vision_hidden=64, vision_intermediate=128, min_pixels=4096, max_pixels=25165824), family=QWEN3, frame_side=128)
+# Qwen3.5-2B's text model: hidden 2048, 24 layers (linear attention but in 3, 7, ..., 23), 8 heads,
+# 2 KV heads, head_dim 256 (a quarter rotated), MLP 6144, Gated DeltaNet with 16 key and 16 value
+# heads of 128, conv 4, vocab 248320, rope 1e7, interleaved M-RoPE 11/11/10, tied embeddings. Its
+# vision tower is taken as 24 blocks of 1024 (16 heads, MLP 4096) merged into 2048 (not checked
+# against the released config). 448x448 frames: 14x14 = 196 tokens a temporal step.
+QWEN35_2B = Arch("Qwen3.5-2B architecture, random weights", 248320, TinyQwen35Spec(
+    vision_depth=24, vision_hidden=1024, vision_heads=16, vision_intermediate=4096, num_position_embeddings=2304,
+    text_hidden=2048, text_layers=24, text_heads=8, text_kv_heads=2, head_dim=256, partial_rotary_factor=0.25,
+    mrope_section=(11, 11, 10), text_intermediate=6144, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=16, max_position_embeddings=262144, rope_theta=10_000_000.0,
+    tie_word_embeddings=True, min_pixels=4096, max_pixels=25165824), family=QWEN35, frame_side=448)
+# TinyQwen35Spec with a wider vision tower (8 layers, full attention at 3 and 7): 128x128 frames.
+QWEN35_QUICK = Arch("quick: scaled-down Qwen3.5, random weights", 2048, TinyQwen35Spec(
+    vision_hidden=64, vision_intermediate=128, min_pixels=4096, max_pixels=25165824), family=QWEN35, frame_side=128)
 ARCHS = {"llava-ov-0.5b": (FULL, QUICK), "llava-ov-7b": (FULL_7B, QUICK_7B),
-         "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK), "qwen3-vl-8b": (QWEN3_8B, QWEN3_QUICK)}  # --arch: (full, --quick)
+         "qwen2.5-vl-7b": (QWEN_7B, QWEN_QUICK), "qwen3-vl-8b": (QWEN3_8B, QWEN3_QUICK),
+         "qwen3.5-2b": (QWEN35_2B, QWEN35_QUICK)}  # --arch: (full, --quick)
 ARCH_ALIASES = {"0.5b": "llava-ov-0.5b", "7b": "llava-ov-7b"}  # short --arch names
 
 
@@ -163,6 +180,7 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
     from dycoke_cli.models.base import ModelDefaults
     from dycoke_cli.models.llava_onevision import LlavaOneVisionAdapter
     from dycoke_cli.models.qwen2_5_vl import Qwen25VLAdapter, VideoSpec
+    from dycoke_cli.models.qwen3_5 import Qwen35Adapter
     from dycoke_cli.models.qwen3_vl import Qwen3VLAdapter
     from dycoke_cli.models.qwen3_vl import VideoSpec as Qwen3VideoSpec
 
@@ -174,18 +192,27 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
     if arch.family == QWEN:
         spec = VideoSpec(min_pixels=arch.spec.min_pixels, max_pixels=arch.spec.max_pixels)
         return Qwen25VLAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults(), video_spec=spec)
-    if arch.family == QWEN3:
+    if arch.family in (QWEN3, QWEN35):
         spec = Qwen3VideoSpec(min_pixels=arch.spec.min_pixels, max_pixels=arch.spec.max_pixels)
+        if arch.family == QWEN35:  # its own defaults: the first pruned layer after the first full-attention one
+            return Qwen35Adapter().wrap(model, tok, name=arch.name, video_spec=spec)
         return Qwen3VLAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults(), video_spec=spec)
     return LlavaOneVisionAdapter().wrap(model, tok, name=arch.name, defaults=ModelDefaults())
 
 
 def _build_random(arch: Arch, dtype, device, seed: int = 0, attn=None):
     """(model, tokenizer) of ``arch`` from models/tiny.py's builders."""
-    from dycoke_cli.models.tiny import build_llava_onevision, build_qwen2_5_vl, build_qwen3_vl, build_word_tokenizer
+    from dycoke_cli.models.tiny import (
+        build_llava_onevision,
+        build_qwen2_5_vl,
+        build_qwen3_5,
+        build_qwen3_vl,
+        build_word_tokenizer,
+    )
 
     tok = build_word_tokenizer(WORDS, family=arch.family)
-    builder = {QWEN: build_qwen2_5_vl, QWEN3: build_qwen3_vl}.get(arch.family, build_llava_onevision)
+    builder = {QWEN: build_qwen2_5_vl, QWEN3: build_qwen3_vl, QWEN35: build_qwen3_5}.get(arch.family,
+                                                                                       build_llava_onevision)
     model = builder(tok, arch.spec, seed=seed, vocab_size=arch.vocab, dtype=dtype, device=device,
                     attn_implementation=attn)
     return model, tok

@@ -130,7 +130,7 @@ def test_model_folder_errors(tmp_path, tiny_model_dir, clip_path, capsys, monkey
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert run_cli(["ask", str(clip_path), "q", "--model", str(other)], capsys, monkeypatch) == (
-        1, "", f"dycoke: error: {other}: unsupported model type 'bert' (supported: llava_onevision, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)\n")
+        1, "", f"dycoke: error: {other}: unsupported model type 'bert' (supported: llava_onevision, qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe)\n")
     missing = tmp_path / "missing-model"
     assert run_cli(["ask", str(clip_path), "q", "--model", str(missing)], capsys, monkeypatch) == (
         1, "", f"dycoke: error: {missing}: model folder not found\n")

@@ -94,6 +94,7 @@ def test_kv_bytes_held(tiny_lm, encoded):
         "device_total": per_token_layer * (full_layers * (seq + fed) + pruned_layers * (seq - 14 + 4 + fed)),
         "saved_on_device": 0,  # a CPU run: nothing to take off an accelerator
         "moved_to_device": 0,  # nor anything copied back onto one
+        "linear_state": 0,  # no linear-attention layers (a hybrid stack's states)
     }
 
 

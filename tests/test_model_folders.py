@@ -422,7 +422,7 @@ def test_unhashable_model_type(tiny_model_dir, clip_path, tmp_path, capsys, monk
     folder = copy_model(tiny_model_dir, tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": ["llava_onevision"]}))
-    assert_refused(folder, f"{folder}: unsupported model type ['llava_onevision'] (supported: llava_onevision, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)",
+    assert_refused(folder, f"{folder}: unsupported model type ['llava_onevision'] (supported: llava_onevision, qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe)",
                    clip_path, capsys, monkeypatch)
 
 

@@ -133,6 +133,9 @@ class CompressionOptions:
         if not 1 <= opts.prune_layer <= num_layers - 1:
             raise OptionError("prune_layer", f"must be in [1, {num_layers - 1}] for this {num_layers}-layer model "
                                              f"(got {opts.prune_layer})")
+        linear = tuple(getattr(lm, "linear_layers", ()) or ())
+        if linear:
+            _check_hybrid_prune_layer(opts.prune_layer, num_layers, linear)
         if opts.method == Method.fastv and num_layers <= FASTV_LAYER:
             raise UsageError(f"fastv needs more than {FASTV_LAYER} layers (this model has {num_layers})")
         return opts
@@ -162,6 +165,9 @@ class SamplingOptions:
     seed: int | None = None  # None: a fresh seed per run (torch's global RNG is left alone)
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks: fixed decode length)
     decode: Decoding = Decoding.auto
+    # reason first (a <think> ... </think> block, kept apart from the answer): the chat template's
+    # enable_thinking where it has one; None or False: off
+    thinking: bool | None = None
 
     def validate(self) -> "SamplingOptions":
         check_count("max_new_tokens", self.max_new_tokens)
@@ -176,6 +182,18 @@ class SamplingOptions:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "decode": Decoding(self.decode).value}
+
+
+def _check_hybrid_prune_layer(layer: int, num_layers: int, linear: tuple[int, ...]) -> None:
+    """A hybrid stack (linear-attention layers have no keys): L must leave a full-attention layer
+    before it to probe and one at or after it to prune."""
+    full = [i for i in range(num_layers) if i not in linear]
+    if len(full) >= 2 and full[0] < layer <= full[-1]:
+        return
+    where = ", ".join(map(str, full)) or "none"
+    valid = f"in [{full[0] + 1}, {full[-1]}]" if len(full) >= 2 else "impossible: it has fewer than two"
+    raise OptionError("prune_layer", f"must be {valid} for this hybrid model (full attention at layers {where}: "
+                                     f"one before L is probed, those from L on are pruned) (got {layer})")
 
 
 def _enum(kind: type[Enum], name: str, value):

@@ -20,7 +20,7 @@ from .compression.baselines import plan_tokens
 from .compression.cache import PrunedKVCache
 from .compression.flops import LMShape, plan_flops
 from .compression.selectors import DecodeSelector, PrefillSelector, SelectionCounts
-from .decoding.detokenize import TextStream
+from .decoding.detokenize import ReasoningSplit, TextStream
 from .decoding.loop import (
     DecodeTimings,
     attention_backends,
@@ -141,15 +141,24 @@ class Prefix:
     opts: CompressionOptions  # resolved
     plan: TokenPlan
     span: VisualSpan  # the video part's place in the prompt, and its visual tokens' positions
-    keys: tuple[torch.Tensor, ...]  # per layer [1, KVH, P, d]
-    values: tuple[torch.Tensor, ...]
+    keys: tuple[torch.Tensor | None, ...]  # per layer [1, KVH, P, d] (None: a hybrid stack's linear layer)
+    values: tuple[torch.Tensor | None, ...]
     plan_s: float  # choosing the visual tokens (TTM or a baseline)
     compute_s: float  # the language model over the prefix
     system: str | None = None  # the system message before the video, if any
+    # a hybrid stack's linear layers: a copy of each one's (conv, recurrent) state at the prefix's
+    # end (None for the other layers), loaded afresh for every question; empty for a plain stack
+    states: tuple = ()
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2]
+        return next(k for k in self.keys if k is not None).shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors held: keys and values, and a hybrid stack's linear states."""
+        tensors = [*self.keys, *self.values, *(t for state in self.states if state is not None for t in state)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def next_positions(self, lm, enc: EncodedVideo, n: int) -> torch.Tensor:
         """Position ids of ``n`` tokens after the prefix ([n], or [3, n] for 3-D positions)."""
@@ -177,22 +186,23 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions, system: str | 
     (after a ``system`` message, if any)."""
     opts = opts.resolve(lm)
     t0 = time.perf_counter()
-    plan = plan_tokens(enc, opts)
+    plan = plan_tokens(enc, opts, lm.fastv_layer)
     plan_s = time.perf_counter() - t0
     before = lm.prompt_ids(PREFIX_PROBE, system)[0]
     with torch.inference_mode():
         embeds, span = prefix_embeds(lm, before, plan, enc)
         length = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, length, opts.positions)
-        cache = PrunedKVCache(lm.num_layers, length)
+        cache = PrunedKVCache(lm.num_layers, length, linear=lm.linear_layers)
         ids = positions if positions is not None else torch.arange(length)
         with attention_backends(lm.device, "prefill"):
             run_layers(lm, embeds, batch_positions(ids.to(lm.device)), cache, head=False,
                        deepstack=(span.visual, plan.deepstack))
+        states = cache.linear_states() if lm.linear_layers else ()
     sync(lm.device)
-    keys = tuple(layer.keys[:, :, :length] for layer in cache.layers)
-    values = tuple(layer.values[:, :, :length] for layer in cache.layers)
-    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s, system)
+    keys = tuple(None if layer.keys is None else layer.keys[:, :, :length] for layer in cache.layers)
+    values = tuple(None if layer.keys is None else layer.values[:, :, :length] for layer in cache.layers)
+    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s, system, states)
 
 
 @dataclass(frozen=True)
@@ -213,16 +223,16 @@ class _Prepared:
 def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
              prefix: Prefix | None, system: str | None, kept=None) -> _Prepared:
     t0 = time.perf_counter()
-    plan = prefix.plan if prefix is not None else plan_tokens(enc, opts)
+    plan = prefix.plan if prefix is not None else plan_tokens(enc, opts, lm.fastv_layer)
     setup_s = time.perf_counter() - t0
     if prefix is not None:
-        embeds = embed_parts(lm, lm.prompt_ids(question, system)[1])
+        embeds = embed_parts(lm, lm.prompt_ids(question, system, sampling.thinking)[1])
         span, seq = prefix.span, prefix.length + embeds.shape[1]
         positions = prefix.next_positions(lm, enc, embeds.shape[1])
         extent = int(positions.max()) + 1
         deepstack = None  # the prefix, computed with them, holds every visual token
     else:
-        embeds, span = prompt_embeds(lm, question, plan, enc, system)
+        embeds, span = prompt_embeds(lm, question, plan, enc, system, sampling.thinking)
         seq = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, seq, opts.positions)
         extent = seq if positions is None else int(positions.max()) + 1
@@ -236,14 +246,15 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
         capacity, arena = kept.capacity(capacity), kept.arena
     if plan.prunes == "decode":
         selector = DecodeSelector(plan.prune_from, span, plan.keep, opts.refresh_threshold,
-                                  frame_of=plan.index // enc.tokens_per_frame, coverage=opts.coverage)
+                                  frame_of=plan.index // enc.tokens_per_frame, coverage=opts.coverage,
+                                  probe_layer=lm.probe_layer(plan.prune_from))
     elif plan.prunes == "prefill":
-        selector = PrefillSelector(plan.prune_from, span, plan.keep)
+        selector = PrefillSelector(plan.prune_from, span, plan.keep, probe_layer=lm.probe_layer(plan.prune_from))
         reduced = (plan.prune_from, capacity - plan.prefill_visual + plan.keep)  # its cut layers hold fewer
     cache = PrunedKVCache(lm.num_layers, capacity, selector if plan.prunes == "decode" else None,
-                          opts.offload_pruned, reduced=reduced, arena=arena)
+                          opts.offload_pruned, reduced=reduced, arena=arena, linear=lm.linear_layers)
     if prefix is not None:
-        cache.load_prefix(prefix.keys, prefix.values)
+        cache.load_prefix(prefix.keys, prefix.values, prefix.states)
     return _Prepared(plan, embeds, positions, seq, sampling, deepstack, selector, cache, setup_s)
 
 
@@ -273,6 +284,7 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
                   plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1], prep.seq)
     yield Stage("prefill")
     stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
+    split = ReasoningSplit() if prep.sampling.thinking else None  # reasoning first, kept apart
     with PeakMemory(lm.device) as memory:
         for token in generate_tokens(lm, prep.embeds, prep.cache, prep.sampling, prep.selector, timings,
                                      prep.positions, prep.deepstack, kept):
@@ -281,19 +293,36 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
                 yield Stage("generating")
             ids.append(token)
             if delta := stream.push(token):
-                yield _token_event(delta, len(ids), ttft, timings)
-    if tail := stream.finish():
-        yield _token_event(tail, len(ids), ttft or 0.0, timings)
+                yield from _token_events(delta, split, len(ids), ttft, timings)
+    yield from _token_events(stream.finish(), split, len(ids), ttft or 0.0, timings, last=True)
     gen_s = time.perf_counter() - t_gen
     stats = _stats(lm, enc, prep, shape, len(ids), timings, built, ttft if ttft is not None else gen_s, gen_s,
                    memory.peak_above_start)
-    return Answer(stream.text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
-                  stats, question=question)
+    text, reasoning = (stream.text, None) if split is None else (split.answer, split.reasoning.strip())
+    return Answer(text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
+                  stats, question=question, reasoning=reasoning)
 
 
 def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
            prefix: Prefix | None = None, kept=None) -> Answer:
     return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept))
+
+
+def _token_events(text: str, split: ReasoningSplit | None, generated: int, ttft: float, timings: DecodeTimings,
+                  last: bool = False):
+    """The Token events of one piece of text: as it is, or its reasoning and answer parts (``split``);
+    ``last``: the end of the answer (a split gives what it held back)."""
+    if split is None:
+        parts = [(text, False)]
+    else:
+        reasoning, answer = split.push(text)
+        if last:
+            more = split.finish()
+            reasoning, answer = reasoning + more[0], answer + more[1]
+        parts = [(reasoning, True), (answer, False)]
+    for piece, is_reasoning in parts:
+        if piece:
+            yield replace(_token_event(piece, generated, ttft, timings), reasoning=is_reasoning)
 
 
 def _token_event(text: str, generated: int, ttft: float, timings: DecodeTimings) -> Token:
@@ -325,8 +354,16 @@ def _stats(lm, enc: EncodedVideo, prep: _Prepared, shape: LMShape, generated: in
         kv_bytes=prep.cache.kv_bytes(), peak_memory_bytes=process_peak(lm.device),
         peak_memory_above_start_bytes=peak_above_start, flops_estimate=flops, flops_ratio_estimate=ratio,
         selection=selection, decode_path=timings.path, decode_path_note=timings.path_note,
-        decode_step_reused=timings.reused,
+        decode_step_reused=timings.reused, pruned_layers=_pruned_layers(lm, plan),
     )
+
+
+def _pruned_layers(lm, plan: TokenPlan) -> tuple[int, ...] | None:
+    """The layers that see only the plan's ``keep`` visual tokens (see AnswerStats.pruned_layers)."""
+    if plan.prune_from is None:
+        return None
+    later = range(plan.prune_from, lm.num_layers)
+    return tuple(i for i in later if plan.prunes == "prefill" or i not in lm.linear_layers)
 
 
 def _median_ms(values: list[float]) -> float | None:

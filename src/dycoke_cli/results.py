@@ -175,6 +175,7 @@ class Token:
     decode_tokens_per_s: float | None
     refreshes: int | None  # DyCoke's selection counters, None for other methods
     recalled: int | None
+    reasoning: bool = False  # the text is reasoning (a <think> block), not the answer
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,7 @@ class KVBytes:
     device_total: int
     saved_on_device: int  # what --offload-pruned took off the accelerator
     moved_to_device: int = 0  # bytes copied from an offloaded store to the accelerator (its price)
+    linear_state: int = 0  # a hybrid stack's linear layers: their fixed-size states (in device_total)
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,9 @@ class AnswerStats:
     decode_path: str | None = None  # how the decoding steps ran: "eager", "static" or "cuda-graph"
     decode_path_note: str | None = None  # why not a CUDA graph, when one was wanted and failed
     decode_step_reused: bool = False  # the static step (CUDA graph) was captured for an earlier answer
+    # the layers that see only the reduced visual tokens after the prefill (DyCoke: the KV layers
+    # from L on, a hybrid stack's full-attention ones only; FastV: every layer after its cut)
+    pruned_layers: tuple[int, ...] | None = None
 
     @property
     def prefill_retention(self) -> float:
@@ -279,13 +284,16 @@ class Answer:
     stats: AnswerStats
     video: VideoInfo | None = None
     question: str = ""
+    reasoning: str | None = None  # with thinking on: the <think> block's text (``text`` is the answer alone)
 
 
 def answer_json(answer: Answer, model: dict) -> dict:
     """The ``--json`` object of one answer (schema ``SCHEMA_VERSION``, see the README)."""
+    reasoning = {} if answer.reasoning is None else {"reasoning": answer.reasoning}
     return {
         "schema_version": SCHEMA_VERSION,
         "answer": answer.text,
+        **reasoning,
         "model": model,
         "video": answer.video.to_dict() if answer.video is not None else None,
         "options": {**answer.options, "frames": answer.stats.frames_requested, "question": answer.question},

@@ -75,8 +75,7 @@ class Session:
         enc = self.encoded
         if enc is not None:
             total += sum(t.numel() * t.element_size() for t in (enc.features, enc.newline) if t is not None)
-        for prefix in self._prefixes.values():
-            total += sum(t.numel() * t.element_size() for t in (*prefix.keys, *prefix.values))
+        total += sum(prefix.nbytes for prefix in self._prefixes.values())  # a hybrid's linear states too
         return total + self.kept.nbytes()
 
     def encoding(self, question: str = "?", compression: CompressionOptions | None = None) -> Iterator[Event]:

@@ -423,7 +423,7 @@ def cache_clear() -> None:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context) -> None:
-    """Benchmark none / dycoke / fastv against model.generate on random-weight architectures (--arch 0.5b, 7b, qwen2.5-vl-7b, qwen3-vl-8b). `dycoke bench --help` for flags."""
+    """Benchmark none / dycoke / fastv against model.generate on random-weight architectures (--arch 0.5b, 7b, qwen2.5-vl-7b, qwen3-vl-8b, qwen3.5-2b). `dycoke bench --help` for flags."""
     script = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_compression.py"
     if not script.is_file():
         raise DycokeError("the benchmark ships with the source checkout (benchmarks/bench_compression.py), "

@@ -20,6 +20,7 @@ from rich.text import Text
 from ..results import Done, Planned, Stage, Token
 
 STAGES = ("reading frames", "encoding", "prefill", "generating", "done")
+REASONING_SHOWN = 600  # characters: the live panel shows the end of a long reasoning
 
 
 @dataclass
@@ -31,6 +32,7 @@ class LiveState:
     method: str = ""
     stats: dict = field(default_factory=dict)
     answer: str | None = None  # shown in the panel only when stdout is this same terminal
+    reasoning: str = ""  # with --thinking on: the model's reasoning so far, shown dimmed
 
 
 def _fmt_bytes(n) -> str:
@@ -66,6 +68,9 @@ def render(state: LiveState):
         active = s.get("visual_tokens_decode", total)
         layer = s.get("prune_layer")
         where = f" (layers >= {layer})" if layer is not None else ""
+        pruned = s.get("pruned_layers")
+        if pruned and layer is not None and list(pruned) != list(range(layer, layer + len(pruned))):  # a hybrid's
+            where = f" (full-attention layers {', '.join(map(str, pruned))})"
         table.add_row("decode retention", f"{active}/{total} visual KV entries{where}")
     if "refreshes" in s:
         table.add_row("refreshes / recalls", f"{s.get('refreshes', 0)} / {s.get('recalled', 0)}")
@@ -92,6 +97,10 @@ def render(state: LiveState):
     for note in video_notes(s):
         table.add_row("note", note)
     parts.append(table)
+    if state.reasoning:
+        tail = state.reasoning[-REASONING_SHOWN:]
+        cut = "..." if len(tail) < len(state.reasoning) else ""
+        parts.append(Text.assemble(("thinking: ", "dim bold"), (cut + tail, "dim")))
     if state.answer is not None:
         parts.append(Text.assemble(("answer: ", "bold"), state.answer))
     return Group(*parts)
@@ -124,7 +133,9 @@ class _Base:
                  decode_tokens_per_s=event.decode_tokens_per_s)
         if event.refreshes is not None:
             s.update(refreshes=event.refreshes, recalled=event.recalled)
-        if self.state.answer is not None:
+        if event.reasoning:
+            self.state.reasoning += event.text
+        elif self.state.answer is not None:
             self.state.answer += event.text
         self._changed(stage_changed=False)
 

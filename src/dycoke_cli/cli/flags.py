@@ -41,6 +41,11 @@ class DtypeChoice(str, Enum):
     float16 = "float16"
 
 
+class ThinkingChoice(str, Enum):
+    on = "on"
+    off = "off"
+
+
 # name -> (annotation, default). Declared once; each command lists the ones it takes.
 
 _OPTIONS: dict[str, tuple[object, object]] = {
@@ -50,7 +55,7 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "methods": (Annotated[str, typer.Option("--methods", help="Comma-separated methods, first = baseline: none, dycoke, fastv, random, frames.")], "none,dycoke"),
     "ttm_k": (Annotated[Optional[float], typer.Option("--ttm-k", show_default=False, help="TTM: fraction of tokens dropped from compared frames, in [0, 1) \\[default: model's, 0.7].")], None),
     "prune_p": (Annotated[Optional[float], typer.Option("--prune-p", show_default=False, help="Decode pruning: fraction of visual KV entries pruned, in [0, 1) \\[default: model's, 0.7].")], None),
-    "prune_layer": (Annotated[Optional[int], typer.Option("--prune-layer", show_default=False, help="First layer L whose attention is pruned (layer L-1 is probed) \\[default: model's, 3].")], None),
+    "prune_layer": (Annotated[Optional[int], typer.Option("--prune-layer", show_default=False, help="First layer L whose attention is pruned (layer L-1 is probed; on a hybrid model such as Qwen3.5, the full-attention layers from L on, the last one before L probed) \\[default: model's, 3].")], None),
     "refresh_threshold": (Annotated[float, typer.Option("--refresh-threshold", help="Re-select visual tokens when attention similarity falls below this, in [0, 1].")], REFRESH_THRESHOLD),
     "selection": (Annotated[Optional[Selection], typer.Option("--selection", show_default=False, help="DyCoke's decode-time rule: coverage (a floor of entries in every frame, then attention; not in the paper) or topk (the paper's: attention alone) \\[default: the model's, coverage].")], None),
     "frame_coverage": (Annotated[Optional[float], typer.Option("--frame-coverage", show_default=False, help="With --selection coverage: share of the decode budget spread evenly over frames, in [0, 1] \\[default: the model's, 0.5].")], None),
@@ -62,6 +67,7 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "top_p": (Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")], 1.0),
     "seed": (Annotated[Optional[int], typer.Option("--seed", show_default=False, help="Seed for sampling and the random baseline, in [0, 2^64 - 1].")], None),
     "decode": (Annotated[Decoding, typer.Option("--decode", help="Decoding steps: auto = static shapes captured as a CUDA graph on CUDA, eager elsewhere; eager = the plain loop (for checking); static = static shapes (a CUDA graph on CUDA).")], Decoding.auto),
+    "thinking": (Annotated[Optional[ThinkingChoice], typer.Option("--thinking", show_default=False, help="Reason first (a <think> block shown dimmed on stderr, kept out of the answer and in --json's 'reasoning') where the chat template has enable_thinking (Qwen3.5) \\[default: off].")], None),
     "device": (Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")], DeviceChoice.auto),
     "dtype": (Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")], DtypeChoice.auto),
     "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")], False),
@@ -73,7 +79,7 @@ _OPTIONS: dict[str, tuple[object, object]] = {
 MODEL = ("model", "device", "dtype", "allow_pickle", "no_cache")
 COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "selection", "frame_coverage", "positions",
                "offload_pruned")
-SAMPLING = ("max_new_tokens", "temperature", "top_p", "decode")
+SAMPLING = ("max_new_tokens", "temperature", "top_p", "decode", "thinking")
 OUTPUT = ("json_out", "quiet")
 ANSWER = ("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
 
@@ -100,6 +106,7 @@ class Flags:
     top_p: float = 1.0
     seed: int | None = None
     decode: Decoding = Decoding.auto
+    thinking: ThinkingChoice | None = None
     device: DeviceChoice = DeviceChoice.auto
     dtype: DtypeChoice = DtypeChoice.auto
     allow_pickle: bool = False
@@ -121,8 +128,9 @@ class Flags:
                                   selection=self.selection, positions=self.positions).validate()
 
     def sampling(self) -> SamplingOptions:
+        thinking = None if self.thinking is None else ThinkingChoice(self.thinking) == ThinkingChoice.on
         return SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                               seed=self.seed, decode=self.decode).validate()
+                               seed=self.seed, decode=self.decode, thinking=thinking).validate()
 
     def check(self) -> None:
         """Everything that can be checked before touching the video or the model."""

@@ -63,6 +63,8 @@ class Answering:
         from ..results import Done, Token
 
         self.display.show(event)
+        if isinstance(event, Token) and event.reasoning:
+            return  # reasoning: the live panel's (stderr), never stdout's
         if isinstance(event, Token):
             self.text += event.text
             if self.stream_stdout:

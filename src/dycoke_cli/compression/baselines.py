@@ -22,10 +22,11 @@ def visual_budget(frames: int, per_frame: int, k: float, p: float) -> int:
     return max(1, kept_per_frame(merged, p)) if p > 0 else merged
 
 
-def plan_tokens(enc: EncodedVideo, opts: CompressionOptions) -> TokenPlan:
+def plan_tokens(enc: EncodedVideo, opts: CompressionOptions, fastv_layer: int = FASTV_LAYER) -> TokenPlan:
     """Apply the method's selection before the language model; say what is pruned later. Every
-    DeepStack level (Qwen3-VL) keeps the same tokens, in the same order."""
-    plan = _plan(enc, opts)
+    DeepStack level (Qwen3-VL) keeps the same tokens, in the same order. ``fastv_layer``: FastV's
+    K (a hybrid stack's: after its first full-attention layer, ``LoadedModel.fastv_layer``)."""
+    plan = _plan(enc, opts, fastv_layer)
     if not enc.deepstack:
         return plan
     t, n = enc.frames, enc.tokens_per_frame
@@ -33,7 +34,7 @@ def plan_tokens(enc: EncodedVideo, opts: CompressionOptions) -> TokenPlan:
     return replace(plan, deepstack=levels)
 
 
-def _plan(enc: EncodedVideo, opts: CompressionOptions) -> TokenPlan:
+def _plan(enc: EncodedVideo, opts: CompressionOptions, fastv_layer: int) -> TokenPlan:
     t, n = enc.frames, enc.tokens_per_frame
     flat = enc.features.reshape(t * n, -1)
     everything = torch.arange(t * n, device=flat.device)
@@ -45,7 +46,7 @@ def _plan(enc: EncodedVideo, opts: CompressionOptions) -> TokenPlan:
         tokens, index = temporal_merge(enc.features, opts.ttm_k)
         return TokenPlan(tokens, index, budget, opts.prune_layer, "decode")
     if method == Method.fastv:
-        return TokenPlan(flat, everything, budget, FASTV_LAYER, "prefill")
+        return TokenPlan(flat, everything, budget, fastv_layer, "prefill")
     if method == Method.random:
         g = torch.Generator().manual_seed(opts.seed)
         index = torch.sort(torch.randperm(t * n, generator=g)[:budget]).values.to(flat.device)

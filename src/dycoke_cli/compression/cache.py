@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 from ..results import KVBytes
 from .attention import ATTENTION_NAME
@@ -110,6 +110,58 @@ def _fits(buffer: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> bool
     """Whether an earlier answer's ``buffer`` can be taken over for ``shape`` (``like``'s kind)."""
     return (buffer is not None and tuple(buffer.shape) == tuple(shape) and buffer.dtype == like.dtype
             and buffer.device == like.device)
+
+
+class _LinearStateLayer(LinearAttentionLayer):
+    """A hybrid stack's linear-attention layer (Gated DeltaNet): a conv state and a recurrent
+    state of fixed size, updated in place (transformers' ``LinearAttentionLayer``: the layer
+    reads and writes them through the cache's ``get_conv_state`` / ``update_*_state``). It holds
+    no keys, is never pruned, and has absorbed every token it was given: it can be copied (a
+    session's prefix) but not rolled back. ``arena``: an earlier answer's layer whose tensors
+    this one takes over (a kept static step reads them)."""
+
+    is_linear = True
+    keys = None  # no KV entries
+
+    def __init__(self, arena: "_LinearStateLayer | None" = None):
+        super().__init__()
+        self.arena = arena
+
+    def lazy_initialization(self, conv_states=None, recurrent_states=None, state_idx: int = 0,
+                            conv_kernel_size: int | None = None) -> None:
+        super().lazy_initialization(conv_states, recurrent_states, state_idx, conv_kernel_size)
+        old = self.arena
+        for mine, theirs, given in ((self.conv_states, getattr(old, "conv_states", None), conv_states),
+                                    (self.recurrent_states, getattr(old, "recurrent_states", None), recurrent_states)):
+            if given is not None and theirs is not None and _fits(theirs.get(state_idx), tuple(mine[state_idx].shape),
+                                                                  mine[state_idx]):
+                mine[state_idx] = theirs[state_idx].zero_()
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(conv [B, C, kernel], recurrent [B, H, dk, dv]) as they are now, or None before any token."""
+        if not self.has_previous_state[0]:
+            return None
+        return self.conv_states[0], self.recurrent_states[0]
+
+    def load(self, conv: torch.Tensor, recurrent: torch.Tensor, seen: int) -> None:
+        """Continue from a state computed earlier (copied in: the layer keeps its own tensors)."""
+        if not self.is_conv_states_initialized[0]:
+            self.lazy_initialization(conv_states=conv, conv_kernel_size=conv.shape[-1])
+        if not self.is_recurrent_states_initialized[0]:
+            self.lazy_initialization(recurrent_states=recurrent)
+        self.conv_states[0].copy_(conv)
+        self.recurrent_states[0].copy_(recurrent)
+        self.has_previous_state[0] = True
+        if hasattr(self, "cumulative_length_linear"):  # transformers >= 5.25 counts the tokens a layer saw
+            self.cumulative_length_linear.fill_(seen)
+        self.arena = None
+
+    def held_bytes(self) -> int:
+        states = self.state()
+        return 0 if states is None else sum(t.numel() * t.element_size() for t in states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
 
 
 class _PrunedBlock:
@@ -292,39 +344,65 @@ class PrunedKVCache(Cache):
         reduced: (first layer, capacity) for layers that hold fewer positions (FastV's after its cut).
         arena: an earlier answer's cache whose captured decoding step is kept (decoding/static.py):
             every buffer of the same shape is taken over, so that step can be replayed on this one.
+        linear: a hybrid stack's linear-attention layers: each holds its fixed-size state
+            (:class:`_LinearStateLayer`), is never pruned, and sees every token it is given.
     """
 
     def __init__(self, num_layers: int, capacity: int, selector: DecodeSelector | None = None,
                  offload: bool = False, reduced: tuple[int, int] | None = None,
-                 arena: "PrunedKVCache | None" = None):
+                 arena: "PrunedKVCache | None" = None, linear: tuple[int, ...] = ()):
         layers: list[CacheLayerMixin] = []
         self.block = None
         old = list(arena.layers) if arena is not None and len(arena.layers) == num_layers else [None] * num_layers
+        pruned = [] if selector is None else [i for i in range(selector.prune_from, num_layers) if i not in linear]
         if selector is not None:
-            self.block = _PrunedBlock(num_layers - selector.prune_from, selector, offload,
-                                      arena.block if arena is not None else None)
+            self.block = _PrunedBlock(len(pruned), selector, offload, arena.block if arena is not None else None)
         for i in range(num_layers):
             same = old[i] if old[i] is not None and not isinstance(old[i], _PrunedLayer) else None
-            if selector is not None and i >= selector.prune_from:
-                layers.append(_PrunedLayer(capacity, self.block, i - selector.prune_from))
+            if i in linear:
+                layers.append(_LinearStateLayer(same if isinstance(same, _LinearStateLayer) else None))
+            elif i in pruned:
+                layers.append(_PrunedLayer(capacity, self.block, pruned.index(i)))
             elif reduced is not None and i >= reduced[0]:
                 layers.append(_BufferLayer(reduced[1], same))  # a one-shot pruner left fewer tokens here
             else:
                 layers.append(_BufferLayer(capacity, same))
         super().__init__(layers=layers)
         self.selector = selector
+        self.first_pruned = pruned[0] if pruned else None  # where an eager step takes a new selection
         self.steps: torch.Tensor | None = None  # static mode's device step counter
         self._copy_stream = None  # CUDA: where an offloaded store's slots are copied
 
-    def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor], states=()) -> None:
         """Fill every layer with a prompt prefix's keys and values [1, KVH, P, d] computed earlier
-        (it must hold the whole visual span): as if the model had just prefilled it."""
-        for layer, k, v in zip(self.layers, keys, values):
-            layer.update(k, v)
+        (it must hold the whole visual span): as if the model had just prefilled it. A hybrid
+        stack's linear layers (None keys) take their ``states`` entry, (conv, recurrent) as
+        :meth:`linear_states` gave it."""
+        states = list(states) or [None] * len(self.layers)
+        seen = max((k.shape[2] for k in keys if k is not None), default=0)
+        for layer, k, v, state in zip(self.layers, keys, values, states):
+            if getattr(layer, "is_linear", False):
+                layer.load(*state, seen)
+            else:
+                layer.update(k, v)
+
+    def linear_states(self) -> tuple:
+        """Per layer, a copy of a linear layer's (conv, recurrent) state, None for the others."""
+        return tuple(tuple(t.clone() for t in layer.state()) if getattr(layer, "is_linear", False) else None
+                     for layer in self.layers)
+
+    def kv_layers(self) -> list:
+        """The layers that hold keys and values (all but a hybrid stack's linear ones)."""
+        return [layer for layer in self.layers if not getattr(layer, "is_linear", False)]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the first KV layer holds (never a pruned or cut layer: they come later)."""
+        return self.kv_layers()[0].capacity
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         sel = self.selector
-        if (sel is not None and layer_idx == sel.prune_from and self.steps is None and sel.started
+        if (sel is not None and layer_idx == self.first_pruned and self.steps is None and sel.started
                 and key_states.shape[2] == 1):
             self._take_selection()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -358,35 +436,40 @@ class PrunedKVCache(Cache):
         device step counter, which :meth:`advance` moves on after each step. ``like``: an earlier
         answer's static cache whose buffers this one took over; its step counter and lengths
         (the device values its captured step reads) are reset to this answer's."""
-        device = self.layers[0].keys.device
+        layers = self.kv_layers()  # a linear layer's state is updated in place already: static as it is
+        device = layers[0].keys.device
         with torch.inference_mode():  # the buffers were made under it
             if like is None:
                 self.steps = torch.zeros((), dtype=torch.long, device=device)
-                bases = [None] * len(self.layers)
+                bases = [None] * len(layers)
             else:
                 self.steps = like.steps.zero_()
-                bases = [layer.base for layer in like.layers]
-            for layer, base in zip(self.layers, bases):
+                bases = [layer.base for layer in like.kv_layers()]
+            for layer, base in zip(layers, bases):
                 layer.make_static(self.steps, base)
         return self.steps
 
     def layout_key(self) -> tuple:
         """What a captured static step bakes in about this cache: each layer's kind, capacity and
         buffer, and which layers share a length mask. Equal keys: one step serves both caches."""
-        rooms = [layer.capacity - layer.length for layer in self.layers]
-        return tuple((type(layer).__name__, layer.capacity, layer.keys.data_ptr(), rooms.index(room))
-                     for layer, room in zip(self.layers, rooms))
+        layers = self.kv_layers()
+        rooms = [layer.capacity - layer.length for layer in layers]
+        linear = tuple(layer.recurrent_states[0].data_ptr() for layer in self.layers if getattr(layer, "is_linear", 0))
+        return linear + tuple((type(layer).__name__, layer.capacity, layer.keys.data_ptr(), rooms.index(room))
+                              for layer, room in zip(layers, rooms))
 
-    def step_masks(self) -> list[torch.Tensor]:
-        """Static mode: each layer's attention mask for this step. Layers with the same room left
-        (capacity - length: every layout here) share one mask, a smaller buffer its trailing part:
-        ``arange(c) <= steps + length`` is the last ``c`` entries of the widest layer's."""
+    def step_masks(self) -> list[torch.Tensor | None]:
+        """Static mode: each layer's attention mask for this step (None for a linear layer). Layers
+        with the same room left (capacity - length: every layout here) share one mask, a smaller
+        buffer its trailing part: ``arange(c) <= steps + length`` is the last ``c`` entries of the
+        widest layer's."""
         widest: dict[int, torch.Tensor] = {}
-        for layer in sorted(self.layers, key=lambda layer: -layer.capacity):
+        for layer in sorted(self.kv_layers(), key=lambda layer: -layer.capacity):
             room = layer.capacity - layer.length
             if room not in widest:  # one mask per room (not setdefault: its argument always runs)
                 widest[room] = layer.step_mask()
-        return [widest[layer.capacity - layer.length][..., -layer.capacity :] for layer in self.layers]
+        return [None if getattr(layer, "is_linear", False)
+                else widest[layer.capacity - layer.length][..., -layer.capacity :] for layer in self.layers]
 
     def advance(self) -> None:
         self.steps += 1
@@ -396,12 +479,14 @@ class PrunedKVCache(Cache):
 
     def kv_bytes(self) -> KVBytes:
         """Bytes held: attended on the device, and in the pruned-entry stores (and where)."""
-        working = sum(layer.held_bytes() for layer in self.layers)
+        working = sum(layer.held_bytes() for layer in self.kv_layers())
+        linear = sum(layer.held_bytes() for layer in self.layers if getattr(layer, "is_linear", False))
         store = sum(layer.store_bytes() for layer in self.layers if isinstance(layer, _PrunedLayer))
         offloaded = self.offloaded
-        on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.layers)
+        on_accelerator = any(layer.keys is not None and layer.keys.device.type != "cpu" for layer in self.kv_layers())
         # saved_on_device: what --offload-pruned took off the accelerator (a CPU's store is host memory anyway)
         moved = 0 if self.block is None else self.block.moved_bytes
         return KVBytes(working=working, store=store, store_on_host=offloaded,
-                       device_total=working + (0 if offloaded else store),
-                       saved_on_device=store if offloaded and on_accelerator else 0, moved_to_device=moved)
+                       device_total=working + linear + (0 if offloaded else store),
+                       saved_on_device=store if offloaded and on_accelerator else 0, moved_to_device=moved,
+                       linear_state=linear)

@@ -128,7 +128,8 @@ class DecodeSelector:
     selections, and so the tokens, are the same.
 
     Args:
-        prune_from: the first pruned layer L; attention is probed at layer ``probe_layer`` = L - 1.
+        prune_from: the first pruned layer L; attention is probed at layer ``probe_layer``: L - 1,
+            or on a hybrid stack the last full-attention layer before L (its linear layers have none).
         span: (start, end) of the visual tokens in the prefill sequence, or a VisualSpan whose
             visual tokens have text between them (only visual positions are ever pruned).
         keep: visual entries layers >= L attend to at each step.
@@ -138,12 +139,12 @@ class DecodeSelector:
     prunes = "decode"
 
     def __init__(self, prune_from: int, span: tuple[int, int], keep: int, threshold: float = REFRESH_THRESHOLD,
-                 frame_of: torch.Tensor | None = None, coverage: float = 0.0):
+                 frame_of: torch.Tensor | None = None, coverage: float = 0.0, probe_layer: int | None = None):
         if prune_from < 1:
             raise ValueError("the pruning layer must be >= 1 (layer L - 1 is probed)")
         if coverage > 0 and frame_of is None:
             raise ValueError("coverage needs frame_of (the frame of each visual position)")
-        self.probe_layer = prune_from - 1
+        self.probe_layer = prune_from - 1 if probe_layer is None else probe_layer
         self.prune_from = prune_from
         self.layout = _VisualIndex(span)
         self.start, self.end, self.total = self.layout.start, self.layout.end, self.layout.total
@@ -235,10 +236,10 @@ class PrefillSelector:
 
     prunes = "prefill"
 
-    def __init__(self, prune_from: int, span: tuple[int, int], keep: int):
+    def __init__(self, prune_from: int, span: tuple[int, int], keep: int, probe_layer: int | None = None):
         if prune_from < 1:
             raise ValueError("the pruning layer must be >= 1")
-        self.probe_layer = prune_from - 1
+        self.probe_layer = prune_from - 1 if probe_layer is None else probe_layer
         self.prune_from = prune_from
         self.layout = _VisualIndex(span)
         self.start, self.end, self.total = self.layout.start, self.layout.end, self.layout.total

@@ -73,3 +73,57 @@ class TextStream:
             decode = self.tokenizer.decode
             self._skipped[token] = decode([token], skip_special_tokens=True) == "" != decode([token])
         return self._skipped[token]
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ReasoningSplit:
+    """Streamed text -> (reasoning, answer) pieces, for a model that reasons first: everything up to
+    ``</think>`` is reasoning (a ``<think>`` at the start, when the model writes it rather than the
+    prompt, is dropped), the rest is the answer, its leading blank lines dropped. A tag split over
+    two pieces is held back until it is whole."""
+
+    def __init__(self):
+        self.thinking = True
+        self.held = ""  # text that may be the start of a tag
+        self.reasoning, self.answer = "", ""
+
+    def push(self, text: str) -> tuple[str, str]:
+        """The reasoning and the answer ``text`` adds (either may be empty)."""
+        self.held += text
+        if self.thinking:
+            self.held = self.held.lstrip() if not self.reasoning else self.held
+            if self.held.startswith(THINK_OPEN) and not self.reasoning:
+                self.held = self.held[len(THINK_OPEN):].lstrip()
+            if THINK_CLOSE in self.held:
+                before, after = self.held.split(THINK_CLOSE, 1)
+                self.thinking, self.held = False, after
+                return self._take(before.rstrip(), "")[0], self._answer_part()
+            cut = _safe_end(self.held, (THINK_CLOSE, THINK_OPEN))
+            piece, self.held = self.held[:cut], self.held[cut:]
+            return self._take(piece, "")
+        return "", self._answer_part()
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back at the end (the model stopped inside a tag)."""
+        held, self.held = self.held, ""
+        return self._take(held, "") if self.thinking else self._take("", held)
+
+    def _answer_part(self) -> str:
+        text = self.held if self.answer else self.held.lstrip()
+        self.held = "" if text or self.answer else self.held
+        return self._take("", text)[1]
+
+    def _take(self, reasoning: str, answer: str) -> tuple[str, str]:
+        self.reasoning += reasoning
+        self.answer += answer
+        return reasoning, answer
+
+
+def _safe_end(text: str, tags: tuple[str, ...]) -> int:
+    """Where ``text`` can be cut without splitting a tag that may be starting at its end."""
+    for start in range(max(0, len(text) - max(map(len, tags)) + 1), len(text)):
+        if any(tag.startswith(text[start:]) for tag in tags):
+            return start
+    return len(text)

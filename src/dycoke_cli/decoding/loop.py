@@ -120,7 +120,8 @@ def _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk: int) -> t
     if seq == 1:  # a decoding step
         return call_layer(layer, hidden, cache, position_embeddings=(cos, sin),
                           position_ids=positions if positions.dim() == 2 else None)
-    if seq <= chunk or getattr(cache.layers[layer.self_attn.layer_idx], "whole_prompt", False):
+    held = cache.layers[layer_index(layer)]
+    if seq <= chunk or getattr(held, "whole_prompt", False):
         bounds = [(0, seq)]
     else:
         bounds = [(a, min(a + chunk, seq)) for a in range(0, seq, chunk)]
@@ -129,11 +130,18 @@ def _layer_in_chunks(layer, hidden, positions, cos, sin, cache, chunk: int) -> t
     flat_ids = positions if positions.dim() == 2 else None  # 3-D (M-RoPE) ids reach only the rotary
     outs = []
     for a, b in bounds:
-        mask = causal_after(cache.layers[layer.self_attn.layer_idx].get_seq_length(), b - a, hidden.device)
+        # a linear layer takes no mask (batch 1, no padding): its state carries the pieces before
+        mask = None if getattr(held, "is_linear", False) else causal_after(held.get_seq_length(), b - a, hidden.device)
         outs.append(call_layer(layer, hidden[:, a:b], cache, attention_mask=mask,
                                position_embeddings=(cos[:, a:b], sin[:, a:b]),
                                position_ids=None if flat_ids is None else flat_ids[:, a:b]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def layer_index(layer) -> int:
+    """A decoder layer's index: its attention's, or a hybrid stack's linear layer's (Gated DeltaNet)."""
+    mixer = getattr(layer, "self_attn", None) or getattr(layer, "linear_attn", None)
+    return mixer.layer_idx
 
 
 def batch_positions(positions: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,10 @@ def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor 
 
 
 def prompt_embeds(lm, question: str, plan: TokenPlan, enc: EncodedVideo,
-                  system: str | None = None) -> tuple[torch.Tensor, VisualSpan]:
+                  system: str | None = None, thinking: bool | None = None) -> tuple[torch.Tensor, VisualSpan]:
     """The whole prompt for ``question`` (after a ``system`` message, if any) with the plan's
-    visual tokens, [1, S, D], and where its visual tokens are."""
-    before, after = lm.prompt_ids(question, system)
+    visual tokens, [1, S, D], and where its visual tokens are. ``thinking``: see ``prompt_ids``."""
+    before, after = lm.prompt_ids(question, system, thinking)
     embeds, span = prefix_embeds(lm, before, plan, enc, after)
     return embeds, span
 

@@ -145,7 +145,7 @@ class StaticSteps:
         the same selection rule."""
         if lm is not self.lm or position_dims != self.position_dims or greedy != self.greedy:
             return False
-        if self.calls == 0 or any(layer.keys is None for layer in cache.layers):
+        if self.calls == 0 or any(layer.keys is None for layer in cache.kv_layers()):
             return False
         if cache.layout_key() != self.cache.layout_key():
             return False
@@ -184,7 +184,7 @@ class KeptSteps:
         return None if self.steps is None else self.steps.cache
 
     def capacity(self, needed: int) -> int:
-        kept = None if self.steps is None else self.steps.cache.layers[0].capacity
+        kept = None if self.steps is None else self.steps.cache.capacity
         if kept is not None and needed <= kept:
             return kept
         return -(-needed // self.ROUND) * self.ROUND + self.ROUND

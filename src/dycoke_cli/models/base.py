@@ -28,6 +28,7 @@ PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0
 # (options.Selection, FRAME_COVERAGE); a checkpoint's dycoke.json may choose "topk".
 PRODUCT_DEFAULTS = {"selection": "coverage", "frame_coverage": FRAME_COVERAGE}
 CAPTION_PROMPT = "Describe this video in detail."
+THINKING_SWITCH = "enable_thinking"  # the chat-template variable of Qwen3.5's (and Qwen3's) reasoning
 DEFAULTS_FILE = "dycoke.json"
 POSITION_MODES = tuple(p.value for p in Positions)
 SELECTIONS = tuple(s.value for s in Selection)
@@ -138,6 +139,26 @@ class LoadedModel:
     adapter: "FamilyAdapter" = field(repr=False, default=None)  # type: ignore[assignment]
     video_spec: object = None  # the family's own video preprocessing settings, if any
     text_per_step: int = 0  # text tokens a temporal step adds to the prompt (Qwen3-VL's timestamps)
+    linear_layers: tuple[int, ...] = ()  # a hybrid stack's linear-attention layers: a fixed state, no keys
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers that attend over a KV cache (all of them but a hybrid stack's linear ones)."""
+        return tuple(i for i in range(self.num_layers) if i not in self.linear_layers)
+
+    def probe_layer(self, prune_from: int) -> int:
+        """The layer whose attention chooses what layers ``>= prune_from`` see: the one before, or
+        on a hybrid stack the last full-attention layer before (a linear layer has no attention)."""
+        before = [i for i in self.attention_layers if i < prune_from]
+        return before[-1] if before else prune_from - 1
+
+    @property
+    def fastv_layer(self) -> int:
+        """FastV's first cut layer K: its paper's 2, or on a hybrid stack the layer after the first
+        full-attention one (its probe)."""
+        from ..options import FASTV_LAYER
+
+        return self.attention_layers[0] + 1 if self.linear_layers else FASTV_LAYER
 
     # The calls the pipeline makes; they forward to the family adapter.
     @property
@@ -173,10 +194,16 @@ class LoadedModel:
         [n, D]; offsets of the visual tokens within the part [M]; the part's length)."""
         return self.adapter.video_part(self, enc, plan)
 
-    def prompt_ids(self, question: str, system: str | None = None):
+    def prompt_ids(self, question: str, system: str | None = None, thinking: bool | None = None):
         """Token ids before and after the video of the chat prompt for ``question`` (and a system
-        message before it, if any)."""
-        return self.adapter.prompt_ids(self, question, system)
+        message before it, if any). ``thinking``: the template's ``enable_thinking`` where it has
+        one (None: off); it changes only what comes after the question."""
+        return self.adapter.prompt_ids(self, question, system, thinking)
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the chat template takes ``enable_thinking`` (Qwen3.5, Qwen3)."""
+        return THINKING_SWITCH in (getattr(self.tokenizer, "chat_template", None) or "")
 
     def positions(self, span: tuple[int, int], kept, enc, seq: int, original: bool):
         return self.adapter.positions(self, span, kept, enc, seq, original)
@@ -243,15 +270,16 @@ class FamilyAdapter:
 
         return [plan.tokens, enc.newline], torch.arange(plan.prefill_visual), plan.prefill_visual
 
-    def prompt_ids(self, lm: LoadedModel, question: str, system: str | None = None):
+    def prompt_ids(self, lm: LoadedModel, question: str, system: str | None = None, thinking: bool | None = None):
         """Token ids before and after the single video placeholder of the chat prompt."""
         import torch
 
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
+        switch = {THINKING_SWITCH: bool(thinking)} if lm.has_thinking_switch else {}  # off unless asked
         try:
-            text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **switch)
         except Exception as exc:  # noqa: BLE001 - jinja2 syntax or runtime errors of the checkpoint's template
             raise ModelError(f"{lm.path}: the chat template fails ({_first_line(exc)})") from None
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]

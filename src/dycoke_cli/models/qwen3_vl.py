@@ -200,7 +200,7 @@ class Qwen3VLAdapter(FamilyAdapter):
 
     def encode_video(self, lm, pixels):
         """Frames [F, 3, H, W] -> (features [ceil(F/2), (H/32)·(W/32), D], None, DeepStack levels
-        of the same shape)."""
+        of the same shape; none for Qwen3.5)."""
         import torch
 
         patches, grid = patchify_video(pixels, lm.video_spec.temporal_patch, PATCH, MERGE)
@@ -211,13 +211,14 @@ class Qwen3VLAdapter(FamilyAdapter):
         features = out.pooler_output[0]
         if features.shape[0] != steps * rows * cols:
             raise ModelError(f"{lm.path}: vision tower gave {features.shape[0]} tokens, expected {steps * rows * cols}")
-        levels = tuple(level[0].reshape(steps, rows * cols, -1) for level in out.deepstack_features)
+        deepstack = getattr(out, "deepstack_features", None) or ()  # Qwen3.5 has none
+        levels = tuple(level[0].reshape(steps, rows * cols, -1) for level in deepstack)
         return features.reshape(steps, rows * cols, -1), None, levels
 
-    def prompt_ids(self, lm, question, system=None):
+    def prompt_ids(self, lm, question, system=None, thinking=None):
         """Token ids before and after the video: the chat template's
         ``<|vision_start|><|video_pad|><|vision_end|>`` is left out (each step brings its own)."""
-        before, after = super().prompt_ids(lm, question, system)
+        before, after = super().prompt_ids(lm, question, system, thinking)
         config = lm.model.config
         if len(before) and len(after) and int(before[-1]) == config.vision_start_token_id \
                 and int(after[0]) == config.vision_end_token_id:

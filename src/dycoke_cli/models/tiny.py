@@ -343,3 +343,128 @@ def save_qwen3_checkpoint(model, tokenizer, folder: str | Path, spec: TinyQwen3S
                     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "temporal_patch_size": 2,
                     "patch_size": 16, "merge_size": 2, "fps": fps, "min_frames": min_frames, "max_frames": max_frames}
     return _save(model, tokenizer, folder, preprocessor, dycoke_defaults)
+
+
+@dataclass(frozen=True)
+class TinyQwen35Spec:
+    """Sizes of a small Qwen3.5 (hybrid: Gated DeltaNet linear attention, full attention every
+    ``full_attention_interval`` layers), dense or MoE with a shared expert."""
+
+    vision_depth: int = 2
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    num_position_embeddings: int = 16
+    text_hidden: int = 64
+    text_layers: int = 8  # full attention at 3 and 7
+    full_attention_interval: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    head_dim: int = 32
+    partial_rotary_factor: float = 0.5  # rotates 16 of 32 dims: 8 frequencies
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to the rotated dims / 2
+    text_intermediate: int = 128
+    linear_key_head_dim: int = 16
+    linear_value_head_dim: int = 16
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 4
+    linear_conv_kernel_dim: int = 4
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10_000_000.0
+    tie_word_embeddings: bool = False
+    moe: bool = False
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_intermediate: int = 32
+    shared_expert_intermediate: int = 32
+    min_pixels: int = 4 * 32 * 32
+    max_pixels: int = 16 * 64 * 64
+
+
+def build_qwen3_5(tokenizer, spec: TinyQwen35Spec = TinyQwen35Spec(), seed: int = 0, vocab_size: int | None = None,
+                  *, dtype=None, device=None, attn_implementation=None):
+    """A randomly initialised Qwen3_5ForConditionalGeneration (Qwen3_5Moe... with ``spec.moe``)."""
+    import transformers
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
+        ("vision_end_token_id", VISION_END))}
+    text = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=spec.text_hidden,
+                num_hidden_layers=spec.text_layers, full_attention_interval=spec.full_attention_interval,
+                num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads, head_dim=spec.head_dim,
+                linear_key_head_dim=spec.linear_key_head_dim, linear_value_head_dim=spec.linear_value_head_dim,
+                linear_num_key_heads=spec.linear_num_key_heads, linear_num_value_heads=spec.linear_num_value_heads,
+                linear_conv_kernel_dim=spec.linear_conv_kernel_dim,
+                max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
+                                 "partial_rotary_factor": spec.partial_rotary_factor,
+                                 "mrope_section": list(spec.mrope_section), "mrope_interleaved": True},
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=spec.tie_word_embeddings)
+    if spec.moe:
+        text.update(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                    moe_intermediate_size=spec.moe_intermediate,
+                    shared_expert_intermediate_size=spec.shared_expert_intermediate)
+    else:
+        text.update(intermediate_size=spec.text_intermediate)
+    prefix = "Qwen3_5Moe" if spec.moe else "Qwen3_5"
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, num_heads=spec.vision_heads,
+                           intermediate_size=spec.vision_intermediate, out_hidden_size=spec.text_hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=spec.num_position_embeddings),
+        text_config=text, tie_word_embeddings=spec.tie_word_embeddings, **ids)
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return _instantiate(getattr(transformers, f"{prefix}ForConditionalGeneration"), config, tokenizer, seed, dtype,
+                        device, attn_implementation)
+
+
+# A Qwen3.5 checkpoint saves like a Qwen3-VL one (the same video processor).
+save_qwen3_5_checkpoint = save_qwen3_checkpoint
+
+
+def build_bpe_tokenizer(words: list[str]):
+    """A small byte-level BPE tokenizer over Qwen's special tokens + ``words`` (each word one token
+    after a space), the kind Qwen3.5's own tokenizer class rebuilds itself from: transformers loads
+    a ``qwen3_5`` checkpoint's tokenizer as ``Qwen3_5Tokenizer`` whatever its files declare, and
+    that class keeps only a BPE vocabulary and merges (a word-level vocabulary loses every word)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    vocabulary = (*ROLE_WORDS, *words, "seconds")
+    text = " " + " ".join(vocabulary) + "\n" + "\n".join(vocabulary)  # " word" and a bare "word" (after a newline)
+    trainer = trainers.BpeTrainer(vocab_size=100_000, special_tokens=list(QWEN_SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, eos_token=IM_END,
+                                   bos_token=None, extra_special_tokens={"image_token": IMAGE_PAD,
+                                                                         "video_token": VIDEO_PAD})
+    from tokenizers import AddedToken
+
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])  # as Qwen3.5's
+    fast.chat_template = QWEN35_CHAT_TEMPLATE
+    return fast
+
+
+# ChatML as Qwen3.5's template writes it: newlines after the role, the video's three markers
+# with nothing between them (the processor replaces the pad by the steps), and the reasoning
+# switch: the answer starts inside <think> unless enable_thinking is false (an empty block).
+QWEN35_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    f"{{% if item['type'] == 'video' %}}{{{{ '{VISION_START}{VIDEO_PAD}{VISION_END}' }}}}"
+    f"{{% elif item['type'] == 'image' %}}{{{{ '{VISION_START}{IMAGE_PAD}{VISION_END}' }}}}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)

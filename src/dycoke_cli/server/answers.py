@@ -38,6 +38,8 @@ class Reply:
         self.prompt_tokens = 0
         self.reused = False
         self.answer = None  # results.Answer, when the generation ran to its end
+        self.reasoning: str | None = None  # thinking on: the reasoning so far (never in ``raw``)
+        self.reasoning_sent = 0  # characters of it handed out
 
     @property
     def stopped(self) -> bool:
@@ -51,6 +53,9 @@ class Reply:
             self.reused = item.reused
         elif isinstance(item, Done):
             self.answer = item.answer
+        elif isinstance(item, Token) and item.reasoning:
+            self.tokens = item.tokens_generated
+            self.reasoning = (self.reasoning or "") + item.text
         elif isinstance(item, Token) and not self.stopped:
             self.tokens = item.tokens_generated
             start = max(0, len(self.raw) - max((len(s) for s in self.stops), default=0))
@@ -59,6 +64,20 @@ class Reply:
             if found:
                 self.cut = min(found)
         return self._release(final=False)
+
+    @property
+    def final_reasoning(self) -> str | None:
+        """The whole reasoning, stripped (None with thinking off)."""
+        return None if self.reasoning is None else self.reasoning.strip()
+
+    def take_reasoning(self) -> str:
+        """The reasoning not handed out yet (a stream's ``reasoning_content`` deltas)."""
+        if self.reasoning is None:
+            return ""
+        out = self.reasoning[self.reasoning_sent :].lstrip() if not self.reasoning_sent else \
+            self.reasoning[self.reasoning_sent :]
+        self.reasoning_sent = len(self.reasoning)
+        return out
 
     def finish(self) -> str:
         """The rest of the text, once nothing more comes."""

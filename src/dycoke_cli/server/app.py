@@ -127,7 +127,7 @@ async def _complete(state: Server, request: Request, body: ChatRequest):
                 raise api_error(end.error, video)
             reply.finish()
             return completion.response(reply.text, reply.finish_reason, reply.usage(),
-                                       reply.dycoke(state.model_info, video.label))
+                                       reply.dycoke(state.model_info, video.label), reply.final_reasoning)
     except BaseException:
         job.cancel()
         raise

@@ -142,6 +142,7 @@ class ChatRequest(_Open):
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False  # vLLM's extra sampling field: always generate max_tokens (benchmarks)
     media_io_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"video": {"num_frames": N}}
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"enable_thinking": bool} (Qwen3.5)
     dycoke: Optional[DycokeOptions] = None
     tools: Any = None
     functions: Any = None
@@ -170,9 +171,11 @@ class Completion:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def response(self, text: str, finish_reason: str, usage: dict, dycoke: dict) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                  "logprobs": None}
+    def response(self, text: str, finish_reason: str, usage: dict, dycoke: dict, reasoning: str | None = None) -> dict:
+        message = {"role": "assistant", "content": text}
+        if reasoning is not None:  # thinking on: the reasoning apart, as vLLM's reasoning parsers return it
+            message["reasoning_content"] = reasoning
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
         return {**self._head("chat.completion"), "choices": [choice], "usage": usage, "dycoke": dycoke}
 
     def chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> dict:

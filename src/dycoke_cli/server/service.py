@@ -167,7 +167,7 @@ class Server:
                            temperature=default.temperature if body.temperature is None else body.temperature,
                            top_p=default.top_p if body.top_p is None else body.top_p,
                            seed=default.seed if body.seed is None else body.seed,
-                           ignore_eos=body.ignore_eos).validate()
+                           ignore_eos=body.ignore_eos, thinking=_thinking(body, default.thinking)).validate()
 
     @staticmethod
     def _stops(body: ChatRequest) -> list[str]:
@@ -221,6 +221,18 @@ class Server:
                 "running": r.running, "waiting": r.waiting, "served": r.served, "cancelled": r.cancelled,
                 "failed": r.failed, "refused": r.refused, "sessions": len(self.sessions),
                 "session_bytes": self.sessions.bytes}
+
+
+def _thinking(body: ChatRequest, default: bool | None) -> bool | None:
+    """chat_template_kwargs (vLLM's): only ``enable_thinking``, a boolean, is taken."""
+    kwargs = body.chat_template_kwargs
+    if kwargs is None:
+        return default
+    value = kwargs.get("enable_thinking")
+    if set(kwargs) - {"enable_thinking"} or (value is not None and not isinstance(value, bool)):
+        raise ApiError(400, "chat_template_kwargs: only {\"enable_thinking\": true|false} is supported",
+                       "invalid_value")
+    return default if value is None else value
 
 
 @contextmanager

@@ -78,6 +78,8 @@ async def sse(job: Job, first, text: str, reply: Reply, completion: Completion, 
     try:
         yield _data(completion.chunk({"role": "assistant", "content": ""}, **extra))
         while True:
+            if reasoning := reply.take_reasoning():  # thinking on: vLLM's reasoning_content deltas
+                yield _data(completion.chunk({"reasoning_content": reasoning}, **extra))
             if text:
                 yield _data(completion.chunk({"content": text}, **extra))
                 # let the loop run its callbacks: a lost connection is noticed before the next
