@@ -5,9 +5,8 @@ Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}
 values, messages and media: 400; the model: 404), its video opened once (media.py), and its
 generation queued (runner.py: 429 with Retry-After when full). The response starts once the
 first token is out, so a bad video is a 400 with the reader's own one-line reason, never a
-stream that fails. Every error has OpenAI's shape, no traceback, and names no path but what the
-client sent. What runs before the routes (the API key, the Host, the body) is guard.py; the
-serving logic is service.py; the streams are streaming.py.
+stream that fails. Every error has OpenAI's shape and names no path the client did not send.
+Before the routes: guard.py (key, Host, body); the serving logic: service.py; streams: streaming.py.
 """
 
 from __future__ import annotations
