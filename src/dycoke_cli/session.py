@@ -64,10 +64,6 @@ class Session:
         """Drop the answers kept so far (a long-lived session would otherwise keep them all)."""
         self.answers.clear()
 
-    def has_prefix(self, compression: CompressionOptions) -> bool:
-        """Whether the prompt up to the question is computed already for these options."""
-        return compression.resolve(self.lm) in self._prefixes
-
     def nbytes(self) -> int:
         """Bytes of the tensors this session keeps between answers: the encoded video, the
         prefixes' keys and values, and the kept decoding step's buffers."""

@@ -236,14 +236,19 @@ class TinyQwenSpec:
     max_pixels: int = 112 * 112
 
 
+def _vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen families' config ids of their image and video tokens and vision start and end."""
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
+        ("vision_end_token_id", VISION_END))}
+
+
 def build_qwen2_5_vl(tokenizer, spec: TinyQwenSpec = TinyQwenSpec(), seed: int = 0, vocab_size: int | None = None,
                      *, dtype=None, device=None, attn_implementation=None):
     """A randomly initialised Qwen2_5_VLForConditionalGeneration sized by ``spec``, in eval mode."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
-        ("vision_end_token_id", VISION_END))}
+    ids = _vision_token_ids(tokenizer)
     config = Qwen2_5_VLConfig(
         vision_config=dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, num_heads=spec.vision_heads,
                            intermediate_size=spec.vision_intermediate, out_hidden_size=spec.text_hidden,
@@ -308,9 +313,7 @@ def build_qwen3_vl(tokenizer, spec: TinyQwen3Spec = TinyQwen3Spec(), seed: int =
     """A randomly initialised Qwen3VLForConditionalGeneration (Qwen3VLMoe... with ``spec.moe``)."""
     import transformers
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
-        ("vision_end_token_id", VISION_END))}
+    ids = _vision_token_ids(tokenizer)
     text = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=spec.text_hidden,
                 intermediate_size=spec.text_intermediate, num_hidden_layers=spec.text_layers,
                 num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads, head_dim=spec.head_dim,
@@ -386,9 +389,7 @@ def build_qwen3_5(tokenizer, spec: TinyQwen35Spec = TinyQwen35Spec(), seed: int 
     """A randomly initialised Qwen3_5ForConditionalGeneration (Qwen3_5Moe... with ``spec.moe``)."""
     import transformers
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
-        ("vision_end_token_id", VISION_END))}
+    ids = _vision_token_ids(tokenizer)
     text = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=spec.text_hidden,
                 num_hidden_layers=spec.text_layers, full_attention_interval=spec.full_attention_interval,
                 num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads, head_dim=spec.head_dim,

@@ -118,7 +118,7 @@ def _host_name(value: str) -> str:
 def _client_left(exc: BaseException) -> bool:
     """A write to a client that went away: uvicorn's ClientDisconnected, starlette's
     ClientDisconnect, a broken or reset connection."""
-    return isinstance(exc, (BrokenPipeError, ConnectionResetError, asyncio.CancelledError)) \
+    return isinstance(exc, (BrokenPipeError, ConnectionResetError)) \
         or type(exc).__name__ in ("ClientDisconnected", "ClientDisconnect")
 
 
