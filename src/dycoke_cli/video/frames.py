@@ -3,7 +3,7 @@
 
 ``Decoder``     seeks, and decodes frames in presentation order with the holes between them
 ``first_frame`` the first decoded frame (its rotation and size set the output's)
-``sample``      feeds decoded frames to a ``Picker``, seeking ahead to far targets
+``sample``      feeds decoded frames to a ``Picker``, seeking ahead to far targets (a generator)
 ``Picker``      keeps the frame nearest each target time, counting those lost to holes
 ``Converter``   turns a picked frame into an RGB array, downscaled and rotated for display
 
@@ -136,8 +136,10 @@ def first_frame(source: Source, frames: Iterator[Decoded]) -> Decoded:
 
 
 def sample(decoder: Decoder, picker: Picker, first: Decoded, frames: Iterator[Decoded],
-           seek: bool) -> None:
-    """Feed decoded frames to the picker; with ``seek``, jump ahead to far targets."""
+           seek: bool) -> Iterator[None]:
+    """Feed decoded frames to the picker; with ``seek``, jump ahead to far targets. A generator:
+    it pauses after every frame fed, so that the caller can take the frames picked so far
+    (``Picker.take``) and work on them while the rest is decoded."""
     # How far before a target a backward seek lands (the keyframe distance), learnt from the
     # seeks made so far: seek only when the next target is farther ahead than that, otherwise
     # decoding on is cheaper (and is all that is left when keyframes are rare).
@@ -160,6 +162,7 @@ def sample(decoder: Decoder, picker: Picker, first: Decoded, frames: Iterator[De
             keyframe_gap = max(keyframe_gap, landing_for - item.time)
             landing_for = None
         picker.feed(item)
+        yield
         target = picker.next_target()
         if (seek and target is not None and item.frame is not None
                 and target - item.time > keyframe_gap + _TIME_EPS):
@@ -184,8 +187,9 @@ class Picker:
         self.j = 0  # next target to settle
         self.prev: tuple[float, av.VideoFrame] | None = None
         self.holes: list[float] = []  # holes after prev
-        self.arrays: list[np.ndarray] = []
+        self.arrays: list[np.ndarray] = []  # picked, not taken yet (see take)
         self.times: list[float] = []
+        self.picked = 0  # frames picked so far, taken or not
         self.lost: set[float] = set()
         self.last: float | None = None  # time of the last frame picked or lost (dedup)
         self.stand_in: tuple[float, np.ndarray] | None = None
@@ -218,9 +222,20 @@ class Picker:
         while not self.done:
             self._settle(self.next_target(), None, None)
             self.j += 1
-        if not self.arrays and self.stand_in is not None:
-            self.times.append(self.stand_in[0])
-            self.arrays.append(self.stand_in[1])
+        if not self.picked and self.stand_in is not None:
+            self._pick(*self.stand_in)
+
+    def take(self, at_most: int | None = None) -> tuple[list[np.ndarray], list[float]]:
+        """The frames picked and not taken yet (the first ``at_most`` of them), with their times."""
+        n = len(self.arrays) if at_most is None else min(at_most, len(self.arrays))
+        arrays, times = self.arrays[:n], self.times[:n]
+        del self.arrays[:n], self.times[:n]
+        return arrays, times
+
+    def _pick(self, time_: float, rgb: np.ndarray) -> None:
+        self.arrays.append(rgb)
+        self.times.append(time_)
+        self.picked += 1
 
     def _settle(self, target: float, time_: float | None, frame: av.VideoFrame | None) -> None:
         # Candidates in time order: prev, holes after it, the frame just decoded.
@@ -242,11 +257,10 @@ class Picker:
         self.last = best_time
         rgb = self._convert(best_frame)
         if rgb is not None:
-            self.arrays.append(rgb)
-            self.times.append(best_time)
+            self._pick(best_time, rgb)
             return
         self.lost.add(best_time)
-        if not self.arrays and self.stand_in is None:
+        if not self.picked and self.stand_in is None:
             self._keep_stand_in(target, candidates)
 
     def _keep_stand_in(self, target: float,

@@ -73,7 +73,8 @@ Layout
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -89,19 +90,64 @@ from .frames import Converter, Decoder, Picker, first_frame, rotation, sample
 SEEK_AFTER_S = 60.0
 
 
+@dataclass(frozen=True)
+class Clip:
+    """One video, probed once: every later stage asks this value, never the file again.
+
+    ``path``: what the reader opens (on the server, the descriptor it opened: ``/proc/self/fd/N``);
+    ``name``: how messages name it (what the user gave); ``digest``: the SHA-256 of its bytes
+    where the caller has it (else the feature cache hashes the file); ``info``: the probed
+    metadata (``requested == 0``, no timestamps); ``end`` and ``discontinuous``: the measured
+    timing (module docstring, Duration and Timeline), which the reader reuses instead of
+    measuring again."""
+
+    path: str
+    name: str
+    info: VideoInfo
+    end: float | None
+    discontinuous: bool = False
+    digest: str | None = None
+
+    @property
+    def duration(self) -> float | None:
+        return self.info.duration
+
+    def timing(self) -> Timing:
+        return Timing(self.info.duration, self.end, self.discontinuous)
+
+
+@dataclass(frozen=True)
+class FrameChunk:
+    """Frames picked so far and not handed out before: RGB uint8 ``[c, H, W, 3]`` and their
+    presentation times; ``settled``: targets settled so far (of ``requested``)."""
+
+    frames: np.ndarray
+    timestamps: tuple[float, ...]
+    settled: int
+
+
+def open_clip(path: str | os.PathLike, *, name: str | None = None, digest: str | None = None,
+              timeout_s: float = 60.0) -> Clip:
+    """Probe a clip once (see :func:`probe_video`) into a :class:`Clip`; ``name`` defaults to
+    ``path``."""
+    reading = Reading(path, timeout_s)
+    with Source(reading) as source:
+        first = first_frame(source, Decoder(source).frames())
+        timing = measure_timing(source)
+        info = _info(source, timing, first.frame, requested=0, timestamps=(), lost=0)
+    return Clip(reading.path, os.fsdecode(name) if name is not None else reading.path, info, timing.end,
+                timing.discontinuous, digest)
+
+
 def probe_video(path: str | os.PathLike, *, timeout_s: float = 60.0) -> VideoInfo:
     """Metadata only. Decodes the first frame (for rotation and display size, and to be sure the
     file decodes); demuxes, without decoding, the end of the stream to check the stored
     duration, or the whole stream where that is needed (see the module docstring, Duration)."""
-    reading = Reading(path, timeout_s)
-    with Source(reading) as source:
-        first = first_frame(source, Decoder(source).frames())
-        return _info(source, measure_timing(source), first.frame, requested=0, timestamps=(),
-                     lost=0)
+    return open_clip(path, timeout_s=timeout_s).info
 
 
 def read_video(
-    path: str | os.PathLike,
+    clip: Clip | str | os.PathLike,
     num_frames: int = 32,
     *,
     max_side: int | None = None,
@@ -110,6 +156,7 @@ def read_video(
 ) -> Video:
     """Sample ``num_frames`` frames uniformly by presentation time (see the module docstring).
 
+    ``clip``: a probed :class:`Clip` (its timing is reused), or a path (probed here).
     ``max_side``: frames whose longer side exceeds it are downscaled while decoding, aspect
     kept. ``size_for(height, width)``: the size (height, width) a model will resize frames of
     that display size to; frames are then decoded at the smallest scale that keeps both sides at
@@ -118,26 +165,62 @@ def read_video(
     takes longer.
     Returns RGB uint8 frames ``[T, H, W, 3]`` with ``T <= num_frames``.
     """
+    chunks = []
+    reading = read_chunks(clip, num_frames, None, max_side=max_side, size_for=size_for, timeout_s=timeout_s)
+    while True:
+        try:
+            chunks.append(next(reading))
+        except StopIteration as stop:
+            info = stop.value
+            break
+    return Video(frames=np.concatenate([c.frames for c in chunks]), info=info)
+
+
+def read_chunks(
+    clip: Clip | str | os.PathLike,
+    num_frames: int,
+    chunk: int | None,
+    *,
+    max_side: int | None = None,
+    size_for: Callable[[int, int], tuple[int, int]] | None = None,
+    timeout_s: float = 60.0,
+) -> Generator[FrameChunk, None, VideoInfo]:
+    """:func:`read_video` in pieces: yields :class:`FrameChunk` s of ``chunk`` frames (the last
+    one shorter; None: every frame picked, as it is picked) while decoding goes on, so that only
+    one chunk of frames is held at a time; returns the VideoInfo of the whole read."""
     if num_frames < 1:
         raise UsageError(f"--frames must be at least 1 (got {num_frames})")
     if max_side is not None and max_side < 1:
         raise UsageError(f"max_side must be at least 1 (got {max_side})")
-    reading = Reading(path, timeout_s)
+    if chunk is not None and chunk < 1:
+        raise UsageError(f"chunk must be at least 1 (got {chunk})")
+    probed = clip if isinstance(clip, Clip) else None
+    reading = Reading(probed.path if probed else clip, timeout_s)
     with Source(reading) as source:
         decoder = Decoder(source)
         frames = decoder.frames()
         first = first_frame(source, frames)
         start = min([first.time, *first.holes])  # damaged leading frames still count
-        timing = measure_timing(source)
+        timing = probed.timing() if probed else measure_timing(source)
         span = max(timing.end - start, 0.0) if timing.end is not None else 0.0
         picker = Picker(start, span, num_frames, Converter(first.frame, max_side, size_for))
         seek = span > SEEK_AFTER_S and not timing.discontinuous  # seeks land by raw time
-        sample(decoder, picker, first, frames, seek=seek)
-        if not picker.arrays:
+        times: list[float] = []
+        for _ in sample(decoder, picker, first, frames, seek=seek):
+            while len(picker.arrays) >= (chunk or 1):
+                yield _chunk(picker, chunk, times)
+        if picker.arrays:
+            yield _chunk(picker, None, times)
+        if not picker.picked:
             raise reading.error("no decodable video frame (the file is truncated or damaged)")
-        info = _info(source, timing, first.frame, requested=num_frames,
-                     timestamps=tuple(picker.times), lost=len(picker.lost))
-        return Video(frames=np.stack(picker.arrays), info=info)
+        return _info(source, timing, first.frame, requested=num_frames, timestamps=tuple(times),
+                     lost=len(picker.lost))
+
+
+def _chunk(picker: Picker, size: int | None, times: list[float]) -> FrameChunk:
+    arrays, picked = picker.take(size)
+    times += picked
+    return FrameChunk(np.stack(arrays), tuple(picked), picker.j)
 
 
 def _info(source: Source, timing: Timing, first: av.VideoFrame, *, requested: int,
