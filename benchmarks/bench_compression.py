@@ -55,7 +55,7 @@ except ImportError:  # a source checkout without `pip install -e .`
 from bench_report import add_ratios, draw_plot, evaluate_targets, loadavg, machine_info, markdown
 
 from dycoke_cli.errors import DycokeError
-from dycoke_cli.memory import PeakMemory, rss_bytes
+from dycoke_cli.memory import PeakMemory, free_bytes, rss_bytes
 from dycoke_cli.models.tiny import TinyQwen3Spec, TinyQwen35Spec, TinyQwenSpec, TinySpec
 
 METHODS = ("none", "dycoke", "fastv")
@@ -228,27 +228,12 @@ def check_free_memory(arch: Arch, dtype, device) -> int:
         model, _ = _build_random(arch, dtype, None)
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
-    free = _free_bytes(torch.device(device))
+    free = free_bytes(torch.device(device))
     if free is not None and free < need * 1.1:  # + 10 % for activations, the KV cache, the encoded clip
         raise DycokeError(f"{arch.name} needs {need / 2**30:.1f} GiB for its {str(dtype).replace('torch.', '')} "
                           f"weights (+10 %); {torch.device(device)} has {free / 2**30:.1f} GiB free: run it on a "
                           f"larger GPU, or try --quick")
     return need
-
-
-def _free_bytes(device) -> int | None:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def synthetic_frames(n: int, size: int, seed: int = 0):

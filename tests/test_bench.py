@@ -155,7 +155,7 @@ def test_llava_ov_7b_has_the_checkpoints_size_and_refuses_without_room(monkeypat
     text = model.config.text_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
             text.intermediate_size, text.vocab_size) == (3584, 28, 28, 4, 18944, 152064)
-    monkeypatch.setattr(bench, "_free_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(bench, "free_bytes", lambda device: 8 * 2**30)
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("built despite too little memory"))
     with pytest.raises(bench.DycokeError, match="^llava-onevision-qwen2-7b architecture, random weights needs "
                                                 r"15\.0 GiB for its bfloat16 weights"):
@@ -237,7 +237,7 @@ def test_quick_qwen_bench_skips_generate_and_says_so(qwen_report):
 
 
 def test_the_7b_refuses_in_one_line_when_its_weights_do_not_fit(monkeypatch):
-    monkeypatch.setattr(bench, "_free_bytes", lambda device: 8 * 2**30)
+    monkeypatch.setattr(bench, "free_bytes", lambda device: 8 * 2**30)
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("built despite too little memory"))
     argv = ["--arch", "qwen2.5-vl-7b", "--dtype", "bfloat16", "--device", "cpu", "--json", "", "--plot", ""]
     with pytest.raises(bench.DycokeError) as exc:

@@ -97,7 +97,7 @@ def test_the_checker_sees_a_circle():
 def test_the_graph_resolves_relative_and_lazy_imports():
     graph = import_graph()
     assert "dycoke_cli.models.registry" in graph["dycoke_cli.models.loader"]  # from .registry import families
-    assert "dycoke_cli.video.read" in graph["dycoke_cli.models.qwen2_5_vl"]  # imported inside a method
+    assert "dycoke_cli.compression.attention" in graph["dycoke_cli.models.base"]  # imported inside a function
     assert "dycoke_cli.cli.interrupts" in graph["dycoke_cli.cli.app"]  # from . import interrupts
 
 
@@ -124,7 +124,7 @@ def test_the_values_import_no_stage(module):
     ("video", ("models", "decoding", "compression", "cli")),
     ("compression", ("decoding", "models", "cli")),
     ("decoding", ("cli",)),
-    ("models", ("decoding", "cli")),
+    ("models", ("decoding", "cli", "video")),  # a model is handed the probed clip, it never probes
 ])
 def test_stages_import_downward_only(folder, forbidden):
     graph = import_graph()

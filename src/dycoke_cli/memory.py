@@ -141,6 +141,25 @@ class PeakMemory:
         self.stop()
 
 
+def free_bytes(device) -> int | None:
+    """Memory free for new tensors on ``device``: CUDA's free device memory, else the host's
+    MemAvailable (what can be allocated without swapping); None where neither can be read."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return _meminfo_bytes("MemAvailable")
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def process_peak(device) -> int | None:
     """The process's peak bytes so far: the allocator's peak on CUDA, the resident high-water
     mark on CPU (VmHWM, including what it was before any PeakMemory reset it; ru_maxrss would

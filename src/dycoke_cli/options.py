@@ -21,6 +21,11 @@ FASTV_LAYER = 2
 TEMPERATURE_MIN = 0.01
 TEMPERATURE_MAX = 100.0
 SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+FRAMES_MAX = "max"  # --frames max: as many frames as the context and the memory hold
+# More frames than any model's context holds (a 1M-token context at one token a frame): a count
+# beyond it is a typo, refused before anything is read.
+FRAME_LIMIT = 1_000_000
+FPS_LIMIT = 240.0  # sampling rates above this are typos (the same bound as dycoke.json's fps)
 
 
 class Method(str, Enum):
@@ -153,6 +158,98 @@ class CompressionOptions:
         out["positions"] = None if self.positions is None else Positions(self.positions).value
         out["selection"] = None if self.selection is None else Selection(self.selection).value
         return out
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    """How many frames to sample, and how they are described to the model.
+
+    ``frames``: a count, ``"max"`` (the most that the context and the memory hold), or None (the
+    model's rule for the clip: its count, or its rate over the clip's length). ``fps`` and
+    ``max_frames`` replace the rule's rate and ceiling (``max_frames`` bounds ``"max"`` too).
+    ``memory_budget``: bytes the answer may use above the loaded model (None: the device's free
+    memory). ``timestamps``: LLaVA-OneVision's time instruction before the question (None: the
+    checkpoint's dycoke.json, else off)."""
+
+    frames: int | str | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+    memory_budget: int | None = None
+    timestamps: bool | None = None
+
+    def validate(self) -> "FrameOptions":
+        if isinstance(self.frames, str):
+            if self.frames != FRAMES_MAX:
+                raise OptionError("frames", f"must be a whole number of frames or 'max' (got {self.frames!r})")
+        elif self.frames is not None:
+            _check_whole("frames", self.frames, 1, FRAME_LIMIT)
+        if self.max_frames is not None:
+            _check_whole("max_frames", self.max_frames, 1, FRAME_LIMIT)
+        if self.fps is not None:
+            check_range("fps", _number("fps", self.fps), 0, FPS_LIMIT, low_open=True)
+        if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget > 0):
+            raise OptionError("memory_budget", f"must be a positive size (got {self.memory_budget!r})")
+        if self.counted and self.fps is not None:
+            raise OptionError("fps", f"sets the rate of the model's rule, which a frame count replaces (got both: "
+                                     f"{self.frames} frames and {self.fps:g} fps)")
+        if self.counted and self.max_frames is not None and self.frames > self.max_frames:
+            raise OptionError("frames", f"must be at most the maximum, {self.max_frames} (got {self.frames})")
+        return self
+
+    @property
+    def counted(self) -> bool:
+        """A fixed count was asked for (not the rule, not "max")."""
+        return isinstance(self.frames, int) and not isinstance(self.frames, bool)
+
+    @property
+    def as_many_as_fit(self) -> bool:
+        return self.frames == FRAMES_MAX
+
+    def to_dict(self) -> dict:
+        return {"frames_asked": self.frames, "fps": self.fps, "max_frames": self.max_frames,
+                "memory_budget_bytes": self.memory_budget, "timestamps": self.timestamps}
+
+
+def _check_whole(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(name, f"must be a whole number (got {value!r})")
+    check_count(name, value, low, high)
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(name, f"must be a number (got {value!r})")
+    return float(value)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+               "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_size(name: str, text: str) -> int:
+    """Bytes of a size such as ``512MB``, ``8GB`` or ``1.5GiB`` (a bare number is bytes; units
+    are powers of 1024); OptionError naming ``name`` otherwise."""
+    raw = str(text).strip()
+    number = raw.rstrip("KMGTBkmgtbIi ")
+    unit = raw[len(number):].strip().upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _SIZE_UNITS or not 0 < value * _SIZE_UNITS[unit] < 2**63:
+        raise OptionError(name, f"must be a positive size such as 512MB or 8GB (got {text!r})")
+    return max(1, int(value * _SIZE_UNITS[unit]))
+
+
+def parse_frames(text: str) -> int | str:
+    """--frames: a whole number or ``max``."""
+    raw = str(text).strip().lower()
+    if raw == FRAMES_MAX:
+        return FRAMES_MAX
+    try:
+        return int(raw)
+    except ValueError:
+        raise OptionError("frames", f"must be a whole number of frames or 'max' (got {text!r})") from None
 
 
 @dataclass(frozen=True)

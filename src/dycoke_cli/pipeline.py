@@ -41,6 +41,7 @@ from .results import (
     EncodedVideo,
     Event,
     Planned,
+    Progress,
     SelectionStats,
     Stage,
     Timings,
@@ -48,7 +49,7 @@ from .results import (
     TokenPlan,
     VisualSpan,
 )
-from .video.read import Video, VideoInfo, read_video
+from .video.read import Clip, Video, VideoInfo, open_clip, read_chunks
 
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
 
@@ -62,61 +63,109 @@ def drain(events: Generator[Event, None, object]):
             return stop.value
 
 
-def encoding(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
-             cache: FeatureCache | None = None, digest: str | None = None) -> Generator[Stage, None, EncodedVideo]:
-    """Read ``num_frames`` frames by time and run the vision tower once over them; with a
-    ``cache``, take the features from it when this clip was encoded before, and store them.
-    ``digest``: the clip's SHA-256 when the caller has it already (the server hashed the open
-    file it passes as ``path``), so the file is not read a second time for the cache key."""
+def encoding(lm, clip: Clip, num_frames: int, timeout_s: float = 60.0, cache: FeatureCache | None = None,
+             timestamps: bool = False) -> Generator[Event, None, EncodedVideo]:
+    """Read ``num_frames`` frames of a probed clip by time and run the vision tower over them, a
+    chunk at a time (Progress events); with a ``cache``, take the features from it when this clip
+    was encoded before, and store them. ``timestamps``: the encoded clip carries the model's time
+    instruction (LLaVA-OneVision's; None for a family that writes its own)."""
     key = None
     if cache is not None:
         yield Stage("looking up the feature cache")
         t0 = time.perf_counter()
-        key = _feature_key(lm, path, num_frames, digest)
+        key = _feature_key(lm, clip, num_frames)
         hit = cache.get(key) if key is not None else None
         if hit is not None:
-            info = replace(VideoInfo.from_dict(hit.info), path=os.fsdecode(path), requested=num_frames)
+            info = replace(VideoInfo.from_dict(hit.info), path=clip.path, requested=num_frames)
             newline = None if hit.newline is None else hit.newline.to(lm.device)
             layout = hit.info.get("layout") or {}
             return EncodedVideo(Video(None, info), hit.features.to(lm.device), newline, time.perf_counter() - t0,
                                 0.0, layout.get("rows", 0), layout.get("cols", 0), layout.get("step_seconds", 0.0),
-                                tuple(level.to(lm.device) for level in hit.deepstack))
-    enc = yield from _read_and_encode(lm, path, num_frames, timeout_s)
+                                tuple(level.to(lm.device) for level in hit.deepstack),
+                                _times(lm, info, timestamps))
+    enc = yield from _read_and_encode(lm, clip, num_frames, timeout_s, timestamps)
     if key is not None:
         layout = {"rows": enc.rows, "cols": enc.cols, "step_seconds": enc.step_seconds}
         cache.put(key, enc.features, enc.newline, {**enc.video.info.to_dict(), "layout": layout}, enc.deepstack)
     return enc
 
 
-def _feature_key(lm, path, num_frames: int, digest: str | None = None) -> FeatureKey | None:
-    model, content = model_identity(lm), digest or file_digest(path)
+def _times(lm, info: VideoInfo, timestamps: bool) -> str | None:
+    return lm.time_instruction(info.duration, info.timestamps) if timestamps else None
+
+
+def _feature_key(lm, clip: Clip, num_frames: int) -> FeatureKey | None:
+    model, content = model_identity(lm), clip.digest or file_digest(clip.path)
     if model is None or content is None:
         return None
     return FeatureKey(content, model, num_frames, str(lm.dtype))
 
 
-def _read_and_encode(lm, path, num_frames: int, timeout_s: float) -> Generator[Stage, None, EncodedVideo]:
+class _Encoder:
+    """The vision tower over a clip's frames, one chunk at a time as they are decoded: only the
+    features are kept (in one tensor sized for every step asked for), never all the frames."""
+
+    def __init__(self, lm, clip: Clip, num_frames: int):
+        self.lm, self.num_frames = lm, num_frames
+        self.source = (clip.info.height, clip.info.width)
+        self.steps = -(-num_frames // lm.frames_per_step)
+        self.features = self.levels = self.newline = None
+        self.filled, self.grid, self.seconds = 0, (0, 0), 0.0
+
+    def add(self, frames) -> None:
+        t0 = time.perf_counter()
+        pixels = self.lm.preprocess(frames, self.source, self.num_frames)
+        feats, self.newline, deep = self.lm.encode_video(pixels)
+        if self.features is None:  # sized once: the grid is the same for every chunk of a clip
+            self.features = feats.new_empty((self.steps, *feats.shape[1:]))
+            self.levels = tuple(level.new_empty((self.steps, *level.shape[1:])) for level in deep)
+            self.grid = self.lm.token_grid(pixels)
+        end = self.filled + feats.shape[0]
+        self.features[self.filled:end] = feats
+        for kept, level in zip(self.levels, deep):
+            kept[self.filled:end] = level
+        self.filled = end
+        sync(self.lm.device)
+        self.seconds += time.perf_counter() - t0
+
+    def result(self):
+        """(features [steps, N, D], DeepStack levels) of the steps encoded (views of the buffers)."""
+        return self.features[: self.filled], tuple(level[: self.filled] for level in self.levels)
+
+
+def _read_and_encode(lm, clip: Clip, num_frames: int, timeout_s: float,
+                     timestamps: bool) -> Generator[Event, None, EncodedVideo]:
     yield Stage("reading frames")
-    t0 = time.perf_counter()
+    started, read_s = time.perf_counter(), 0.0
+    encoder = _Encoder(lm, clip, num_frames)
     # decoded at twice the model's own size on both axes: its resize is the one that counts
-    video = read_video(path, num_frames, size_for=lambda h, w: lm.target_size(num_frames, h, w), timeout_s=timeout_s)
-    read_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pixels = lm.preprocess(video.frames, (video.info.height, video.info.width))
-    chunks, levels, newline = [], [], None
-    total = pixels.shape[0]
-    for start in range(0, total, ENCODE_CHUNK):  # an even chunk: whole temporal steps
-        yield Stage("encoding", start, total)
-        feats, newline, deep = lm.encode_video(pixels[start : start + ENCODE_CHUNK])
-        chunks.append(feats)
-        levels.append(deep)
-    yield Stage("encoding", total, total)
-    features = torch.cat(chunks)
-    deepstack = tuple(torch.cat(level) for level in zip(*levels))  # per level, every chunk's steps
-    sync(lm.device)
-    rows, cols = lm.token_grid(pixels)
-    return EncodedVideo(video, features, newline, read_s, time.perf_counter() - t0, rows, cols,
-                        step_seconds(video.info.timestamps, lm.frames_per_step), deepstack)
+    chunks = read_chunks(clip, num_frames, ENCODE_CHUNK, size_for=lambda h, w: lm.target_size(num_frames, h, w),
+                         timeout_s=timeout_s)
+    encoded = 0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            chunk = next(chunks)
+        except StopIteration as stop:
+            info = stop.value
+            read_s += time.perf_counter() - t0
+            break
+        read_s += time.perf_counter() - t0
+        yield Progress(chunk.settled, encoded, num_frames, _left(started, encoded, num_frames))
+        encoder.add(chunk.frames)  # an even chunk: whole temporal steps (the last may be odd)
+        encoded += len(chunk.frames)
+        yield Progress(chunk.settled, encoded, num_frames, _left(started, encoded, num_frames))
+    features, deepstack = encoder.result()
+    return EncodedVideo(Video(None, info), features, encoder.newline, read_s, encoder.seconds, *encoder.grid,
+                        step_seconds(info.timestamps, lm.frames_per_step), deepstack,
+                        _times(lm, info, timestamps))
+
+
+def _left(started: float, encoded: int, total: int) -> float | None:
+    """Seconds left at the pace so far (None before any frame is encoded)."""
+    if not encoded:
+        return None
+    return (time.perf_counter() - started) / encoded * max(total - encoded, 0)
 
 
 def step_seconds(timestamps: tuple[float, ...], frames_per_step: int) -> float:
@@ -127,9 +176,11 @@ def step_seconds(timestamps: tuple[float, ...], frames_per_step: int) -> float:
     return (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1) * frames_per_step
 
 
-def encode_video(lm, path: str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
-                 cache: FeatureCache | None = None) -> EncodedVideo:
-    return drain(encoding(lm, path, num_frames, timeout_s, cache))
+def encode_video(lm, clip: Clip | str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
+                 cache: FeatureCache | None = None, timestamps: bool = False) -> EncodedVideo:
+    """:func:`encoding` without events; a path is probed first."""
+    clip = clip if isinstance(clip, Clip) else open_clip(clip, timeout_s=timeout_s)
+    return drain(encoding(lm, clip, num_frames, timeout_s, cache, timestamps))
 
 
 @dataclass(frozen=True)

@@ -15,50 +15,68 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 
-from .decoding.prompt import fit_frames
 from .decoding.static import KeptSteps
 from .feature_cache import FeatureCache
-from .options import CompressionOptions, SamplingOptions
+from .frame_count import FrameCount, choose_frames, timestamps_on
+from .options import CompressionOptions, FrameOptions, SamplingOptions
 from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
-from .results import Answer, Done, EncodedVideo, Event
+from .results import Answer, Done, EncodedVideo, Event, FramesChosen
+from .video.read import Clip, open_clip
 
 
 class Session:
     """One clip, one model, any number of questions (see the module docstring).
 
-    ``frames``: frames to sample (default: the model's). ``compression``: the default options
-    of every question (a question may pass its own). ``cache``: the on-disk feature cache, or
-    None to encode afresh. ``system``: a system message before the video in every prompt.
-    ``digest``: the clip's SHA-256, when the caller has hashed the bytes it will read (else the
-    feature cache hashes the file itself).
+    ``video``: a :class:`~dycoke_cli.video.read.Clip` (probed already) or a path (probed once, at
+    the first question). ``frames``: a count, ``"max"``, or a :class:`FrameOptions` (default: the
+    model's rule). ``compression``: the default options of every question (a question may pass
+    its own). ``cache``: the on-disk feature cache, or None to encode afresh. ``system``: a system
+    message before the video in every prompt. ``digest``: the clip's SHA-256, when the caller has
+    hashed the bytes it will read (else the feature cache hashes the file itself). ``ceiling``:
+    the most frames whoever runs the tool allows (the server's --max-frames).
     """
 
-    def __init__(self, lm, video: str | os.PathLike, *, frames: int | None = None,
+    def __init__(self, lm, video: Clip | str | os.PathLike, *, frames: int | str | FrameOptions | None = None,
                  compression: CompressionOptions = CompressionOptions(), cache: FeatureCache | None = None,
-                 timeout_s: float = 60.0, system: str | None = None, digest: str | None = None):
-        self.lm, self.video, self.cache, self.timeout_s, self.system = lm, video, cache, timeout_s, system
-        self.digest = digest  # the clip's SHA-256 when the caller has it (the feature cache's key)
+                 timeout_s: float = 60.0, system: str | None = None, digest: str | None = None,
+                 ceiling: int | None = None):
+        self.lm, self.cache, self.timeout_s, self.system, self.ceiling = lm, cache, timeout_s, system, ceiling
+        self._clip = video if isinstance(video, Clip) else None
+        self.video = video.path if isinstance(video, Clip) else video
+        self.digest = video.digest if isinstance(video, Clip) else digest
         self.compression = compression.resolve(lm)
-        self.frames = frames
-        self._default_frames: int | None = None  # the model's frame count for this clip (Qwen: by fps)
+        self.frame_options = _frame_options(frames)
+        self.count: FrameCount | None = None  # the frame count of the clip encoded, and what chose it
         self.encoded: EncodedVideo | None = None
         self._prefixes: dict[CompressionOptions, Prefix] = {}
         self.kept = KeptSteps()  # the static decoding step (a CUDA graph), replayed by later answers
         self.answers: list[Answer] = []
 
-    def set_frames(self, frames: int | None) -> None:
+    @property
+    def clip(self) -> Clip:
+        """The clip, probed once (the first time it is needed)."""
+        if self._clip is None:
+            self._clip = open_clip(self.video, digest=self.digest, timeout_s=self.timeout_s)
+        return self._clip
+
+    @property
+    def frames(self) -> int | str | None:
+        return self.frame_options.frames
+
+    def set_frames(self, frames: int | str | None) -> None:
         """Sample another number of frames: the clip is encoded again at the next question."""
-        self.frames, self.encoded = frames, None
+        self.frame_options = replace(self.frame_options, frames=frames).validate()
+        self.encoded = None
         self._prefixes.clear()
         self.kept.clear()
 
     def set_compression(self, compression: CompressionOptions) -> None:
         self.compression = compression.resolve(self.lm)
 
-    def rebind(self, video: str | os.PathLike, digest: str | None = None) -> None:
-        """Read the clip from another name from now on: the same bytes (the server's sessions
-        are keyed by content, and each request opens the clip anew), with their digest."""
-        self.video, self.digest = video, digest
+    def rebind(self, clip: Clip) -> None:
+        """Read the clip through another probed Clip from now on: the same bytes (the server's
+        sessions are keyed by content, and each request opens the clip anew)."""
+        self._clip, self.video, self.digest = clip, clip.path, clip.digest
 
     def forget_answers(self) -> None:
         """Drop the answers kept so far (a long-lived session would otherwise keep them all)."""
@@ -70,29 +88,33 @@ class Session:
         total = 0
         enc = self.encoded
         if enc is not None:
-            total += sum(t.numel() * t.element_size() for t in (enc.features, enc.newline) if t is not None)
+            total += sum(t.numel() * t.element_size() for t in (enc.features, enc.newline, *enc.deepstack)
+                         if t is not None)
         total += sum(prefix.nbytes for prefix in self._prefixes.values())  # a hybrid's linear states too
         return total + self.kept.nbytes()
 
-    def encoding(self, question: str = "?", compression: CompressionOptions | None = None) -> Iterator[Event]:
+    def encoding(self, question: str = "?", compression: CompressionOptions | None = None,
+                 max_new_tokens: int = SamplingOptions.max_new_tokens) -> Iterator[Event]:
         """Events of encoding the clip (none while the encoded frames still fit); sets ``encoded``.
-        The frame count is fitted to the context for this question and method: a method or a
+        The frame count is chosen for this question and method (choose_frames): a method or a
         question that needs fewer frames than were encoded re-encodes (the feature cache
         usually has them)."""
-        if self.frames is None and self._default_frames is None:  # the clip's default, found once
-            self._default_frames = self.lm.default_frames(self.video)
-        n = fit_frames(self.lm, self.frames, compression or self.compression, question, self._default_frames,
-                       self.system)
-        if self.encoded is None or self.encoded.video.info.requested != n:
-            self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache, self.digest)
+        opts = (compression or self.compression).resolve(self.lm)
+        count = choose_frames(self.lm, self.clip.info, self.frame_options, opts, question, self.system,
+                              max_new_tokens, self.ceiling)
+        yield FramesChosen(count.count, count.chosen_by, count.bounds)
+        if self.encoded is None or self.encoded.video.info.requested != count.count:
+            timestamps = timestamps_on(self.lm, self.frame_options)
+            self.encoded = yield from encoding(self.lm, self.clip, count.count, self.timeout_s, self.cache, timestamps)
             self._prefixes.clear()
+        self.count = count
 
     def stream(self, question: str, sampling: SamplingOptions = SamplingOptions(),
                compression: CompressionOptions | None = None) -> Iterator[Event]:
         """Events of one answer, ending with ``Done(answer)``."""
         opts = (compression or self.compression).resolve(self.lm)
         before = self.encoded
-        yield from self.encoding(question, opts)
+        yield from self.encoding(question, opts, sampling.max_new_tokens)
         enc = self.encoded
         encoded_before = enc is before
         prefix, new = None, False
@@ -103,10 +125,11 @@ class Session:
                 new = True
         result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new,
                                       system=self.system, kept=self.kept)
-        result = replace(result, video=enc.video.info)
+        stats = replace(result.stats, frames_chosen_by=self.count.chosen_by, frame_bounds=self.count.bounds or None)
         if encoded_before:  # this answer spent no time reading or encoding the clip
-            timings = replace(result.stats.timings, read_video=0.0, encode=0.0)
-            result = replace(result, stats=replace(result.stats, timings=timings))
+            stats = replace(stats, timings=replace(stats.timings, read_video=0.0, encode=0.0))
+        result = replace(result, video=enc.video.info, stats=stats,
+                         options={**result.options, **self.frame_options.to_dict()})
         self.answers.append(result)
         yield Done(result)
 
@@ -118,7 +141,13 @@ class Session:
         raise AssertionError("stream() ended without an answer")  # pragma: no cover
 
 
-def run(lm, video_path: str | os.PathLike, question: str, *, frames: int | None = None,
+def _frame_options(frames: int | str | FrameOptions | None) -> FrameOptions:
+    if isinstance(frames, FrameOptions):
+        return frames.validate()
+    return FrameOptions(frames=frames).validate()
+
+
+def run(lm, video_path: str | os.PathLike, question: str, *, frames: int | str | FrameOptions | None = None,
         compression: CompressionOptions = CompressionOptions(), sampling: SamplingOptions = SamplingOptions(),
         timeout_s: float = 60.0, cache: FeatureCache | None = None) -> Iterator[Event]:
     """Events of one question about one file, ending with ``Done(answer)``."""
@@ -126,7 +155,7 @@ def run(lm, video_path: str | os.PathLike, question: str, *, frames: int | None 
     yield from session.stream(question, sampling)
 
 
-def ask(lm, video_path: str | os.PathLike, question: str, *, frames: int | None = None,
+def ask(lm, video_path: str | os.PathLike, question: str, *, frames: int | str | FrameOptions | None = None,
         compression: CompressionOptions = CompressionOptions(), sampling: SamplingOptions = SamplingOptions(),
         timeout_s: float = 60.0, cache: FeatureCache | None = None) -> Answer:
     """Read, encode and answer in one call (the Python API behind ``dycoke ask``)."""

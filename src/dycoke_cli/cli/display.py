@@ -17,10 +17,15 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ..results import Done, Planned, Stage, Token
+from ..results import Done, FramesChosen, Planned, Progress, Stage, Token
 
 STAGES = ("reading frames", "encoding", "prefill", "generating", "done")
 REASONING_SHOWN = 600  # characters: the live panel shows the end of a long reasoning
+PLAIN_EVERY_S = 5.0  # a plain progress line at most this often while a clip is read and encoded
+# What chose the frame count (FrameCount.chosen_by), in words.
+CHOSEN_BY = {"frames": "as asked", "rule": "the model's rule", "context": "as many as the context holds",
+             "memory": "as many as the memory holds", "max_frames": "the maximum (--max-frames)",
+             "clip": "every frame of the clip"}
 
 
 @dataclass
@@ -33,6 +38,7 @@ class LiveState:
     stats: dict = field(default_factory=dict)
     answer: str | None = None  # shown in the panel only when stdout is this same terminal
     reasoning: str = ""  # with --thinking on: the model's reasoning so far, shown dimmed
+    progress: Progress | None = None  # while the clip is read and encoded
 
 
 def _fmt_bytes(n) -> str:
@@ -49,18 +55,44 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "time left unknown yet"
+    seconds = round(seconds)
+    return f"about {seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"about {seconds} s left"
+
+
+def progress_text(p: Progress) -> str:
+    """Frames decoded and encoded, and the time left, in words."""
+    return f"{p.decoded}/{p.total} frames decoded, {p.encoded}/{p.total} encoded, {_duration(p.seconds_left)}"
+
+
+def frames_text(s: dict) -> str | None:
+    """The frame count and what chose it, e.g. "120 (as many as the context holds)"."""
+    if s.get("frames_chosen_by") is None:
+        return None
+    return f"{s.get('frames_requested', s.get('frames'))} ({CHOSEN_BY.get(s['frames_chosen_by'], s['frames_chosen_by'])})"
+
+
 def render(state: LiveState):
     """The live panel for one state: stage line with a bar, then a two-column table of figures."""
     s = state.stats
     head = Text.assemble((state.method or "dycoke", "bold cyan"), " · ", (state.stage, "yellow"))
     parts: list = [head]
-    if state.total:
+    done, total = state.done, state.total
+    if state.progress is not None and state.stage == "encoding":
+        done, total = state.progress.encoded, state.progress.total
+    if total:
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(ProgressBar(total=state.total, completed=state.done, width=30), f"{state.done}/{state.total}")
+        bar.add_row(ProgressBar(total=total, completed=done, width=30), f"{done}/{total}")
         parts.append(bar)
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim")
     table.add_column()
+    if state.progress is not None and state.stage == "encoding":
+        table.add_row("frames", progress_text(state.progress))
+    if frames_text(s) is not None:
+        table.add_row("frame count", frames_text(s))
     if "visual_tokens" in s:
         table.add_row("visual tokens", f"{s['visual_tokens']} -> {s.get('visual_tokens_prefill', s['visual_tokens'])} after TTM/selection")
         table.add_row("prefill retention", _pct(s.get("prefill_retention")))
@@ -114,6 +146,13 @@ class _Base:
         """Take one pipeline event (results.Stage / Planned / Token / Done)."""
         if isinstance(event, Stage):
             self.stage(event.name, event.done, event.total)
+        elif isinstance(event, Progress):
+            self.state.progress = event
+            self.state.stage = "encoding"
+            self._changed(stage_changed=False)
+        elif isinstance(event, FramesChosen):
+            self.state.stats.update(frames_requested=event.count, frames_chosen_by=event.chosen_by)
+            self._changed(stage_changed=False)
         elif isinstance(event, Planned):
             self.state.stats.update(asdict(event))
             self.state.stats["prefill_retention"] = event.visual_tokens_prefill / event.visual_tokens
@@ -156,15 +195,23 @@ class QuietDisplay(_Base):
 class PlainDisplay(_Base):
     """Non-terminal stderr: one line per stage, one summary line at the end."""
 
-    def __init__(self, stream=None, **kw):
+    def __init__(self, stream=None, clock=time.monotonic, **kw):
         super().__init__(**kw)
         self.stream = stream or sys.stderr
         self._last = None
+        self.clock = clock
+        self._progress_at: float | None = None  # when the last progress line was written
 
     def _changed(self, stage_changed: bool) -> None:
         if stage_changed and self.state.stage != self._last:
             self._last = self.state.stage
             print(f"[dycoke] {self.state.stage}...", file=self.stream, flush=True)
+        p = self.state.progress
+        if p is not None and self.state.stage == "encoding" and not stage_changed:
+            now = self.clock()
+            if self._progress_at is None or now - self._progress_at >= PLAIN_EVERY_S or p.encoded == p.total:
+                self._progress_at = now
+                print(f"[dycoke] {progress_text(p)}", file=self.stream, flush=True)
 
     def _finished(self) -> None:
         print(summary_line(self.state.stats), file=self.stream, flush=True)
@@ -184,7 +231,9 @@ def video_notes(s: dict) -> list[str]:
 
 
 def summary_line(s: dict) -> str:
-    parts = [f"[dycoke] visual tokens {s.get('visual_tokens')} -> {s.get('visual_tokens_prefill')}"
+    frames = frames_text(s) if s.get("frames_chosen_by") not in ("frames", "rule") else None  # a bound chose
+    parts = [f"[dycoke] frames {frames}"] if frames is not None else []
+    parts += [f"{'' if parts else '[dycoke] '}visual tokens {s.get('visual_tokens')} -> {s.get('visual_tokens_prefill')}"
              f" (prefill {_pct(s.get('prefill_retention'))}, decode {s.get('visual_tokens_decode')})"]
     if "refreshes" in s:
         parts.append(f"refreshes {s.get('refreshes', 0)}, recalled {s.get('recalled', 0)}")

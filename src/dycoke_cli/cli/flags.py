@@ -20,11 +20,14 @@ from ..options import (
     REFRESH_THRESHOLD,
     CompressionOptions,
     Decoding,
+    FrameOptions,
     Method,
     OptionError,
     Positions,
     SamplingOptions,
     Selection,
+    parse_frames,
+    parse_size,
 )
 
 
@@ -50,7 +53,11 @@ class ThinkingChoice(str, Enum):
 
 _OPTIONS: dict[str, tuple[object, object]] = {
     "model": (Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help="Model folder, Hugging Face id, or 'demo'. Default: $DYCOKE_MODEL or llava-hf/llava-onevision-qwen2-0.5b-ov-hf.")], None),
-    "frames": (Annotated[Optional[int], typer.Option("--frames", "-f", show_default=False, help="Frames to sample uniformly by time \\[default: the model's, 32 for LLaVA-OV]; at most what the model's context holds.")], None),
+    "frames": (Annotated[Optional[str], typer.Option("--frames", "-f", show_default=False, help="Frames to sample uniformly by time: a number (at most what the model's context and the memory hold), or 'max' for as many as they hold \\[default: the model's rule, 32 for LLaVA-OV].")], None),
+    "fps": (Annotated[Optional[float], typer.Option("--fps", show_default=False, help="Frames per second of the clip: the model's rule at this rate, within --max-frames \\[default: the model's, if it has one].")], None),
+    "max_frames": (Annotated[Optional[int], typer.Option("--max-frames", show_default=False, help="The most frames the model's rule (or --fps, or --frames max) may give \\[default: the model's].")], None),
+    "memory_budget": (Annotated[Optional[str], typer.Option("--memory-budget", show_default=False, help="Memory an answer may use above the loaded model, e.g. 4GB: bounds --frames max, and refuses a count that needs more \\[default: the device's free memory].")], None),
+    "timestamps": (Annotated[Optional[bool], typer.Option("--timestamps/--no-timestamps", show_default=False, help="LLaVA-OneVision: tell the model when each frame was taken (LLaVA-Video's time instruction, as lmms-eval writes it) \\[default: the checkpoint's dycoke.json, else off]. The Qwen families always write their own.")], None),
     "method": (Annotated[Method, typer.Option("--method", help="Compression: dycoke, or a baseline at the same visual-token budget, or none.")], Method.dycoke),
     "methods": (Annotated[str, typer.Option("--methods", help="Comma-separated methods, first = baseline: none, dycoke, fastv, random, frames.")], "none,dycoke"),
     "ttm_k": (Annotated[Optional[float], typer.Option("--ttm-k", show_default=False, help="TTM: fraction of tokens dropped from compared frames, in [0, 1) \\[default: model's, 0.7].")], None),
@@ -81,7 +88,8 @@ COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "selectio
                "offload_pruned")
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "decode", "thinking")
 OUTPUT = ("json_out", "quiet")
-ANSWER = ("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
+FRAMES = ("frames", "fps", "max_frames", "memory_budget", "timestamps")
+ANSWER = (*FRAMES, "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,11 @@ class Flags:
     """The shared options one command was given (those it does not take keep their defaults)."""
 
     model: str | None = None
-    frames: int | None = None
+    frames: str | None = None  # a count or "max", as typed (frame_options parses it)
+    fps: float | None = None
+    max_frames: int | None = None
+    memory_budget: str | None = None
+    timestamps: bool | None = None
     method: Method = Method.dycoke
     methods: str = "none,dycoke"
     ttm_k: float | None = None
@@ -132,10 +144,15 @@ class Flags:
         return SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                seed=self.seed, decode=self.decode, thinking=thinking).validate()
 
+    def frame_options(self) -> FrameOptions:
+        frames = None if self.frames is None else parse_frames(self.frames)
+        budget = None if self.memory_budget is None else parse_size("memory_budget", self.memory_budget)
+        return FrameOptions(frames=frames, fps=self.fps, max_frames=self.max_frames, memory_budget=budget,
+                            timestamps=self.timestamps).validate()
+
     def check(self) -> None:
         """Everything that can be checked before touching the video or the model."""
-        if self.frames is not None and self.frames < 1:
-            raise OptionError("frames", f"must be at least 1 (got {self.frames})")
+        self.frame_options()
         self.compression()
         self.sampling()
 

@@ -50,13 +50,19 @@ class ModelDefaults:
     fps: float | None = None
     min_frames: int = 1
     max_frames: int | None = None
+    # LLaVA-OneVision: write LLaVA-Video's time instruction before the question (lmms-eval's
+    # format; FamilyAdapter.time_instruction). Off by default: it changes the answers of
+    # checkpoints trained without it. (The Qwen families always write their own timestamps.)
+    timestamps: bool = False
 
-    def frames_for(self, seconds: float | None) -> int:
-        """The default frame count for a clip of ``seconds`` (see ``fps``)."""
-        if self.fps is None or not seconds or seconds <= 0:
-            return self.num_frames
-        top = self.max_frames if self.max_frames is not None else self.num_frames
-        return min(max(round(seconds * self.fps), self.min_frames), top)
+    def frames_for(self, seconds: float | None, fps: float | None = None, max_frames: int | None = None) -> int:
+        """The default frame count for a clip of ``seconds`` (see ``fps``); ``fps`` and
+        ``max_frames`` (the user's --fps and --max-frames) replace the checkpoint's rate and ceiling."""
+        rate = fps if fps is not None else self.fps
+        top = max_frames if max_frames is not None else (self.max_frames or self.num_frames)
+        if rate is None or not seconds or seconds <= 0:
+            return min(self.num_frames, top)
+        return min(max(round(seconds * rate), self.min_frames), top)
 
     @classmethod
     def from_folder(cls, folder: Path, num_layers: int | None = None) -> "ModelDefaults":
@@ -92,6 +98,19 @@ def fps_defaults(folder: Path, defaults: ModelDefaults) -> ModelDefaults:
     return replace(defaults, num_frames=None)
 
 
+def fps_rule(lm, info, fps, max_frames, to_int) -> int:
+    """A Qwen processor's frame count: ``to_int(duration * fps)`` within [min_frames, max_frames],
+    cut to whole temporal steps; dycoke.json's ``num_frames`` instead when it names one and the
+    user names no rate. ``fps`` and ``max_frames`` (the user's) replace the checkpoint's."""
+    spec = lm.video_spec
+    top = max_frames if max_frames is not None else spec.max_frames
+    if fps is None and lm.defaults.num_frames is not None:
+        return min(lm.defaults.num_frames, top)
+    duration = (info.duration if info is not None else None) or 0.0
+    n = min(max(to_int(duration * (fps if fps is not None else spec.fps)), spec.min_frames), top)
+    return max(min(spec.temporal_patch, top), n - n % spec.temporal_patch)
+
+
 def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:
     """None if ``value`` is valid for the dycoke.json ``key``, else the valid range in words."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -113,6 +132,8 @@ def _default_is_valid(key: str, value, num_layers: int | None) -> str | None:
         return None if value in SELECTIONS else f"one of {', '.join(SELECTIONS)}"
     if key == "positions":
         return None if value in POSITION_MODES else f"one of {', '.join(POSITION_MODES)}"
+    if key == "timestamps":
+        return None if isinstance(value, bool) else "true or false"
     if key == "caption_prompt":
         return None if isinstance(value, str) and value.strip() else "a non-empty string"
     return None
@@ -166,15 +187,22 @@ class LoadedModel:
         """Frames one temporal step of visual tokens covers (Qwen2.5-VL: 2)."""
         return self.adapter.frames_per_step
 
-    def default_frames(self, path) -> int:
-        """Frames to sample from the clip at ``path`` when the user names no count."""
-        return self.adapter.default_frames(self, path)
+    def default_frames(self, info, fps: float | None = None, max_frames: int | None = None) -> int:
+        """Frames to sample, when the user names no count, from a clip whose probed VideoInfo is
+        ``info`` (None: unknown); ``fps`` and ``max_frames`` replace the model's rate and ceiling."""
+        return self.adapter.default_frames(self, info, fps, max_frames)
 
-    def preprocess(self, frames, source: tuple[int, int] | None = None):
+    def time_instruction(self, duration: float | None, timestamps) -> str | None:
+        """The text that tells the model when the sampled frames were taken, placed before the
+        question; None for a family whose prompt carries its own timestamps."""
+        return self.adapter.time_instruction(self, duration, timestamps)
+
+    def preprocess(self, frames, source: tuple[int, int] | None = None, count: int | None = None):
         """uint8 RGB frames [T, H, W, 3] -> what ``encode_video`` takes (frames first). ``source``:
         the clip's display (height, width), which sizes the result when the frames were decoded
-        smaller (else their own size does)."""
-        return self.adapter.preprocess(self, frames, source)
+        smaller (else their own size does). ``count``: the frames of the whole clip when these are
+        one chunk of them (a family whose frame size depends on the count sizes them for it)."""
+        return self.adapter.preprocess(self, frames, source, count)
 
     def target_size(self, frames: int, height: int, width: int) -> tuple[int, int]:
         """The (height, width) the model resizes ``frames`` frames of that size to."""
@@ -240,8 +268,10 @@ class FamilyAdapter:
     def model_class(self): ...  # the transformers class
     def wrap(self, model, tokenizer, *, name: str, path: Path | None = None, defaults=None, **settings): ...
     def folder_settings(self, folder: Path, model, defaults: "ModelDefaults") -> dict: ...
-    def default_frames(self, lm: LoadedModel, path) -> int: ...
-    def preprocess(self, lm: LoadedModel, frames, source: tuple[int, int] | None = None): ...
+    def default_frames(self, lm: LoadedModel, info, fps: float | None = None,
+                       max_frames: int | None = None) -> int: ...
+    def preprocess(self, lm: LoadedModel, frames, source: tuple[int, int] | None = None,
+                   count: int | None = None): ...
     def token_grid(self, lm: LoadedModel, pixels) -> tuple[int, int]: ...
     def encode_video(self, lm: LoadedModel, pixels): ...
     def positions(self, lm: LoadedModel, span: tuple[int, int], kept, enc, seq: int, original: bool): ...
@@ -258,6 +288,9 @@ class FamilyAdapter:
         tokenizer.chat_template = chat_template
         defaults = ModelDefaults.from_folder(folder, int(model.config.text_config.num_hidden_layers))
         return self.wrap(model, tokenizer, name=name, path=folder, **self.folder_settings(folder, model, defaults))
+
+    def time_instruction(self, lm: LoadedModel, duration: float | None, timestamps) -> str | None:
+        return None  # the Qwen families write a timestamp before each temporal step instead
 
     def target_size(self, lm: LoadedModel, frames: int, height: int, width: int) -> tuple[int, int]:
         """A fixed frame size (LLaVA-OneVision); families that keep the aspect ratio override."""

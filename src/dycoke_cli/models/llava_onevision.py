@@ -58,16 +58,20 @@ class LlavaOneVisionAdapter(FamilyAdapter):
             adapter=self,
         )
 
-    def default_frames(self, lm, path):
-        """dycoke.json's ``num_frames``, or with its ``fps`` the clip's length times fps
-        (ModelDefaults.frames_for)."""
-        if lm.defaults.fps is None:
-            return lm.defaults.num_frames
-        from ..video.read import probe_video
+    def default_frames(self, lm, info, fps=None, max_frames=None):
+        """dycoke.json's ``num_frames``, or with an fps (its ``fps``, or the user's) the clip's
+        length times fps (ModelDefaults.frames_for)."""
+        return lm.defaults.frames_for(info.duration if info is not None else None, fps, max_frames)
 
-        return lm.defaults.frames_for(probe_video(path).duration)
+    def time_instruction(self, lm, duration, timestamps):
+        """LLaVA-Video's time instruction, as lmms-eval's ``llava_vid`` writes it (the clip's
+        length and each sampled frame's time, two decimals; no space after the list's full stop)."""
+        times = ",".join(f"{t:.2f}s" for t in timestamps)
+        return (f"The video lasts for {duration or 0.0:.2f} seconds, and {len(timestamps)} frames are uniformly "
+                f"sampled from it. These frames are located at {times}.Please answer the following questions "
+                f"related to this video.")
 
-    def preprocess(self, lm, frames, source=None):
+    def preprocess(self, lm, frames, source=None, count=None):
         return preprocess_frames(frames, lm.frame_spec)
 
     def token_grid(self, lm, pixels):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
-from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, fps_defaults
+from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, fps_defaults, fps_rule
 from .checkpoint import read_json
 from .preprocess import FrameSpec, patchify_video
 
@@ -152,20 +152,15 @@ class Qwen25VLAdapter(FamilyAdapter):
             video_spec=spec,
         )
 
-    def default_frames(self, lm, path):
-        if lm.defaults.num_frames is not None:
-            return lm.defaults.num_frames
-        from ..video.read import probe_video
-
-        spec = lm.video_spec
-        duration = probe_video(path).duration or 0.0
-        n = min(max(round(duration * spec.fps), spec.min_frames), spec.max_frames)
-        return max(spec.temporal_patch, n - n % spec.temporal_patch)
+    def default_frames(self, lm, info, fps=None, max_frames=None):
+        """The processor's rule: ``round(duration * fps)`` within [min_frames, max_frames], even
+        (``fps`` and ``max_frames``: the user's, else the checkpoint's)."""
+        return fps_rule(lm, info, fps, max_frames, round)
 
     def target_size(self, lm, frames, height, width):
         return smart_resize(height, width, lm.video_spec.min_pixels, lm.video_spec.max_pixels)
 
-    def preprocess(self, lm, frames, source=None):
+    def preprocess(self, lm, frames, source=None, count=None):
         """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size for the
         clip's size (``source``, else the frames')."""
         import torch

@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ModelError
-from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, fps_defaults
+from .base import FamilyAdapter, LoadedModel, ModelDefaults, eos_ids, fps_defaults, fps_rule
 from .checkpoint import read_json
 from .preprocess import FrameSpec, patchify_video
 
@@ -167,27 +167,21 @@ class Qwen3VLAdapter(FamilyAdapter):
         lm.text_per_step = len(self.timestamp_ids(lm, 9999.9)) + 2  # "<9999.9 seconds>", start and end
         return lm
 
-    def default_frames(self, lm, path):
+    def default_frames(self, lm, info, fps=None, max_frames=None):
         """The processor's rule: ``int(duration * fps)`` within [min_frames, max_frames], even."""
-        if lm.defaults.num_frames is not None:
-            return lm.defaults.num_frames
-        from ..video.read import probe_video
-
-        spec = lm.video_spec
-        n = min(max(int((probe_video(path).duration or 0.0) * spec.fps), spec.min_frames), spec.max_frames)
-        return max(spec.temporal_patch, n - n % spec.temporal_patch)
+        return fps_rule(lm, info, fps, max_frames, int)
 
     def target_size(self, lm, frames: int, height: int, width: int) -> tuple[int, int]:
         spec = lm.video_spec
         return smart_resize(frames, height, width, spec.min_pixels, spec.frame_budget(frames))
 
-    def preprocess(self, lm, frames, source=None):
+    def preprocess(self, lm, frames, source=None, count=None):
         """uint8 [T, H, W, 3] -> normalised float32 [T, 3, H', W'] at smart_resize's size for the
-        clip's size (``source``, else the frames')."""
+        clip's size (``source``, else the frames') and frame count (``count``, else the frames')."""
         import torch
 
         spec = lm.video_spec
-        h, w = self.target_size(lm, frames.shape[0], *(source or frames.shape[1:3]))
+        h, w = self.target_size(lm, count or frames.shape[0], *(source or frames.shape[1:3]))
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)
         if x.shape[2:] != (h, w):  # on the uint8 frames, as the processor resizes them
             x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True)

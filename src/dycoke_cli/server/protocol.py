@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -125,7 +125,10 @@ class DycokeOptions(BaseModel):
     frame_coverage: Optional[Number] = None
     selection: Optional[str] = None
     positions: Optional[str] = None
-    frames: Optional[Int] = None
+    frames: Union[Int, Literal["max"], None] = None  # a count, or "max": as many as the context and memory hold
+    fps: Optional[Number] = None  # the model's rule at this rate (vLLM: media_io_kwargs.video.fps)
+    max_frames: Optional[Int] = None  # the rule's ceiling (within the server's --max-frames)
+    timestamps: Optional[bool] = None  # LLaVA-OneVision's time instruction
 
 
 class ChatRequest(_Open):
@@ -141,7 +144,7 @@ class ChatRequest(_Open):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False  # vLLM's extra sampling field: always generate max_tokens (benchmarks)
-    media_io_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"video": {"num_frames": N}}
+    media_io_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"video": {"num_frames": N, "fps": F}}
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"enable_thinking": bool} (Qwen3.5)
     dycoke: Optional[DycokeOptions] = None
     tools: Any = None
