@@ -33,12 +33,12 @@ from .decoding.loop import (
 from .decoding.prompt import embed_parts, fit_context, prefill_positions, prefix_embeds, prompt_embeds
 from .errors import UsageError
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
+from .frame_count import ENCODE_CHUNK
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
 from .results import (
     Answer,
     AnswerStats,
-    EncodedVideo,
     Event,
     Planned,
     Progress,
@@ -46,12 +46,10 @@ from .results import (
     Stage,
     Timings,
     Token,
-    TokenPlan,
-    VisualSpan,
 )
+from .values import EncodedVideo, TokenPlan, VisualSpan
 from .video.read import Clip, Video, VideoInfo, open_clip, read_chunks
 
-ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
 
 
 def drain(events: Generator[Event, None, object]):
@@ -319,17 +317,18 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     video (the chat template places it). ``kept``: the session's decoding.static.KeptSteps (static
     decoding replays the step it keeps when this answer fits it)."""
     opts = opts.resolve(lm)
+    asked = enc.prompt_question(question)  # after the time instruction, when the clip carries one
     t_gen = time.perf_counter() - (prefix.plan_s + prefix.compute_s if prefix_is_new else 0.0)
     built = prefix if prefix_is_new else None  # a prefix computed for this answer counts in its timings
-    if prefix is None and reuses_prefix(lm, opts, question, system):
+    if prefix is None and reuses_prefix(lm, opts, asked, system):
         prefix = built = build_prefix(lm, enc, opts, system)
     if prefix is not None and (prefix.opts != opts or prefix.system != system
-                               or not reuses_prefix(lm, opts, question, system)):
+                               or not reuses_prefix(lm, opts, asked, system)):
         raise ValueError("this prefix was computed for other options, or cannot precede this question")
     if opts.offload_pruned and Decoding(sampling.decode) == Decoding.static and Method(opts.method) == Method.dycoke:
         raise UsageError("--decode static reads the pruned entries on the device; --offload-pruned keeps them "
                          "in host memory: use --decode eager (or auto) with it")
-    prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix, system, kept)
+    prep = _prepare(lm, enc, asked, opts, sampling.validate(), prefix, system, kept)
     shape = LMShape.from_config(lm.model.config.text_config)
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
                   plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1], prep.seq)

@@ -20,7 +20,8 @@ from .feature_cache import FeatureCache
 from .frame_count import FrameCount, choose_frames, timestamps_on
 from .options import CompressionOptions, FrameOptions, SamplingOptions
 from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
-from .results import Answer, Done, EncodedVideo, Event, FramesChosen
+from .results import Answer, Done, Event, FramesChosen
+from .values import EncodedVideo
 from .video.read import Clip, open_clip
 
 

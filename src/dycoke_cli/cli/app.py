@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import DycokeError, OutputError, UsageError, one_line
 from ..options import CompressionOptions, Method, OptionError
 from . import interrupts
-from .flags import ANSWER, COMPRESSION, MODEL, OUTPUT, SAMPLING, Flags, with_flags
+from .flags import ANSWER, COMPRESSION, FRAMES, MODEL, OUTPUT, SAMPLING, Flags, with_flags
 from .oom import RunSettings, is_oom, oom_advice, oom_guard
 from .output import Answering, ReaderLeft, out, out_rich, silence_stdout
 
@@ -68,11 +68,12 @@ def _env_seconds(name: str, default: int) -> float:
     return value
 
 
-def _check_video(path: Path) -> None:
-    """Fail fast on a bad video, before paying for a model load."""
-    from ..video.read import probe_video
+def _check_video(path: Path):
+    """The clip probed once (a Clip every later stage asks): a bad video fails fast, before paying
+    for a model load."""
+    from ..video.read import open_clip
 
-    probe_video(path, timeout_s=_decode_timeout())
+    return open_clip(path, timeout_s=_decode_timeout())
 
 
 def _check_question(question: str | None) -> None:
@@ -86,17 +87,20 @@ def _run_answers(video: Path, questions: list[str | None], flags: Flags) -> None
     flags.check()
     for question in questions:
         _check_question(question)
-    _check_video(video)
+    clip = _check_video(video)
     flags.locate()
-    settings = RunSettings(flags.frames, flags.compression().ttm_k, flags.compression().method.value,
-                            None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
+    counted = flags.frame_options()
+    settings = RunSettings(counted.frames if counted.counted else None, flags.compression().ttm_k,
+                           flags.compression().method.value,
+                           None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
     session = None
     for question in questions:
-        session = _answer_one(video, question, flags, session, settings)
+        session = _answer_one(clip, question, flags, session, settings)
 
 
-def _answer_one(video: Path, question: str | None, flags: Flags, session, settings: RunSettings):
+def _answer_one(clip, question: str | None, flags: Flags, session, settings: RunSettings):
     """One answer through the display and stdout; loads the model into a new session first."""
+    from ..results import FramesChosen
     from ..session import Session
     from .display import make_display
 
@@ -109,12 +113,14 @@ def _answer_one(video: Path, question: str | None, flags: Flags, session, settin
             if session is None:
                 display.stage("loading model")
                 lm = flags.load()
-                session = Session(lm, video, frames=flags.frames, compression=flags.compression(),
+                session = Session(lm, clip, frames=flags.frame_options(), compression=flags.compression(),
                                   cache=flags.feature_cache(), timeout_s=_decode_timeout())
-                settings.update_from(lm, flags.frames or lm.default_frames(video), session.compression)
+                settings.update_from(lm, settings.frames, session.compression)
             question = question if question is not None else session.lm.defaults.caption_prompt
             with interrupts.raising():
                 for event in session.stream(question, flags.sampling()):
+                    if isinstance(event, FramesChosen):  # for the out-of-memory advice
+                        settings.frames = event.count
                     answering.show(event)
     except KeyboardInterrupt:
         display.close()
@@ -154,7 +160,7 @@ def caption(video: VideoArg, flags: Flags) -> None:
 
 
 @app.command()
-@with_flags("frames", "method", *COMPRESSION, *SAMPLING, "seed", *MODEL, *OUTPUT)
+@with_flags(*FRAMES, "method", *COMPRESSION, *SAMPLING, "seed", *MODEL, *OUTPUT)
 def chat(video: VideoArg, flags: Flags) -> None:
     """Many questions about one video: the model is loaded and the clip encoded once (/help).
 
@@ -166,11 +172,11 @@ def chat(video: VideoArg, flags: Flags) -> None:
     from .chat import Chat, ChatActions, read_questions
 
     flags.check()
-    _check_video(video)
+    clip = _check_video(video)
     if sys.stdin is None:  # started with stdin closed: no question will come
         return
     lm = _load_announced(flags)
-    session = Session(lm, video, frames=flags.frames, compression=flags.compression(),
+    session = Session(lm, clip, frames=flags.frame_options(), compression=flags.compression(),
                       cache=flags.feature_cache(), timeout_s=_decode_timeout())
     interactive = sys.stdin.isatty()
     if interactive and not flags.quiet:
@@ -192,7 +198,8 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
                            stdout_is_terminal=bool(sys.stdout.isatty()))
     answering = Answering(display, flags.json_out)
     try:  # Ctrl-C stops the answer between two tokens, never inside the session's generator
-        with oom_guard(RunSettings(session.frames, session.compression.ttm_k, session.compression.method.value)), \
+        frames = session.count.count if session.count is not None else None
+        with oom_guard(RunSettings(frames, session.compression.ttm_k, session.compression.method.value)), \
                 interrupts.requested() as stop:
             events = session.stream(question, flags.sampling())
             for event in events:
@@ -210,8 +217,8 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
 
 
 def _chat_compare(session, question: str | None, flags: Flags) -> None:
-    from ..evaluate import MethodChoice
-    from ..evaluate import compare as run_compare
+    from ..evaluation.compare import compare as run_compare
+    from ..evaluation.methods import MethodChoice
     from ..pipeline import drain
 
     drain(session.encoding())
@@ -222,7 +229,7 @@ def _chat_compare(session, question: str | None, flags: Flags) -> None:
 
 
 def _prepare_methods(flags: Flags) -> tuple[list, CompressionOptions]:
-    from ..evaluate import parse_methods
+    from ..evaluation.methods import parse_methods
 
     chosen = parse_methods(flags.methods)
     flags.check()
@@ -230,7 +237,7 @@ def _prepare_methods(flags: Flags) -> tuple[list, CompressionOptions]:
 
 
 @app.command()
-@with_flags("methods", "frames", *COMPRESSION, "max_new_tokens", "seed", *MODEL, *OUTPUT)
+@with_flags("methods", *FRAMES, *COMPRESSION, "max_new_tokens", "seed", *MODEL, *OUTPUT)
 def compare(
     video: VideoArg,
     flags: Flags,
@@ -239,30 +246,36 @@ def compare(
     """Run the uncompressed model and the compressed one on the same frames, side by side."""
     chosen, base = _prepare_methods(flags)
     _check_question(question)
-    _check_video(video)
-    from ..decoding.prompt import fit_frames
-    from ..evaluate import compare as run_compare
+    clip = _check_video(video)
+    from ..evaluation.compare import compare as run_compare
+    from ..frame_count import frames_for_methods, timestamps_on
     from ..pipeline import encode_video
+    from .display import CHOSEN_BY
 
     settings = RunSettings()
+    frames = flags.frame_options()
     with oom_guard(settings):
         lm = _load_announced(flags)
         base = base.resolve(lm)
         question = question if question is not None else lm.defaults.caption_prompt
         # the frames must fit the context with every method
-        default = lm.default_frames(video) if flags.frames is None else None  # (Qwen: probes the clip once)
-        n = min(fit_frames(lm, flags.frames, m.options(base), question, default) for m in chosen)
-        _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
+        count = frames_for_methods(lm, clip.info, frames, [m.options(base).resolve(lm) for m in chosen], question,
+                                   flags.max_new_tokens)
+        n = count.count
+        why = "" if count.chosen_by in ("frames", "rule") else f" ({CHOSEN_BY[count.chosen_by]})"
+        _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames{why}...")
         settings.update_from(lm, n, base)
-        enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())
+        enc = encode_video(lm, clip, n, timeout_s=_decode_timeout(), cache=flags.feature_cache(),
+                           timestamps=timestamps_on(lm, frames))
         comp = run_compare(lm, enc, question, chosen, base, flags.sampling())
-    _show_comparison(comp, flags, video, lm)
+    _show_comparison(comp, flags, video, lm, count)
 
 
-def _show_comparison(comp, flags: Flags, video, lm) -> None:
+def _show_comparison(comp, flags: Flags, video, lm, count=None) -> None:
     rows = comp.rows()
     if flags.json_out:
-        out(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
+        chosen = {} if count is None else {"frames_chosen_by": count.chosen_by, "frame_bounds": count.bounds or None}
+        out(json.dumps({"question": comp.question, "frames": comp.frames, **chosen, "video": str(video),
                          "model": lm.describe(), "baseline": rows[0]["method"], "methods": rows,
                          "prefix": "fresh", "note": "every method prefills its whole prompt (no prefix reused) and was "
                          "warmed up once, untimed; methods run in the order listed"},
@@ -285,7 +298,7 @@ def _load_announced(flags: Flags):
 
 
 @app.command("eval")
-@with_flags("methods", "frames", *COMPRESSION[:-1], "max_new_tokens", "seed", *MODEL, *OUTPUT,
+@with_flags("methods", *FRAMES, *COMPRESSION[:-1], "max_new_tokens", "seed", *MODEL, *OUTPUT,
        methods="none,dycoke,fastv,random,frames", max_new_tokens=32)
 def eval_cmd(
     qa: Annotated[Path, typer.Argument(help="QA file: JSON lines with video (relative to the file), question, answer, optional kind.", show_default=False, readable=False)],
@@ -296,7 +309,7 @@ def eval_cmd(
     Under torchrun (`torchrun --nproc-per-node N -m dycoke_cli eval ...`) the clips are shared
     out over the ranks; rank 0 prints the same report one process would."""
     from ..distributed import launched_by_torchrun, process_group
-    from ..evaluate import evaluate, read_qa
+    from ..evaluation.qa import evaluate, read_qa
 
     chosen, base = _prepare_methods(flags)
     items = read_qa(qa)
@@ -313,8 +326,8 @@ def eval_cmd(
             flags = replace(flags, quiet=True)
         lm = _load_announced(flags)
         base = base.resolve(lm)
-        n = flags.frames  # None: each clip's default (the model's frame count, or its fps rule)
-        settings.update_from(lm, n, base)
+        n = flags.frame_options()  # frames=None: each clip's default (the model's count, or its fps rule)
+        settings.update_from(lm, n.frames if n.counted else None, base)
         with Progress(console=err, disable=flags.quiet or flags.json_out or not err.is_terminal, transient=True) as bar:
             task = bar.add_task("evaluating", total=None)
             report = evaluate(lm, qa, chosen, n, base, flags.sampling(), items=items, cache=flags.feature_cache(),
@@ -358,14 +371,15 @@ def toyworld(
 
 
 @app.command()
-@with_flags("frames", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, "quiet")
+@with_flags("frames", "fps", "memory_budget", "timestamps", "method", *COMPRESSION, "no_compress", *SAMPLING, "seed",
+            *MODEL, "quiet")
 def serve(
     flags: Flags,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one, printed on stderr).")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="DYCOKE_API_KEY", show_default=False, show_envvar=True, help="Require 'Authorization: Bearer KEY' on every /v1 route.")] = None,
     allowed_local_media_path: Annotated[Optional[Path], typer.Option("--allowed-local-media-path", show_default=False, help="Folder whose files file:// URLs may name (without it, file:// URLs are refused).")] = None,
-    max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames a request may ask for.")] = 64,
+    max_frames: Annotated[int, typer.Option("--max-frames", help="Most frames a request may get: a ceiling on its count, its rule and its 'max'.")] = 64,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens a request may ask for (max_tokens).")] = 1024,
     max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Largest video a data: URL may carry, in MB.")] = 100,
     queue: Annotated[int, typer.Option("--queue", help="Requests that may wait while one generates; more get 429.")] = 16,
@@ -385,7 +399,7 @@ def serve(
     config = ServerConfig(
         host=host, port=port, api_key=api_key, allowed_media=allowed_local_media_path, max_frames=max_frames,
         max_tokens=max_tokens, max_upload_bytes=max_upload_mb * 2**20, queue=queue, sessions=sessions,
-        sessions_bytes=sessions_mb * 2**20, frames=flags.frames, compression=flags.compression(),
+        sessions_bytes=sessions_mb * 2**20, frames=flags.frame_options(), compression=flags.compression(),
         sampling=flags.sampling(), cache=flags.feature_cache(), timeout_s=_decode_timeout(), quiet=flags.quiet,
         allowed_hosts=tuple(allowed_host or ()),
     ).check()

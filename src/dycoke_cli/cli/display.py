@@ -148,7 +148,8 @@ class _Base:
             self.stage(event.name, event.done, event.total)
         elif isinstance(event, Progress):
             self.state.progress = event
-            self.state.stage = "encoding"
+            if self.state.stage != "encoding":
+                self.stage("encoding", event.encoded, event.total)
             self._changed(stage_changed=False)
         elif isinstance(event, FramesChosen):
             self.state.stats.update(frames_requested=event.count, frames_chosen_by=event.chosen_by)
@@ -206,12 +207,14 @@ class PlainDisplay(_Base):
         if stage_changed and self.state.stage != self._last:
             self._last = self.state.stage
             print(f"[dycoke] {self.state.stage}...", file=self.stream, flush=True)
-        p = self.state.progress
-        if p is not None and self.state.stage == "encoding" and not stage_changed:
-            now = self.clock()
-            if self._progress_at is None or now - self._progress_at >= PLAIN_EVERY_S or p.encoded == p.total:
-                self._progress_at = now
-                print(f"[dycoke] {progress_text(p)}", file=self.stream, flush=True)
+        if self.state.stage != "encoding" or self.state.progress is None:
+            return
+        now = self.clock()
+        if stage_changed:  # the encoding began: a line every PLAIN_EVERY_S from now on (none for a short clip)
+            self._progress_at = now
+        elif now - self._progress_at >= PLAIN_EVERY_S:
+            self._progress_at = now
+            print(f"[dycoke] {progress_text(self.state.progress)}", file=self.stream, flush=True)
 
     def _finished(self) -> None:
         print(summary_line(self.state.stats), file=self.stream, flush=True)

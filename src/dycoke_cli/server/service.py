@@ -12,11 +12,11 @@ from pathlib import Path
 
 from ..errors import DycokeError, UsageError, VideoError
 from ..feature_cache import FeatureCache
-from ..options import CompressionOptions, OptionError, SamplingOptions
+from ..options import CompressionOptions, FrameOptions, OptionError, SamplingOptions
 from ..pipeline import reuses_prefix
 from ..results import Planned
 from ..session import Session
-from ..video.read import probe_video
+from ..video.read import open_clip
 from .answers import Prompt, Reused
 from .conversation import parse
 from .media import LocalVideo, MediaPolicy
@@ -25,7 +25,8 @@ from .runner import Runner, Stopping
 from .sessions import SessionLRU
 
 # A request names these fields; the library's errors name its own (options.py).
-_FIELD = {"max_new_tokens": "max_tokens", "frames": "dycoke.frames", "method": "dycoke.method",
+_FIELD = {"max_new_tokens": "max_tokens", "frames": "dycoke.frames", "fps": "dycoke.fps",
+          "max_frames": "dycoke.max_frames", "timestamps": "dycoke.timestamps", "method": "dycoke.method",
           "ttm_k": "dycoke.ttm_k", "prune_p": "dycoke.prune_p", "prune_layer": "dycoke.prune_layer",
           "refresh_threshold": "dycoke.refresh_threshold", "frame_coverage": "dycoke.frame_coverage",
           "selection": "dycoke.selection", "positions": "dycoke.positions"}
@@ -45,7 +46,7 @@ class ServerConfig:
     queue: int = 16
     sessions: int = 8
     sessions_bytes: int = 2048 * 2**20
-    frames: int | None = None  # the default of a request that names none (None: the model's)
+    frames: FrameOptions = FrameOptions()  # the defaults of a request that names none (frames None: the model's rule)
     compression: CompressionOptions = CompressionOptions()
     sampling: SamplingOptions = SamplingOptions()
     cache: FeatureCache | None = None
@@ -70,8 +71,8 @@ class ServerConfig:
                 raise UsageError(f"{flag} must be at least {low} (got {value})")
         if self.port > 65535:
             raise UsageError(f"--port must be in [0, 65535] (got {self.port})")
-        if self.frames is not None and self.frames > self.max_frames:
-            raise UsageError(f"--frames must be at most --max-frames {self.max_frames} (got {self.frames})")
+        if self.frames.counted and self.frames.frames > self.max_frames:
+            raise UsageError(f"--frames must be at most --max-frames {self.max_frames} (got {self.frames.frames})")
         if self.sampling.max_new_tokens > self.max_tokens:
             raise UsageError(f"--max-new-tokens must be at most --max-tokens {self.max_tokens} "
                              f"(got {self.sampling.max_new_tokens})")
@@ -95,7 +96,7 @@ class Plan:
     url: str
     question: str
     system: str | None
-    frames: int | None
+    frames: FrameOptions
     compression: CompressionOptions  # resolved
     sampling: SamplingOptions
     stops: list[str]
@@ -128,28 +129,35 @@ class Server:
         return Plan(conv.url, conv.question, conv.system, self._frames(body), self._compression(body),
                     self._sampling(body), self._stops(body))
 
-    def _frames(self, body: ChatRequest) -> int | None:
-        frames = body.dycoke.frames if body.dycoke is not None else None
-        io = body.media_io_kwargs
-        if io is not None:
-            video = io.get("video")
-            if set(io) != {"video"} or not isinstance(video, dict) or set(video) - {"num_frames"}:
-                raise ApiError(400, "media_io_kwargs: only {\"video\": {\"num_frames\": N}} is supported",
+    def _frames(self, body: ChatRequest) -> FrameOptions:
+        """The request's frame options: ``dycoke`` (frames, fps, max_frames, timestamps) and vLLM's
+        ``media_io_kwargs.video`` (num_frames, fps), over the server's defaults, within its ceiling."""
+        given = body.dycoke.model_dump(include={"frames", "fps", "max_frames", "timestamps"}, exclude_none=True) \
+            if body.dycoke is not None else {}
+        for field, value in _media_io(body.media_io_kwargs).items():
+            name = {"num_frames": "frames", "fps": "fps"}[field]
+            if name in given and given[name] != value:
+                raise ApiError(400, f"dycoke.{name} ({given[name]}) and media_io_kwargs.video.{field} ({value}) differ",
                                "invalid_value")
-            n = video.get("num_frames")
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
-                raise ApiError(400, f"media_io_kwargs.video.num_frames must be an integer (got {n!r})", "invalid_value")
-            if n is not None and frames is not None and n != frames:
-                raise ApiError(400, f"dycoke.frames ({frames}) and media_io_kwargs.video.num_frames ({n}) differ",
-                               "invalid_value")
-            frames = n if n is not None else frames
-        if frames is not None and not 1 <= frames <= self.config.max_frames:
-            raise ApiError(400, f"dycoke.frames must be in [1, {self.config.max_frames}] on this server (got {frames})",
+            given[name] = value
+        if "frames" in given:  # a request's count or "max" replaces the server's default rule...
+            given.setdefault("fps", None)
+        elif "fps" in given:  # ...and its rate the server's default count
+            given["frames"] = None
+        with _request_fields():
+            frames = replace(self.config.frames, **given).validate()
+        top = self.config.max_frames
+        if frames.counted and frames.frames > top:
+            raise ApiError(400, f"dycoke.frames must be in [1, {top}] on this server (got {frames.frames})",
                            "frames_over_limit")
-        return frames if frames is not None else self.config.frames
+        if frames.max_frames is not None and frames.max_frames > top:
+            raise ApiError(400, f"dycoke.max_frames must be in [1, {top}] on this server (got {frames.max_frames})",
+                           "frames_over_limit")
+        return frames
 
     def _compression(self, body: ChatRequest) -> CompressionOptions:
-        given = body.dycoke.model_dump(exclude_none=True, exclude={"frames"}) if body.dycoke is not None else {}
+        given = body.dycoke.model_dump(exclude_none=True, exclude={"frames", "fps", "max_frames", "timestamps"}) \
+            if body.dycoke is not None else {}
         if body.seed is not None:
             given["seed"] = body.seed
         with _request_fields():
@@ -181,20 +189,19 @@ class Server:
     # ---------------------------------------------------------------- the worker's side
 
     def work(self, plan: Plan, video: LocalVideo):
-        """The generation, run on the worker thread: find or start the session, stream."""
+        """The generation, run on the worker thread: find or start the session, stream. The clip
+        is probed once, for a new session (the open file: never reopened by name); a kept session
+        of the same bytes has its probe already."""
         lm = self.lm
-        frames = plan.frames
-        if frames is None and lm.default_frames(video.path) > self.config.max_frames:
-            frames = self.config.max_frames  # the model's default, within the server's ceiling
-        key = (video.digest, frames, plan.compression, plan.system) if video.digest else None
+        key = (video.digest, plan.frames, plan.compression, plan.system) if video.digest else None
         session = self.sessions.take(key) if key is not None else None
         found = session is not None
         if session is None:
-            probe_video(video.path, timeout_s=self.config.timeout_s)  # as the CLI does first: its reasons
-            session = Session(lm, video.path, frames=frames, compression=plan.compression, cache=self.config.cache,
-                              timeout_s=self.config.timeout_s, system=plan.system,
-                              digest=video.digest)
-        session.rebind(video.path, video.digest)
+            clip = open_clip(video.path, name=video.label, digest=video.digest, timeout_s=self.config.timeout_s)
+            session = Session(lm, clip, frames=plan.frames, compression=plan.compression, cache=self.config.cache,
+                              timeout_s=self.config.timeout_s, system=plan.system, ceiling=self.config.max_frames)
+        else:
+            session.rebind(replace(session.clip, path=video.path, name=video.label))
         before, failed = session.encoded, True
         try:
             for event in session.stream(plan.question, plan.sampling, plan.compression):
@@ -221,6 +228,22 @@ class Server:
                 "running": r.running, "waiting": r.waiting, "served": r.served, "cancelled": r.cancelled,
                 "failed": r.failed, "refused": r.refused, "sessions": len(self.sessions),
                 "session_bytes": self.sessions.bytes}
+
+
+def _media_io(kwargs: dict | None) -> dict:
+    """vLLM's ``media_io_kwargs``: only ``{"video": {"num_frames": N, "fps": F}}`` is taken."""
+    if kwargs is None:
+        return {}
+    video = kwargs.get("video")
+    if set(kwargs) != {"video"} or not isinstance(video, dict) or set(video) - {"num_frames", "fps"}:
+        raise ApiError(400, "media_io_kwargs: only {\"video\": {\"num_frames\": N, \"fps\": F}} is supported",
+                       "invalid_value")
+    n, fps = video.get("num_frames"), video.get("fps")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+        raise ApiError(400, f"media_io_kwargs.video.num_frames must be an integer (got {n!r})", "invalid_value")
+    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool)):
+        raise ApiError(400, f"media_io_kwargs.video.fps must be a number (got {fps!r})", "invalid_value")
+    return {k: v for k, v in (("num_frames", n), ("fps", fps)) if v is not None}
 
 
 def _thinking(body: ChatRequest, default: bool | None) -> bool | None:

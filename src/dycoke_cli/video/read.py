@@ -67,7 +67,7 @@ Layout
     This module holds the public names and joins the two halves: ``container`` opens
     the file, chooses the stream and measures the timing (Duration, Timeline);
     ``frames`` decodes and picks the frames (Sampling rule, How, Damage, Rotation). What a read
-    returns (``Video``, ``VideoInfo``) are values, defined in results.py.
+    returns (``Video``, ``VideoInfo``) are values, defined in values.py.
 """
 
 from __future__ import annotations
@@ -81,39 +81,13 @@ import numpy as np
 
 # MAX_PIXELS, VideoError, Video and VideoInfo are imported for those who import them from here.
 from ..errors import UsageError, VideoError  # noqa: F401
-from ..results import Video, VideoInfo  # noqa: F401
+from ..values import Clip, Video, VideoInfo  # noqa: F401
 from .container import MAX_PIXELS, Reading, Source, Timing, measure_timing  # noqa: F401
 from .frames import Converter, Decoder, Picker, first_frame, rotation, sample
 
 # Clips longer than this (seconds) are sampled by seeking to each target instead of decoding
 # every frame; below it one forward pass is faster than the seeks.
 SEEK_AFTER_S = 60.0
-
-
-@dataclass(frozen=True)
-class Clip:
-    """One video, probed once: every later stage asks this value, never the file again.
-
-    ``path``: what the reader opens (on the server, the descriptor it opened: ``/proc/self/fd/N``);
-    ``name``: how messages name it (what the user gave); ``digest``: the SHA-256 of its bytes
-    where the caller has it (else the feature cache hashes the file); ``info``: the probed
-    metadata (``requested == 0``, no timestamps); ``end`` and ``discontinuous``: the measured
-    timing (module docstring, Duration and Timeline), which the reader reuses instead of
-    measuring again."""
-
-    path: str
-    name: str
-    info: VideoInfo
-    end: float | None
-    discontinuous: bool = False
-    digest: str | None = None
-
-    @property
-    def duration(self) -> float | None:
-        return self.info.duration
-
-    def timing(self) -> Timing:
-        return Timing(self.info.duration, self.end, self.discontinuous)
 
 
 @dataclass(frozen=True)
@@ -201,7 +175,7 @@ def read_chunks(
         frames = decoder.frames()
         first = first_frame(source, frames)
         start = min([first.time, *first.holes])  # damaged leading frames still count
-        timing = probed.timing() if probed else measure_timing(source)
+        timing = Timing(probed.info.duration, probed.end, probed.discontinuous) if probed else measure_timing(source)
         span = max(timing.end - start, 0.0) if timing.end is not None else 0.0
         picker = Picker(start, span, num_frames, Converter(first.frame, max_side, size_for))
         seek = span > SEEK_AFTER_S and not timing.discontinuous  # seeks land by raw time
