@@ -261,3 +261,12 @@ def write_image(path: str | os.PathLike, *, size: tuple[int, int] = (64, 48), in
     path = Path(path)
     Image.fromarray(pattern_frame(index, *size)).save(path)
     return path
+
+
+def product_frames(lm, enc) -> np.ndarray:
+    """The frames the pipeline decoded for an encoded clip, read again the way it reads them
+    (it keeps only their features): uint8 ``[T, H, W, 3]``."""
+    from dycoke_cli.video.read import read_video
+
+    n = enc.video.info.requested
+    return read_video(enc.video.info.path, n, size_for=lambda h, w: lm.target_size(n, h, w)).frames

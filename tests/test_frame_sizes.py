@@ -10,7 +10,7 @@ from 12 px rows (LLaVA-OneVision).
 from __future__ import annotations
 
 import pytest
-from clips import write_clip
+from clips import product_frames, write_clip
 from conftest import TINY_WORDS
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as qwen2_reference
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_reference
@@ -54,7 +54,7 @@ def test_qwen2_5_vl_gets_the_processors_size(qwen25, clips, shape):
     enc = encode_video(qwen25, clips[shape], 8)
     assert (enc.rows, enc.cols) == (want_h // 28, want_w // 28)
     assert enc.tokens_per_frame == want_h * want_w // (28 * 28)
-    frames = enc.video.frames
+    frames = product_frames(qwen25, enc)
     assert frames.shape[1] >= min(h, 2 * want_h) and frames.shape[2] >= min(w, 2 * want_w)
 
 
@@ -67,7 +67,7 @@ def test_qwen3_vl_gets_the_processors_size(qwen3, clips, shape):
     enc = encode_video(qwen3, clips[shape], 8)
     assert (enc.rows, enc.cols) == (want_h // 32, want_w // 32)
     assert enc.tokens_per_frame == want_h * want_w // (32 * 32)
-    frames = enc.video.frames
+    frames = product_frames(qwen3, enc)
     assert frames.shape[1] >= min(h, 2 * want_h) and frames.shape[2] >= min(w, 2 * want_w)
 
 
@@ -75,6 +75,6 @@ def test_qwen3_vl_gets_the_processors_size(qwen3, clips, shape):
 def test_llava_onevision_frames_are_never_decoded_below_twice_its_square(tiny_lm, clips, shape):
     side = tiny_lm.frame_spec.height  # 32 px frames for the tiny model
     enc = encode_video(tiny_lm, clips[shape], 8)
-    frames = enc.video.frames
+    frames = product_frames(tiny_lm, enc)
     assert frames.shape[1] >= 2 * side and frames.shape[2] >= 2 * side
     assert enc.tokens_per_frame == tiny_lm.tokens_per_frame

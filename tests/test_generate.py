@@ -1,5 +1,6 @@
 import pytest
 import torch
+from clips import product_frames
 
 from dycoke_cli.models.preprocess import preprocess_frames
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
@@ -18,7 +19,7 @@ def generate_reference(lm, enc, question, max_new_tokens):
     before, after = lm.prompt_ids(question)
     n_video = enc.frames * enc.tokens_per_frame + 1
     ids = torch.cat([before, torch.full((n_video,), lm.video_token_id), after]).unsqueeze(0)
-    pixels = preprocess_frames(enc.video.frames, lm.frame_spec).unsqueeze(0)
+    pixels = preprocess_frames(product_frames(lm, enc), lm.frame_spec).unsqueeze(0)
     out = lm.model.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=max_new_tokens,
                             do_sample=False, attention_mask=torch.ones_like(ids))
     tokens = out[0, ids.shape[1]:].tolist()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from clips import write_clip
+from clips import product_frames, write_clip
 from conftest import TINY_WORDS
 from test_cli import run_cli
 from torch.testing import assert_close
@@ -52,7 +52,7 @@ def hf_inputs(lm, enc, question):
     """input_ids with the video pads, and the model's own video inputs, for the same frames."""
     before, after = lm.prompt_ids(question)
     ids = torch.cat([before, torch.full((enc.visual_tokens,), lm.video_token_id), after]).unsqueeze(0)
-    patches, grid = patchify(lm.preprocess(enc.video.frames))
+    patches, grid = patchify(lm.preprocess(product_frames(lm, enc)))
     return dict(input_ids=ids, pixel_values_videos=patches, video_grid_thw=grid,
                 mm_token_type_ids=(ids == lm.video_token_id).int() * 2,
                 second_per_grid_ts=torch.tensor([enc.step_seconds]), attention_mask=torch.ones_like(ids))

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from clips import write_clip
+from clips import product_frames, write_clip
 from conftest import TINY_WORDS
 from test_cli import run_cli
 from torch.testing import assert_close
@@ -92,7 +92,7 @@ def reference_ids(lm, enc, question: str, fps: float = 10.0) -> torch.Tensor:
 
 def hf_inputs(lm, enc, question: str) -> dict:
     ids = reference_ids(lm, enc, question).unsqueeze(0)
-    patches, grid = patchify_video(lm.preprocess(enc.video.frames), 2, PATCH, 2)
+    patches, grid = patchify_video(lm.preprocess(product_frames(lm, enc)), 2, PATCH, 2)
     return dict(input_ids=ids, pixel_values_videos=patches, video_grid_thw=grid,
                 mm_token_type_ids=(ids == lm.video_token_id).int() * 2, attention_mask=torch.ones_like(ids))
 

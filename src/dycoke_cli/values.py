@@ -72,7 +72,8 @@ class Clip:
 
 @dataclass(frozen=True)
 class Video:
-    frames: np.ndarray | None  # uint8 [T, H, W, 3] RGB, T == info.sampled (None: features came from a cache)
+    frames: np.ndarray | None  # uint8 [T, H, W, 3] RGB, T == info.sampled (None: not kept: the pipeline
+    # encodes a chunk of frames at a time and keeps only their features, or they came from a cache)
     info: VideoInfo
 
 

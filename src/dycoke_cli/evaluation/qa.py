@@ -142,8 +142,8 @@ def _evaluate_clip(lm, path: Path, video: str, group: list[EvalItem], methods: l
     try:
         clip = open_clip(path, timeout_s=timeout_s)
         options = [choice.options(base) for choice in choices(methods)]
-        count = frames_for_methods(lm, clip.info, frames, options, group[0].question, sampling.max_new_tokens)
-        enc = encode_video(lm, clip, count.count, timeout_s=timeout_s, cache=cache,
+        chosen = frames_for_methods(lm, clip.info, frames, options, group[0].question, sampling.max_new_tokens)
+        enc = encode_video(lm, clip, chosen.count, timeout_s=timeout_s, cache=cache,
                            timestamps=timestamps_on(lm, frames))
     except DycokeError as exc:  # unreadable clip, frames that do not fit, a model-specific refusal
         count(len(group) * len(methods))
