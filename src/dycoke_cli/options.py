@@ -22,8 +22,8 @@ TEMPERATURE_MIN = 0.01
 TEMPERATURE_MAX = 100.0
 SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
 FRAMES_MAX = "max"  # --frames max: as many frames as the context and the memory hold
-# More frames than any model's context holds (a 1M-token context at one token a frame): a count
-# beyond it is a typo, refused before anything is read.
+# More frames than any model's context holds (a 1M-token context at one token a frame): where
+# --frames max looks no further.
 FRAME_LIMIT = 1_000_000
 FPS_LIMIT = 240.0  # sampling rates above this are typos (the same bound as dycoke.json's fps)
 
@@ -181,10 +181,10 @@ class FrameOptions:
         if isinstance(self.frames, str):
             if self.frames != FRAMES_MAX:
                 raise OptionError("frames", f"must be a whole number of frames or 'max' (got {self.frames!r})")
-        elif self.frames is not None:
-            _check_whole("frames", self.frames, 1, FRAME_LIMIT)
+        elif self.frames is not None:  # too many for the context or the memory: frame_count says which
+            _check_whole("frames", self.frames, 1)
         if self.max_frames is not None:
-            _check_whole("max_frames", self.max_frames, 1, FRAME_LIMIT)
+            _check_whole("max_frames", self.max_frames, 1)
         if self.fps is not None:
             check_range("fps", _number("fps", self.fps), 0, FPS_LIMIT, low_open=True)
         if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget > 0):
@@ -210,7 +210,7 @@ class FrameOptions:
                 "memory_budget_bytes": self.memory_budget, "timestamps": self.timestamps}
 
 
-def _check_whole(name: str, value, low: int, high: int) -> None:
+def _check_whole(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise OptionError(name, f"must be a whole number (got {value!r})")
     check_count(name, value, low, high)
