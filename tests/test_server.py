@@ -194,6 +194,16 @@ def test_per_request_overrides_and_vllm_frames(server, media):
     four = client.chat.completions.create(model="demo", messages=video(url),
                                           extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}})
     assert four.model_extra["dycoke"]["stats"]["frames"] == 4
+    # red_cup.mp4 lasts 2.5 s: vLLM's fps at 2 per second gives the model's rule round(2.5 * 2) = 5 frames
+    # (within the demo's [4, 16]); 6 per second would give 15
+    rated = client.chat.completions.create(model="demo", messages=video(url),
+                                           extra_body={"media_io_kwargs": {"video": {"fps": 6}}})
+    assert {k: rated.model_extra["dycoke"]["stats"][k] for k in ("frames", "frames_chosen_by")} == \
+        {"frames": 15, "frames_chosen_by": "rule"}
+    # as many as fit: the demo's 1,024-token context holds more than the server's --max-frames 16
+    most = client.chat.completions.create(model="demo", messages=video(url), extra_body={"dycoke": {"frames": "max"}})
+    stats = most.model_extra["dycoke"]["stats"]
+    assert (stats["frames"], stats["frames_chosen_by"], stats["frame_bounds"]["max_frames"]) == (16, "max_frames", 16)
 
 
 def test_stop_strings_cut_the_answer(server, media):
@@ -333,6 +343,21 @@ def _bad(**fields):
     (_bad(dycoke={"frames": 17}), 400, "dycoke.frames must be in [1, 16] on this server (got 17)"),
     (_bad(media_io_kwargs={"video": {"num_frames": 5000}}), 400,
      "dycoke.frames must be in [1, 16] on this server (got 5000)"),
+    (_bad(dycoke={"frames": 0}), 400, "dycoke.frames must be at least 1 (got 0)"),
+    (_bad(dycoke={"fps": 0}), 400, "dycoke.fps must be in (0, 240] (got 0.0)"),
+    (_bad(dycoke={"fps": -2}), 400, "dycoke.fps must be in (0, 240] (got -2.0)"),
+    (_bad(dycoke={"fps": 1e9}), 400, "dycoke.fps must be in (0, 240] (got 1000000000.0)"),
+    (_bad(dycoke={"max_frames": 0}), 400, "dycoke.max_frames must be at least 1 (got 0)"),
+    (_bad(dycoke={"max_frames": 17}), 400, "dycoke.max_frames must be in [1, 16] on this server (got 17)"),
+    (_bad(dycoke={"frames": 8, "fps": 2}), 400, "dycoke.fps sets the rate of the model's rule, which a frame count "
+                                                "replaces (got both: 8 frames and 2 fps)"),
+    (_bad(dycoke={"frames": 8, "max_frames": 4}), 400, "dycoke.frames must be at most the maximum, 4 (got 8)"),
+    (_bad(media_io_kwargs={"video": {"fps": -1}}), 400, "media_io_kwargs.video.fps must be in (0, 240] (got -1)"),
+    (_bad(media_io_kwargs={"video": {"fps": "2"}}), 400, "media_io_kwargs.video.fps must be a number (got '2')"),
+    (_bad(media_io_kwargs={"video": {"fps": 2}}, dycoke={"fps": 3}), 400,
+     "dycoke.fps (3.0) and media_io_kwargs.video.fps (2) differ"),
+    (_bad(media_io_kwargs={"video": {"size": 2}}), 400,
+     'media_io_kwargs: only {"video": {"num_frames": N, "fps": F}} is supported'),
     (_bad(max_tokens=1001), 400, "max_tokens must be in [1, 1000] on this server (got 1001)"),
     (_bad(max_completion_tokens=0), 400, "max_completion_tokens must be in [1, 1000] on this server (got 0)"),
     (_bad(temperature=0.001), 400, "temperature must be 0 (greedy) or in [0.01, 100] (got 0.001)"),

@@ -185,7 +185,7 @@ def test_chat_reads_questions_and_commands_from_stdin(tiny_model_dir, clip_path,
     assert code == 0
     assert out == single[0] + single[1]
     assert err == ("[dycoke] method: none\n"
-                   "[dycoke] /frames needs a whole number of frames, at least 1 (got '0')\n"
+                   "[dycoke] /frames needs a whole number of frames, at least 1, or max (got '0')\n"
                    "[dycoke] unknown command /nope (/help lists them)\n")
 
 
@@ -270,8 +270,8 @@ def test_chat_commands_with_bad_values_keep_the_session(tiny_model_dir, clip_pat
     code, out, err = run_cli(["chat", str(clip_path), "--model", str(tiny_model_dir), "-q", "--max-new-tokens", "2"],
                              capsys, monkeypatch)
     assert code == 0 and len(out.splitlines()) == 1
-    assert err.splitlines()[0] == "[dycoke] /frames needs a whole number of frames, at least 1 (got '\u00b2')"
-    assert err.splitlines()[1].startswith("[dycoke] /frames needs a whole number of frames, at least 1 (got '999")
+    assert err.splitlines()[0] == "[dycoke] /frames needs a whole number of frames, at least 1, or max (got '\u00b2')"
+    assert err.splitlines()[1].startswith("[dycoke] /frames needs a whole number of frames, at least 1, or max (got '999")
 
 
 def test_the_qwen_feature_cache_hits(tmp_path):

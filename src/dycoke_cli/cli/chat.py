@@ -15,13 +15,13 @@ from dataclasses import dataclass, replace
 from typing import TextIO
 
 from ..errors import DycokeError
-from ..options import Method, OptionError, SamplingOptions
+from ..options import FRAMES_MAX, Method, OptionError, SamplingOptions
 
 HELP = """commands:
   /caption           describe the clip (the model's caption prompt)
   /compare [Q]       none vs dycoke on this clip, side by side (captions without Q)
   /method NAME       answer with another method: dycoke, fastv, random, frames, none
-  /frames N          sample N frames (the clip is encoded again)
+  /frames N|max      sample N frames, or as many as fit (the clip is encoded again)
   /stats             figures of the last answer
   /help              this list
   /quit              end the session (Ctrl-D does too)
@@ -148,9 +148,10 @@ class Chat:
         self.actions.note(f"method: {self.session.compression.method.value}")
 
     def _frames(self, arg: str) -> None:
-        count = int(arg) if arg.isascii() and arg.isdigit() and len(arg) < 10 else 0
-        if count < 1:
-            self.actions.note(f"/frames needs a whole number of frames, at least 1 (got {arg!r})")
+        count = FRAMES_MAX if arg.strip().lower() == FRAMES_MAX else (
+            int(arg) if arg.isascii() and arg.isdigit() and len(arg) < 10 else 0)
+        if count != FRAMES_MAX and count < 1:
+            self.actions.note(f"/frames needs a whole number of frames, at least 1, or max (got {arg!r})")
             return
         self.session.set_frames(count)
         self.actions.note(f"frames: {count} (the clip is encoded again at the next question)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import DycokeError, UsageError, VideoError
 from ..feature_cache import FeatureCache
-from ..options import CompressionOptions, FrameOptions, OptionError, SamplingOptions
+from ..options import FPS_LIMIT, CompressionOptions, FrameOptions, OptionError, SamplingOptions, check_range
 from ..pipeline import reuses_prefix
 from ..results import Planned
 from ..session import Session
@@ -243,6 +243,9 @@ def _media_io(kwargs: dict | None) -> dict:
         raise ApiError(400, f"media_io_kwargs.video.num_frames must be an integer (got {n!r})", "invalid_value")
     if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool)):
         raise ApiError(400, f"media_io_kwargs.video.fps must be a number (got {fps!r})", "invalid_value")
+    if fps is not None:
+        with _request_fields():
+            check_range("media_io_kwargs.video.fps", fps, 0, FPS_LIMIT, low_open=True)
     return {k: v for k, v in (("num_frames", n), ("fps", fps)) if v is not None}
 
 
