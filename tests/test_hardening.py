@@ -388,22 +388,26 @@ OOM_MARGIN = 500_000_000
 @pytest.fixture(scope="module")
 def oom_runs(tmp_path_factory):
     """One child, three runs under one address-space cap: 8 frames (fits), 256 frames with
-    `ask` and with `compare` (do not: 256 x 3 x 384 x 384 float32 is 453 MB per copy)."""
+    `ask` and with `compare` (do not: frames are encoded in chunks, so the frames' pixels never
+    add up, but DyCoke keeps about 7,800 of their 16,384 tokens, and the prompt of a language model
+    1,024 wide takes about 100 KB a token to prefill, its keys and values included: 780 MB)."""
     from conftest import TINY_WORDS
 
     from dycoke_cli.testing.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     folder = tmp_path_factory.mktemp("oom")
     tok = build_word_tokenizer(TINY_WORDS)
-    # 384 px frames as LLaVA-OV takes them, cut into 48 px patches: 16 tokens a frame, so the
-    # frames' pixels, not the language model, dominate memory.
-    model = save_checkpoint(build_llava_onevision(tok, TinySpec(image_size=384, patch_size=48)), tok,
-                            folder / "model384", dycoke_defaults={"num_frames": 8, "prune_layer": 2})
+    # 384 px frames as LLaVA-OV takes them, cut into 24 px patches: 64 tokens a frame; a wide text
+    # model with a 32k context, so the prompt's tokens dominate memory.
+    spec = TinySpec(image_size=384, patch_size=24, text_hidden=1024, text_layers=3, text_heads=16, text_kv_heads=16,
+                    text_intermediate=4096, max_position_embeddings=32768)
+    model = save_checkpoint(build_llava_onevision(tok, spec), tok, folder / "model384",
+                            dycoke_defaults={"num_frames": 8, "prune_layer": 2})
     clip = write_clip(folder / "many.mp4", n_frames=OOM_FRAMES, size=(384, 216), fps=25)
     common = ["--model", str(model), "--max-new-tokens", "2", "--dtype", "float32", "--device", "cpu"]
     runs = [["ask", str(clip), QUESTION, *common, "--json", "--frames", "8"],
             ["ask", str(clip), QUESTION, *common, "--json", "--frames", str(OOM_FRAMES)],
-            # methods whose prompt fits the 4,096-token context at 256 frames (none's would not)
+            # methods whose prompt fits the 32,768-token context at 256 frames (none's would not)
             ["compare", str(clip), QUESTION, *common, "--json", "--frames", str(OOM_FRAMES),
              "--methods", "dycoke,frames"]]
     # Few threads and malloc arenas: each reserves address space, and their number follows

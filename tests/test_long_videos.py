@@ -356,3 +356,13 @@ def test_ctrl_c_while_an_hour_long_file_is_encoded_exits_130(hour_clip, tiny_mod
     assert (proc.returncode, out) == (130, b"")
     assert "[dycoke] encoding..." in stderr and stderr.splitlines()[-1] == "dycoke: interrupted", stderr
     assert "Traceback" not in stderr
+
+
+def test_encoding_between_chunks_is_not_reading_time(long_clip):
+    """DYCOKE_DECODE_TIMEOUT bounds the reading; the time the caller spends on each chunk (the
+    vision tower) does not count: here 4 chunks a quarter of a second each, under a 0.5 s bound."""
+    chunks = []
+    for chunk in video_read.read_chunks(open_clip(long_clip), 8, 2, timeout_s=0.5):
+        chunks.append(chunk.timestamps)
+        time.sleep(0.25)  # stands in for encoding the chunk
+    assert [len(c) for c in chunks] == [2, 2, 2, 2]

@@ -25,7 +25,7 @@ from torch.testing import assert_close
 from dycoke_cli.models.preprocess import preprocess_frames
 from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
 from dycoke_cli.pipeline import answer, encode_video
-from dycoke_cli.video.read import read_video
+from dycoke_cli.video.read import probe_video, read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_videos"
@@ -54,7 +54,7 @@ def product_pixels(lm, path: Path, frames: int) -> torch.Tensor:
 def teacher_forced(lm, path: Path, text: str, prune: DecodePruning | None) -> torch.Tensor:
     """Logits [answer tokens + 1, vocab] that predict each token of ``text`` and then the end, in
     one packed pass (the first from the prompt's last position, as the product's prefill)."""
-    frames = lm.default_frames(path)
+    frames = lm.default_frames(probe_video(path))
     packer = Packer(lm.tokenizer, frames * lm.tokens_per_frame + 1, branch_len=48)
     ids, labels = packer.branch(QUESTION, text)
     labels_t = torch.tensor([[labels]])
@@ -82,7 +82,7 @@ def test_the_emulation_gives_the_logits_the_product_decodes_with(demo, p):
     differs_from_ttm = 0
     for name in CAPTIONED:
         path = SAMPLES / name
-        enc = encode_video(demo, path, demo.default_frames(path))
+        enc = encode_video(demo, path, demo.default_frames(probe_video(path)))
         for coverage in (0.0, 0.5, 1.0):
             opts = CompressionOptions(method=Method.dycoke, prune_p=p, frame_coverage=coverage,
                                       selection="topk" if coverage == 0 else "coverage")

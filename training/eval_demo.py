@@ -86,8 +86,10 @@ class PipelineAnswerer:
 
     def encode(self, path: Path):
         from dycoke_cli.pipeline import encode_video
+        from dycoke_cli.video.read import open_clip
 
-        return encode_video(self.lm, path, self.frames or self.lm.default_frames(path))
+        clip = open_clip(path)  # probed once: for the default count and for reading
+        return encode_video(self.lm, clip, self.frames or self.lm.default_frames(clip.info))
 
     def answer(self, enc, question: str) -> str:
         from dycoke_cli.options import SamplingOptions

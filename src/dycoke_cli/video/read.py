@@ -73,7 +73,8 @@ Layout
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import av
@@ -182,13 +183,21 @@ def read_chunks(
         times: list[float] = []
         for _ in sample(decoder, picker, first, frames, seek=seek):
             while len(picker.arrays) >= (chunk or 1):
-                yield _chunk(picker, chunk, times)
+                yield from _hand_out(reading, _chunk(picker, chunk, times))
         if picker.arrays:
-            yield _chunk(picker, None, times)
+            yield from _hand_out(reading, _chunk(picker, None, times))
         if not picker.picked:
             raise reading.error("no decodable video frame (the file is truncated or damaged)")
         return _info(source, timing, first.frame, requested=num_frames, timestamps=tuple(times),
                      lost=len(picker.lost))
+
+
+def _hand_out(reading: Reading, chunk: FrameChunk) -> Iterator[FrameChunk]:
+    """Yield a chunk; the time the caller takes before asking for the next one (encoding it) is
+    not reading time: the deadline moves by as much."""
+    handed = time.monotonic()
+    yield chunk
+    reading.deadline += time.monotonic() - handed
 
 
 def _chunk(picker: Picker, size: int | None, times: list[float]) -> FrameChunk:
