@@ -24,6 +24,7 @@ from dycoke_cli.frame_count import choose_frames
 from dycoke_cli.models.loader import load_model
 from dycoke_cli.options import CompressionOptions, FrameOptions, Method
 from dycoke_cli.video import read as video_read
+from dycoke_cli.pipeline import encode_video
 from dycoke_cli.video.read import open_clip, read_video
 
 QUESTION = "what color is the cup?"
@@ -366,3 +367,39 @@ def test_encoding_between_chunks_is_not_reading_time(long_clip):
         chunks.append(chunk.timestamps)
         time.sleep(0.25)  # stands in for encoding the chunk
     assert [len(c) for c in chunks] == [2, 2, 2, 2]
+
+
+def test_the_feature_cache_keeps_chunks_and_an_interrupted_encoding_goes_on(tiny_lm, long_clip, tmp_path):
+    """200 frames: entries of 64, 64, 64 and 8 frames. An encoding stopped after 140 frames kept its
+    first two entries; the next one reads and encodes only the 72 frames after them, and gives the
+    features and times of an encoding in one go."""
+    import torch
+
+    from dycoke_cli.encoder import encoding
+    from dycoke_cli.feature_cache import FeatureCache
+    from dycoke_cli.results import Progress
+
+    clip = open_clip(long_clip)
+    whole = encode_video(tiny_lm, clip, 200)  # no cache
+    cache = FeatureCache(tmp_path / "cache")
+    events = encoding(tiny_lm, clip, 200, cache=cache)
+    for event in events:
+        if isinstance(event, Progress) and event.encoded >= 140:
+            events.close()  # as Ctrl-C would: the generator stops here
+            break
+    assert len(cache.entries()) == 2
+    progress = []
+    events = encoding(tiny_lm, clip, 200, cache=cache)
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as stop:
+            resumed = stop.value
+            break
+        if isinstance(event, Progress):
+            progress.append(event.encoded)
+    assert progress[0] == 128 and progress[-1] == 200 and len(progress) == 2 * 72 // 4
+    assert torch.equal(resumed.features, whole.features) and resumed.video.info == whole.video.info
+    assert len(cache.entries()) == 4
+    hit = encode_video(tiny_lm, clip, 200, cache=cache)
+    assert hit.encode_s == 0.0 and torch.equal(hit.features, whole.features) and hit.video.info == whole.video.info

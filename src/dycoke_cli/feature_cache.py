@@ -1,7 +1,8 @@
 """Vision features on disk, so that a clip encoded once is not read and encoded again.
 
-An entry holds what the vision tower gave for one clip, model, frame count and dtype (after
-the projector and pooling, before any token selection), and the clip's VideoInfo. Entries are
+An entry holds what the vision tower gave for one chunk of frames of a clip, model, frame count
+and dtype (after the projector and pooling, before any token selection), with those frames'
+VideoInfo and where the reader stood after them (encoder.py reads and writes them in order). Entries are
 safetensors files named by the key's digest in ``$DYCOKE_CACHE``, else ``$XDG_CACHE_HOME/dycoke``,
 else ``~/.cache/dycoke``. They are written atomically (a temporary file, then a rename), kept
 under a size limit (``$DYCOKE_CACHE_MAX_MB``, default 2048) by evicting the least recently
@@ -26,7 +27,7 @@ from .video.read import VideoInfo
 DEFAULT_LIMIT_MB = 2048
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.safetensors$")
 _CHUNK = 1 << 20
-FORMAT = 1  # bumped when what an entry holds changes
+FORMAT = 2  # bumped when what an entry holds changes (2: entries of a chunk of frames each)
 WEIGHT_SAMPLE = 1 << 20  # bytes read from each end of a weight file for the model identity
 
 
@@ -108,9 +109,10 @@ class FeatureKey:
     model: str  # model_identity
     frames: int  # frames requested
     dtype: str
+    chunk: int = 0  # which entry of the clip's (encoder.CACHE_CHUNK frames each)
 
     def digest(self) -> str:
-        text = json.dumps([FORMAT, self.content, self.model, self.frames, self.dtype])
+        text = json.dumps([FORMAT, self.content, self.model, self.frames, self.dtype, self.chunk])
         return hashlib.sha256(text.encode()).hexdigest()
 
 

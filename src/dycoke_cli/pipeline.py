@@ -1,15 +1,14 @@
 """Wires the stages: video -> frames -> vision tower -> token plan -> decoding loop -> Answer.
 
-Never prints. Progress is a stream of events (results.Stage / Planned / Token):
-:func:`encoding` and :func:`answering` are generators that yield them and *return* the
-EncodedVideo and the Answer; :func:`encode_video` and :func:`answer` are the same without
-events. The prompt up to the question is a :class:`Prefix`, computed once per clip and
-settings. session.py strings these together (Session, run, ask).
+Never prints. Progress is a stream of events (results.Stage / Progress / Planned / Token):
+:func:`encoding` (encoder.py: reading and encoding a clip) and :func:`answering` are generators
+that yield them and *return* the EncodedVideo and the Answer; :func:`encode_video` and
+:func:`answer` are the same without events. The prompt up to the question is a :class:`Prefix`,
+computed once per clip and settings. session.py strings these together (Session, run, ask).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, replace
@@ -31,9 +30,8 @@ from .decoding.loop import (
     sync,
 )
 from .decoding.prompt import embed_parts, fit_context, prefill_positions, prefix_embeds, prompt_embeds
+from .encoder import drain, encode_video, encoding, step_seconds  # noqa: F401 (the pipeline's API)
 from .errors import UsageError
-from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
-from .frame_count import ENCODE_CHUNK
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
 from .results import (
@@ -41,144 +39,12 @@ from .results import (
     AnswerStats,
     Event,
     Planned,
-    Progress,
     SelectionStats,
     Stage,
     Timings,
     Token,
 )
 from .values import EncodedVideo, TokenPlan, VisualSpan
-from .video.read import Clip, Video, VideoInfo, open_clip, read_chunks
-
-
-
-def drain(events: Generator[Event, None, object]):
-    """Run an event generator to its end and return its value."""
-    while True:
-        try:
-            next(events)
-        except StopIteration as stop:
-            return stop.value
-
-
-def encoding(lm, clip: Clip, num_frames: int, timeout_s: float = 60.0, cache: FeatureCache | None = None,
-             timestamps: bool = False) -> Generator[Event, None, EncodedVideo]:
-    """Read ``num_frames`` frames of a probed clip by time and run the vision tower over them, a
-    chunk at a time (Progress events); with a ``cache``, take the features from it when this clip
-    was encoded before, and store them. ``timestamps``: the encoded clip carries the model's time
-    instruction (LLaVA-OneVision's; None for a family that writes its own)."""
-    key = None
-    if cache is not None:
-        yield Stage("looking up the feature cache")
-        t0 = time.perf_counter()
-        key = _feature_key(lm, clip, num_frames)
-        hit = cache.get(key) if key is not None else None
-        if hit is not None:
-            info = replace(VideoInfo.from_dict(hit.info), path=clip.path, requested=num_frames)
-            newline = None if hit.newline is None else hit.newline.to(lm.device)
-            layout = hit.info.get("layout") or {}
-            return EncodedVideo(Video(None, info), hit.features.to(lm.device), newline, time.perf_counter() - t0,
-                                0.0, layout.get("rows", 0), layout.get("cols", 0), layout.get("step_seconds", 0.0),
-                                tuple(level.to(lm.device) for level in hit.deepstack),
-                                _times(lm, info, timestamps))
-    enc = yield from _read_and_encode(lm, clip, num_frames, timeout_s, timestamps)
-    if key is not None:
-        layout = {"rows": enc.rows, "cols": enc.cols, "step_seconds": enc.step_seconds}
-        cache.put(key, enc.features, enc.newline, {**enc.video.info.to_dict(), "layout": layout}, enc.deepstack)
-    return enc
-
-
-def _times(lm, info: VideoInfo, timestamps: bool) -> str | None:
-    return lm.time_instruction(info.duration, info.timestamps) if timestamps else None
-
-
-def _feature_key(lm, clip: Clip, num_frames: int) -> FeatureKey | None:
-    model, content = model_identity(lm), clip.digest or file_digest(clip.path)
-    if model is None or content is None:
-        return None
-    return FeatureKey(content, model, num_frames, str(lm.dtype))
-
-
-class _Encoder:
-    """The vision tower over a clip's frames, one chunk at a time as they are decoded: only the
-    features are kept (in one tensor sized for every step asked for), never all the frames."""
-
-    def __init__(self, lm, clip: Clip, num_frames: int):
-        self.lm, self.num_frames = lm, num_frames
-        self.source = (clip.info.height, clip.info.width)
-        self.steps = -(-num_frames // lm.frames_per_step)
-        self.features = self.levels = self.newline = None
-        self.filled, self.grid, self.seconds = 0, (0, 0), 0.0
-
-    def add(self, frames) -> None:
-        t0 = time.perf_counter()
-        pixels = self.lm.preprocess(frames, self.source, self.num_frames)
-        feats, self.newline, deep = self.lm.encode_video(pixels)
-        if self.features is None:  # sized once: the grid is the same for every chunk of a clip
-            self.features = feats.new_empty((self.steps, *feats.shape[1:]))
-            self.levels = tuple(level.new_empty((self.steps, *level.shape[1:])) for level in deep)
-            self.grid = self.lm.token_grid(pixels)
-        end = self.filled + feats.shape[0]
-        self.features[self.filled:end] = feats
-        for kept, level in zip(self.levels, deep):
-            kept[self.filled:end] = level
-        self.filled = end
-        sync(self.lm.device)
-        self.seconds += time.perf_counter() - t0
-
-    def result(self):
-        """(features [steps, N, D], DeepStack levels) of the steps encoded (views of the buffers)."""
-        return self.features[: self.filled], tuple(level[: self.filled] for level in self.levels)
-
-
-def _read_and_encode(lm, clip: Clip, num_frames: int, timeout_s: float,
-                     timestamps: bool) -> Generator[Event, None, EncodedVideo]:
-    yield Stage("reading frames")
-    started, read_s = time.perf_counter(), 0.0
-    encoder = _Encoder(lm, clip, num_frames)
-    # decoded at twice the model's own size on both axes: its resize is the one that counts
-    chunks = read_chunks(clip, num_frames, ENCODE_CHUNK, size_for=lambda h, w: lm.target_size(num_frames, h, w),
-                         timeout_s=timeout_s)
-    encoded = 0
-    while True:
-        t0 = time.perf_counter()
-        try:
-            chunk = next(chunks)
-        except StopIteration as stop:
-            info = stop.value
-            read_s += time.perf_counter() - t0
-            break
-        read_s += time.perf_counter() - t0
-        yield Progress(chunk.settled, encoded, num_frames, _left(started, encoded, num_frames))
-        encoder.add(chunk.frames)  # an even chunk: whole temporal steps (the last may be odd)
-        encoded += len(chunk.frames)
-        yield Progress(chunk.settled, encoded, num_frames, _left(started, encoded, num_frames))
-    features, deepstack = encoder.result()
-    return EncodedVideo(Video(None, info), features, encoder.newline, read_s, encoder.seconds, *encoder.grid,
-                        step_seconds(info.timestamps, lm.frames_per_step), deepstack,
-                        _times(lm, info, timestamps))
-
-
-def _left(started: float, encoded: int, total: int) -> float | None:
-    """Seconds left at the pace so far (None before any frame is encoded)."""
-    if not encoded:
-        return None
-    return (time.perf_counter() - started) / encoded * max(total - encoded, 0)
-
-
-def step_seconds(timestamps: tuple[float, ...], frames_per_step: int) -> float:
-    """The clip time one temporal step covers: the mean interval between sampled frames times
-    the frames in a step (1 s per frame for a single frame)."""
-    if len(timestamps) < 2:
-        return float(frames_per_step)
-    return (timestamps[-1] - timestamps[0]) / (len(timestamps) - 1) * frames_per_step
-
-
-def encode_video(lm, clip: Clip | str | os.PathLike, num_frames: int, timeout_s: float = 60.0,
-                 cache: FeatureCache | None = None, timestamps: bool = False) -> EncodedVideo:
-    """:func:`encoding` without events; a path is probed first."""
-    clip = clip if isinstance(clip, Clip) else open_clip(clip, timeout_s=timeout_s)
-    return drain(encoding(lm, clip, num_frames, timeout_s, cache, timestamps))
 
 
 @dataclass(frozen=True)

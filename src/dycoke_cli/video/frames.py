@@ -189,6 +189,7 @@ class Picker:
         self.holes: list[float] = []  # holes after prev
         self.arrays: list[np.ndarray] = []  # picked, not taken yet (see take)
         self.times: list[float] = []
+        self.targets: list[int] = []  # the target each of them was picked for
         self.picked = 0  # frames picked so far, taken or not
         self.lost: set[float] = set()
         self.last: float | None = None  # time of the last frame picked or lost (dedup)
@@ -225,16 +226,23 @@ class Picker:
         if not self.picked and self.stand_in is not None:
             self._pick(*self.stand_in)
 
-    def take(self, at_most: int | None = None) -> tuple[list[np.ndarray], list[float]]:
-        """The frames picked and not taken yet (the first ``at_most`` of them), with their times."""
+    def resume(self, settled: int, last: float, picked: int) -> None:
+        """Go on from an earlier read of the same clip and count that stopped after a frame at time
+        ``last``, picked for target ``settled - 1``, the ``picked``-th frame."""
+        self.j, self.last, self.picked = settled, last, picked
+
+    def take(self, at_most: int | None = None) -> tuple[list[np.ndarray], list[float], list[int]]:
+        """The frames picked and not taken yet (the first ``at_most`` of them), with their times
+        and the targets they were picked for."""
         n = len(self.arrays) if at_most is None else min(at_most, len(self.arrays))
-        arrays, times = self.arrays[:n], self.times[:n]
-        del self.arrays[:n], self.times[:n]
-        return arrays, times
+        arrays, times, targets = self.arrays[:n], self.times[:n], self.targets[:n]
+        del self.arrays[:n], self.times[:n], self.targets[:n]
+        return arrays, times, targets
 
     def _pick(self, time_: float, rgb: np.ndarray) -> None:
         self.arrays.append(rgb)
         self.times.append(time_)
+        self.targets.append(self.j)
         self.picked += 1
 
     def _settle(self, target: float, time_: float | None, frame: av.VideoFrame | None) -> None:

@@ -94,11 +94,32 @@ SEEK_AFTER_S = 60.0
 @dataclass(frozen=True)
 class FrameChunk:
     """Frames picked so far and not handed out before: RGB uint8 ``[c, H, W, 3]`` and their
-    presentation times; ``settled``: targets settled so far (of ``requested``)."""
+    presentation times; ``settled``: targets settled so far (of ``requested``); ``resume``: where a
+    later read of the same clip and count can go on after this chunk (``read_chunks``'s
+    ``resume``)."""
 
     frames: np.ndarray
     timestamps: tuple[float, ...]
     settled: int
+    resume: ResumePoint
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The reader's state after a frame: the targets settled, that frame's time, the frames
+    picked and the frames lost up to it."""
+
+    settled: int
+    last: float
+    picked: int
+    lost: int
+
+    def to_dict(self) -> dict:
+        return {"settled": self.settled, "last": self.last, "picked": self.picked, "lost": self.lost}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResumePoint":
+        return cls(int(d["settled"]), float(d["last"]), int(d["picked"]), int(d["lost"]))
 
 
 def open_clip(path: str | os.PathLike, *, name: str | None = None, digest: str | None = None,
@@ -159,10 +180,14 @@ def read_chunks(
     max_side: int | None = None,
     size_for: Callable[[int, int], tuple[int, int]] | None = None,
     timeout_s: float = 60.0,
+    resume: ResumePoint | None = None,
 ) -> Generator[FrameChunk, None, VideoInfo]:
     """:func:`read_video` in pieces: yields :class:`FrameChunk` s of ``chunk`` frames (the last
     one shorter; None: every frame picked, as it is picked) while decoding goes on, so that only
-    one chunk of frames is held at a time; returns the VideoInfo of the whole read."""
+    one chunk of frames is held at a time; returns the VideoInfo of the whole read. ``resume``:
+    go on after the chunk of an earlier read (same clip, same count) that gave it: only the
+    frames after it are read, and the VideoInfo's timestamps are theirs (its ``lost`` counts
+    all)."""
     if num_frames < 1:
         raise UsageError(f"--frames must be at least 1 (got {num_frames})")
     if max_side is not None and max_side < 1:
@@ -179,17 +204,19 @@ def read_chunks(
         timing = Timing(probed.info.duration, probed.end, probed.discontinuous) if probed else measure_timing(source)
         span = max(timing.end - start, 0.0) if timing.end is not None else 0.0
         picker = Picker(start, span, num_frames, Converter(first.frame, max_side, size_for))
+        if resume is not None:
+            picker.resume(resume.settled, resume.last, resume.picked)
         seek = span > SEEK_AFTER_S and not timing.discontinuous  # seeks land by raw time
         times: list[float] = []
         for _ in sample(decoder, picker, first, frames, seek=seek):
             while len(picker.arrays) >= (chunk or 1):
-                yield from _hand_out(reading, _chunk(picker, chunk, times))
+                yield from _hand_out(reading, _chunk(picker, chunk, times, resume))
         if picker.arrays:
-            yield from _hand_out(reading, _chunk(picker, None, times))
+            yield from _hand_out(reading, _chunk(picker, None, times, resume))
         if not picker.picked:
             raise reading.error("no decodable video frame (the file is truncated or damaged)")
         return _info(source, timing, first.frame, requested=num_frames, timestamps=tuple(times),
-                     lost=len(picker.lost))
+                     lost=len(picker.lost) + (resume.lost if resume is not None else 0))
 
 
 def _hand_out(reading: Reading, chunk: FrameChunk) -> Iterator[FrameChunk]:
@@ -200,10 +227,13 @@ def _hand_out(reading: Reading, chunk: FrameChunk) -> Iterator[FrameChunk]:
     reading.deadline += time.monotonic() - handed
 
 
-def _chunk(picker: Picker, size: int | None, times: list[float]) -> FrameChunk:
-    arrays, picked = picker.take(size)
+def _chunk(picker: Picker, size: int | None, times: list[float], earlier: ResumePoint | None) -> FrameChunk:
+    arrays, picked, targets = picker.take(size)
     times += picked
-    return FrameChunk(np.stack(arrays), tuple(picked), picker.j)
+    before = earlier.lost if earlier is not None else 0
+    after = ResumePoint(targets[-1] + 1, picked[-1], picker.picked - len(picker.arrays),
+                        before + sum(1 for t in picker.lost if t <= picked[-1]))
+    return FrameChunk(np.stack(arrays), tuple(picked), picker.j, after)
 
 
 def _info(source: Source, timing: Timing, first: av.VideoFrame, *, requested: int,
