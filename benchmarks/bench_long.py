@@ -109,11 +109,12 @@ def encoding_peaks(counts: list[int], seconds: int = 120, arch: Arch = QUICK) ->
 
 def fits(lm, info, frames, method: str) -> int | None:
     """The largest count that fits the context with ``method`` (frame_count's --frames max bound)."""
+    from dycoke_cli.decoding.prompt import render_prompt
     from dycoke_cli.frame_count import choose_frames
     from dycoke_cli.options import CompressionOptions, FrameOptions
 
     chosen = choose_frames(lm, info, FrameOptions(frames=frames, memory_budget=NO_MEMORY_BOUND),
-                           CompressionOptions(method=method).resolve(lm), QUESTION)
+                           CompressionOptions(method=method).resolve(lm), render_prompt(lm, QUESTION))
     return chosen.bounds.get("context")
 
 

@@ -20,6 +20,7 @@ from clips import write_clip
 from conftest import TINY_WORDS
 from test_cli import run_cli
 
+from dycoke_cli.decoding.prompt import render_prompt
 from dycoke_cli.frame_count import choose_frames
 from dycoke_cli.models.loader import load_model
 from dycoke_cli.options import CompressionOptions, FrameOptions, Method
@@ -82,7 +83,7 @@ def families(tmp_path_factory, tiny_model_dir):
 def test_fps_and_max_frames_give_the_rules_count(families, clip_path, family, fps, max_frames, count):
     lm = families[family]
     chosen = choose_frames(lm, open_clip(clip_path).info, FrameOptions(fps=fps, max_frames=max_frames, memory_budget=2**40),
-                           CompressionOptions().resolve(lm), QUESTION)
+                           CompressionOptions().resolve(lm), render_prompt(lm, QUESTION))
     assert (chosen.count, chosen.chosen_by) == (count, "rule")
 
 

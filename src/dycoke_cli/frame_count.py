@@ -19,6 +19,7 @@ from .decoding.loop import PREFILL_CHUNK
 from .decoding.prompt import context_length
 from .memory import free_bytes
 from .options import FRAME_LIMIT, CompressionOptions, FrameOptions, Method, OptionError
+from .values import Prompt
 
 # Frames per vision-tower call: bounds the activation memory while encoding (and drives the
 # progress). Even: whole temporal steps of two frames.
@@ -47,14 +48,15 @@ class FrameCount:
     bounds: dict = field(default_factory=dict)
 
 
-def choose_frames(lm, info, frames: FrameOptions, opts: CompressionOptions, question: str,
-                  system: str | None = None, max_new_tokens: int = 256, ceiling: int | None = None) -> FrameCount:
+def choose_frames(lm, info, frames: FrameOptions, opts: CompressionOptions, prompt: Prompt,
+                  max_new_tokens: int = 256, ceiling: int | None = None) -> FrameCount:
     """The frame count for a clip whose probed VideoInfo is ``info`` (see FrameCount):
     a count asked for, refused with the bound it breaks; ``"max"``, the largest that every
     bound allows; else the model's rule (``lm.default_frames``, at --fps within --max-frames),
     cut to what the context and the memory hold. ``ceiling``: a limit set by whoever runs the
-    tool (the server's --max-frames); ``opts`` resolved."""
-    room = FrameRoom(lm, info, frames, opts, question, system, max_new_tokens)
+    tool (the server's --max-frames); ``opts`` resolved; ``prompt``: the question's, rendered once
+    (decoding.prompt.render_prompt)."""
+    room = FrameRoom(lm, info, frames, opts, prompt, max_new_tokens)
     if frames.counted:
         room.check(frames.frames)
         return FrameCount(frames.frames, "frames")
@@ -91,11 +93,10 @@ def clip_frames(info) -> int | None:
 class FrameRoom:
     """How many frames fit one prompt: the model's context with the method, and the memory."""
 
-    def __init__(self, lm, info, frames: FrameOptions, opts: CompressionOptions, question: str,
-                 system: str | None, max_new_tokens: int):
+    def __init__(self, lm, info, frames: FrameOptions, opts: CompressionOptions, prompt: Prompt,
+                 max_new_tokens: int):
         self.lm, self.opts, self.max_new_tokens = lm, opts, max_new_tokens
-        before, after = lm.prompt_ids(question, system)
-        self.text = len(before) + len(after) + 2  # the newline after the video, one new token
+        self.text = prompt.text_tokens + 2  # the newline after the video, one new token
         self.limit = context_length(lm)
         self.times = TimeText(lm, info) if timestamps_on(lm, frames) else None
         self.budget, self.budget_source = memory_budget(lm, frames)
@@ -154,7 +155,7 @@ class FrameRoom:
 def memory_budget(lm, frames: FrameOptions) -> tuple[int | None, str]:
     """The bytes an answer may use above the loaded model, and how to name them in an error."""
     if frames.memory_budget is not None:
-        return frames.memory_budget, f"--memory-budget {_gib(frames.memory_budget)}"
+        return frames.memory_budget, f"{{memory_budget}} {_gib(frames.memory_budget)}"
     free = free_bytes(lm.device)
     where = "the GPU" if getattr(lm.device, "type", "") == "cuda" else "this machine"
     return free, f"the {_gib(free or 0)} free on {where}"
@@ -216,9 +217,9 @@ def estimate_peak(lm, steps: int, prompt: int, opts: CompressionOptions, max_new
     return int(features + encoding + kv + prefill)
 
 
-def frames_for_methods(lm, info, frames: FrameOptions, options: list[CompressionOptions], question: str,
+def frames_for_methods(lm, info, frames: FrameOptions, options: list[CompressionOptions], prompt: Prompt,
                        max_new_tokens: int = 256) -> FrameCount:
     """The count that every method can take (compare and eval run them all on the same frames):
     the smallest of their choices."""
-    return min((choose_frames(lm, info, frames, opts, question, None, max_new_tokens) for opts in options),
+    return min((choose_frames(lm, info, frames, opts, prompt, max_new_tokens) for opts in options),
                key=lambda chosen: chosen.count)

@@ -15,13 +15,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 
+from .decoding.prompt import render_prompt
 from .decoding.static import KeptSteps
 from .feature_cache import FeatureCache
 from .frame_count import FrameCount, choose_frames, timestamps_on
-from .options import CompressionOptions, FrameOptions, SamplingOptions
-from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
+from .options import CompressionOptions, FrameOptions, Method, SamplingOptions
+from .pipeline import PREFIX_PROBE, Prefix, answering, build_prefix, drain, encoding
 from .results import Answer, Done, Event, FramesChosen
-from .values import EncodedVideo
+from .values import EncodedVideo, Prompt
 from .video.read import Clip, open_clip
 
 
@@ -94,15 +95,19 @@ class Session:
         total += sum(prefix.nbytes for prefix in self._prefixes.values())  # a hybrid's linear states too
         return total + self.kept.nbytes()
 
-    def encoding(self, question: str = "?", compression: CompressionOptions | None = None,
+    def prompt(self, question: str, thinking: bool | None = None) -> Prompt:
+        """``question``'s prompt after this session's system message, rendered once."""
+        return render_prompt(self.lm, question, self.system, thinking)
+
+    def encoding(self, prompt: Prompt | None = None, compression: CompressionOptions | None = None,
                  max_new_tokens: int = SamplingOptions.max_new_tokens) -> Iterator[Event]:
         """Events of encoding the clip (none while the encoded frames still fit); sets ``encoded``.
-        The frame count is chosen for this question and method (choose_frames): a method or a
-        question that needs fewer frames than were encoded re-encodes (the feature cache
-        usually has them)."""
-        opts = (compression or self.compression).resolve(self.lm)
-        count = choose_frames(self.lm, self.clip.info, self.frame_options, opts, question, self.system,
-                              max_new_tokens, self.ceiling)
+        The frame count is chosen for this prompt and method (frame_count.choose_frames): a
+        method or a question that needs fewer frames than were encoded re-encodes (the feature
+        cache usually has them)."""
+        opts = self.compression if compression is None else compression.resolve(self.lm)
+        prompt = prompt if prompt is not None else self.prompt(PREFIX_PROBE)
+        count = choose_frames(self.lm, self.clip.info, self.frame_options, opts, prompt, max_new_tokens, self.ceiling)
         yield FramesChosen(count.count, count.chosen_by, count.bounds)
         if self.encoded is None or self.encoded.video.info.requested != count.count:
             timestamps = timestamps_on(self.lm, self.frame_options)
@@ -112,20 +117,22 @@ class Session:
 
     def stream(self, question: str, sampling: SamplingOptions = SamplingOptions(),
                compression: CompressionOptions | None = None) -> Iterator[Event]:
-        """Events of one answer, ending with ``Done(answer)``."""
-        opts = (compression or self.compression).resolve(self.lm)
+        """Events of one answer, ending with ``Done(answer)``. The prompt is rendered and the
+        options resolved once, here."""
+        opts = self.compression if compression is None else compression.resolve(self.lm)
+        prompt = self.prompt(question, sampling.thinking)
         before = self.encoded
-        yield from self.encoding(question, opts, sampling.max_new_tokens)
+        yield from self.encoding(prompt, opts, sampling.max_new_tokens)
         enc = self.encoded
         encoded_before = enc is before
         prefix, new = None, False
-        if reuses_prefix(self.lm, opts, question, self.system):
+        if opts.method != Method.fastv:  # FastV selects by the question: no prefix without it
             prefix = self._prefixes.get(opts)
-            if prefix is None:
-                prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, self.system)
+            if prefix is None or not prefix.precedes(prompt):  # a template may put text of the question first
+                prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, prompt)
                 new = True
-        result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new,
-                                      system=self.system, kept=self.kept)
+        result = yield from answering(self.lm, enc, prompt, opts, sampling, prefix, prefix_is_new=new,
+                                      kept=self.kept)
         stats = replace(result.stats, frames_chosen_by=self.count.chosen_by, frame_bounds=self.count.bounds or None)
         if encoded_before:  # this answer spent no time reading or encoding the clip
             stats = replace(stats, timings=replace(stats.timings, read_video=0.0, encode=0.0))

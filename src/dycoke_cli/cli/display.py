@@ -74,11 +74,9 @@ def frames_text(s: dict) -> str | None:
     return f"{s.get('frames_requested', s.get('frames'))} ({CHOSEN_BY.get(s['frames_chosen_by'], s['frames_chosen_by'])})"
 
 
-def render(state: LiveState):
-    """The live panel for one state: stage line with a bar, then a two-column table of figures."""
-    s = state.stats
-    head = Text.assemble((state.method or "dycoke", "bold cyan"), " · ", (state.stage, "yellow"))
-    parts: list = [head]
+def _head(state: LiveState) -> list:
+    """The stage line, and a bar while a stage counts (while encoding: the frames encoded)."""
+    parts: list = [Text.assemble((state.method or "dycoke", "bold cyan"), " · ", (state.stage, "yellow"))]
     done, total = state.done, state.total
     if state.progress is not None and state.stage == "encoding":
         done, total = state.progress.encoded, state.progress.total
@@ -86,6 +84,13 @@ def render(state: LiveState):
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=total, completed=done, width=30), f"{done}/{total}")
         parts.append(bar)
+    return parts
+
+
+def render(state: LiveState):
+    """The live panel for one state: stage line with a bar, then a two-column table of figures."""
+    s = state.stats
+    parts: list = _head(state)
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim")
     table.add_column()

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import SettingError
 from ..options import (
     REFRESH_THRESHOLD,
     CompressionOptions,
@@ -82,6 +83,21 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text: one object per answer, one per line.")], False),
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")], False),
 }
+
+# The command line's words for the library's settings (errors.SettingError): each setting's flag,
+# read from the declarations above (the CLI's one table). "n" is toyworld's own count.
+def _long_flag(annotation) -> str:
+    info = annotation.__metadata__[0]  # typer's OptionInfo: the first name is held as its "default"
+    return next(d for d in (info.default, *info.param_decls) if isinstance(d, str) and d.startswith("--"))
+
+
+FLAGS = {name: _long_flag(annotation) for name, (annotation, _) in _OPTIONS.items()} | {"n": "--n"}
+
+
+def flag_words(exc: BaseException) -> str:
+    """A library error in the command line's words (its flags)."""
+    return exc.worded(FLAGS) if isinstance(exc, SettingError) else str(exc)
+
 
 MODEL = ("model", "device", "dtype", "allow_pickle", "no_cache")
 COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "selection", "frame_coverage", "positions",

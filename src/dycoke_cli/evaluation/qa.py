@@ -12,6 +12,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..decoding.prompt import render_prompt
 from ..decoding.static import KeptSteps
 from ..errors import DycokeError
 from ..feature_cache import FeatureCache
@@ -142,7 +143,8 @@ def _evaluate_clip(lm, path: Path, video: str, group: list[EvalItem], methods: l
     try:
         clip = open_clip(path, timeout_s=timeout_s)
         options = [choice.options(base) for choice in choices(methods)]
-        chosen = frames_for_methods(lm, clip.info, frames, options, group[0].question, sampling.max_new_tokens)
+        prompt = render_prompt(lm, max((item.question for item in group), key=len), thinking=sampling.thinking)
+        chosen = frames_for_methods(lm, clip.info, frames, options, prompt, sampling.max_new_tokens)
         enc = encode_video(lm, clip, chosen.count, timeout_s=timeout_s, cache=cache,
                            timestamps=timestamps_on(lm, frames))
     except DycokeError as exc:  # unreadable clip, frames that do not fit, a model-specific refusal
