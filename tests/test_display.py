@@ -73,3 +73,37 @@ def test_comparison_table_marks_changed_words():
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
     assert [[cell.strip() for cell in line.split("│")[1:4]] for line in plain.splitlines()
             if "decoding steps" in line] == [["decoding steps", "n/a", "cuda-graph"]]
+
+
+def test_the_panel_shows_frames_decoded_and_encoded_and_what_chose_the_count():
+    from dycoke_cli.results import FramesChosen, Progress
+
+    d = PlainDisplay(stream=io.StringIO(), model="demo", method="dycoke")
+    d.show(FramesChosen(138, "context", {"context": 138, "memory": 900, "max_frames": None, "clip": 600}))
+    d.show(Progress(decoded=44, encoded=40, total=138, seconds_left=95.4))
+    lines = render_text(render(d.state)).splitlines()
+    assert lines[0] == "dycoke · encoding" and lines[1].endswith(" 40/138")  # the bar: frames encoded
+    assert lines[2:4] == ["frames       44/138 frames decoded, 40/138 encoded, about 1 min 35 s left",
+                          "frame count  138 (as many as the context holds)"]
+
+
+def test_plain_progress_lines_every_few_seconds_and_the_bound_in_the_summary():
+    buf, now = io.StringIO(), [100.0]
+    d = PlainDisplay(stream=buf, clock=lambda: now[0], model="demo", method="dycoke")
+    from dycoke_cli.results import FramesChosen, Progress
+
+    d.stage("reading frames")
+    d.show(FramesChosen(64, "memory", {"context": 138, "memory": 64, "max_frames": None, "clip": 600}))
+    for encoded, at in ((0, 100.0), (4, 101.0), (8, 104.9), (12, 105.0), (16, 107.0), (20, 110.1)):
+        now[0] = at
+        d.show(Progress(decoded=encoded + 4, encoded=encoded, total=64, seconds_left=None if not encoded else 30.0))
+    d.stage("prefill")
+    d.finish({**STATS, "frames_requested": 64, "frames_chosen_by": "memory"})
+    assert buf.getvalue().splitlines()[:5] == [
+        "[dycoke] reading frames...",
+        "[dycoke] encoding...",
+        "[dycoke] 16/64 frames decoded, 12/64 encoded, about 30 s left",  # 5 s after the encoding began
+        "[dycoke] 24/64 frames decoded, 20/64 encoded, about 30 s left",  # 5 s after that line
+        "[dycoke] prefill...",
+    ]
+    assert buf.getvalue().splitlines()[5].startswith("[dycoke] frames 64 (as many as the memory holds); visual")
