@@ -217,9 +217,11 @@ def draw_plot(report: dict, path: Path) -> None:
                                                                 (60, 110, 200))]))
     for x0, title, parts in panels:
         _panel(d, font, x0, title, runs, parts, stacked=title == "seconds")
-    for i, (_, label, colour) in enumerate(stages):
-        d.rectangle([60 + i * 100, 490, 72 + i * 100, 502], fill=colour)
-        d.text((76 + i * 100, 490), label, fill="black", font=font)
+    legend = [(label, colour) for _, label, colour in stages] + [("encode peak", (90, 170, 110)),
+                                                                  ("answer peak", (60, 110, 200))]
+    for i, (label, colour) in enumerate(legend):
+        d.rectangle([60 + i * 140, 490, 72 + i * 140, 502], fill=colour)
+        d.text((76 + i * 140, 490), label, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 

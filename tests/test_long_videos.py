@@ -404,3 +404,12 @@ def test_the_feature_cache_keeps_chunks_and_an_interrupted_encoding_goes_on(tiny
     assert len(cache.entries()) == 4
     hit = encode_video(tiny_lm, clip, 200, cache=cache)
     assert hit.encode_s == 0.0 and torch.equal(hit.features, whole.features) and hit.video.info == whole.video.info
+
+
+def test_a_budget_that_holds_no_frame_says_so(tiny_model_dir, clip_path, capsys, monkeypatch):
+    for frames in ("max", "4"):
+        code, out, err = run_cli(ask(clip_path, tiny_model_dir, "--frames", frames, "--memory-budget", "100"),
+                                 capsys, monkeypatch)
+        assert (code, out) == (2, "") and err.count("\n") == 1
+        assert err.startswith("dycoke: error: --memory-budget holds no frame: one needs an estimated ")
+        assert err.endswith(" above the loaded model, more than --memory-budget 0.0 MiB\n")

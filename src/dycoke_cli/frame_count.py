@@ -65,9 +65,11 @@ def choose_frames(lm, info, frames: FrameOptions, opts: CompressionOptions, prom
         bounds = {"context": room.most(room.fits_context), "memory": room.most(room.fits_memory),
                   "max_frames": top, "clip": clip_frames(info)}
         count = min(b for b in bounds.values() if b is not None)
-        if count < 1:
-            room.check(1)  # names the bound that not even one frame fits
-        return FrameCount(count, next(name for name in BOUNDS if bounds[name] == count), bounds)
+        chosen_by = next(name for name in BOUNDS if bounds[name] == count)
+        if count < 1:  # not even one frame: the memory's error, or the prompt's own check of its size
+            room.check(1)
+            count = 1
+        return FrameCount(count, chosen_by, bounds)
     n = lm.default_frames(info, frames.fps, top)
     for name, fits in (("context", room.fits_context), ("memory", room.fits_memory)):
         if not fits(n):
@@ -140,13 +142,16 @@ class FrameRoom:
         """Refuse ``count`` frames, naming the bound, when the context or the memory cannot hold them."""
         if not self.fits_context(count):
             most = self.most(self.fits_context, count)
-            if most >= 1 or count > 1:
+            if most >= 1:  # else not even one frame fits: the prompt's own check names its size
                 per = self.lm.tokens_per_frame / self.lm.frames_per_step
                 raise OptionError("frames", f"must be in [1, {most}] for this model: its {self.limit}-token context "
                                             f"holds at most {most} frames of {per:g} visual tokens with method "
                                             f"{Method(self.opts.method).value} (got {count})")
         if not self.fits_memory(count):
             most = self.most(self.fits_memory, count)
+            if most < 1:
+                raise OptionError("memory_budget", f"holds no frame: one needs an estimated {_gib(self.peak(1))} above "
+                                                   f"the loaded model, more than {self.budget_source}")
             raise OptionError("frames", f"must be in [1, {most}] in this memory: {count} frames need an estimated "
                                         f"{_gib(self.peak(count))} above the loaded model, more than "
                                         f"{self.budget_source} (got {count})")
