@@ -389,20 +389,21 @@ OOM_MARGIN = 500_000_000
 def oom_runs(tmp_path_factory):
     """One child, three runs under one address-space cap: 8 frames (fits), 256 frames with
     `ask` and with `compare` (do not: frames are encoded in chunks, so the frames' pixels never
-    add up, but DyCoke keeps about 7,800 of their 16,384 tokens, and the prompt of a language model
-    1,024 wide takes about 100 KB a token to prefill, its keys and values included: 780 MB)."""
+    add up, but DyCoke keeps about 17,500 of their 36,864 tokens, and the prompt of a language model
+    1,024 wide takes about 65 KB a token to prefill, its keys and values included: over 1 GB)."""
     from conftest import TINY_WORDS
 
     from dycoke_cli.testing.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     folder = tmp_path_factory.mktemp("oom")
     tok = build_word_tokenizer(TINY_WORDS)
-    # 384 px frames as LLaVA-OV takes them, cut into 24 px patches: 64 tokens a frame; a wide text
-    # model with a 32k context, so the prompt's tokens dominate memory.
-    spec = TinySpec(image_size=384, patch_size=24, text_hidden=1024, text_layers=3, text_heads=16, text_kv_heads=16,
-                    text_intermediate=4096, max_position_embeddings=32768)
+    # 384 px frames as LLaVA-OV takes them, cut into 16 px patches: 144 tokens a frame; a wide text
+    # model of two layers (80 MB of weights, loaded again under the cap) with a 32k context, so the
+    # prompt's tokens dominate memory.
+    spec = TinySpec(image_size=384, patch_size=16, text_hidden=1024, text_layers=2, text_heads=16, text_kv_heads=16,
+                    text_intermediate=2048, max_position_embeddings=32768)
     model = save_checkpoint(build_llava_onevision(tok, spec), tok, folder / "model384",
-                            dycoke_defaults={"num_frames": 8, "prune_layer": 2})
+                            dycoke_defaults={"num_frames": 8, "prune_layer": 1})
     clip = write_clip(folder / "many.mp4", n_frames=OOM_FRAMES, size=(384, 216), fps=25)
     common = ["--model", str(model), "--max-new-tokens", "2", "--dtype", "float32", "--device", "cpu"]
     runs = [["ask", str(clip), QUESTION, *common, "--json", "--frames", "8"],
