@@ -9,6 +9,7 @@ settings. session.py strings these together (Session, run, ask).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Generator
@@ -30,6 +31,7 @@ from .decoding.loop import (
     run_layers,
     sync,
 )
+from .decoding.trace import StepTrace, kept_trace
 from .decoding.prompt import embed_parts, fit_context, prefill_positions, prefix_embeds, prompt_embeds
 from .errors import UsageError
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
@@ -40,6 +42,7 @@ from .results import (
     AnswerStats,
     EncodedVideo,
     Event,
+    KeptTrace,
     Planned,
     SelectionStats,
     Stage,
@@ -260,13 +263,14 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
 
 def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
               prefix: Prefix | None = None, prefix_is_new: bool = False,
-              system: str | None = None, kept=None) -> Generator[Event, None, Answer]:
+              system: str | None = None, kept=None, trace: bool = False) -> Generator[Event, None, Answer]:
     """Answer ``question`` about an encoded clip with one compression method. ``prefix``: the
     prompt up to the question, computed earlier for this clip and these options (else it is
     computed here, for every method that can reuse one); ``prefix_is_new``: it was computed
     for this answer, whose timings then count it. ``system``: a system message before the
     video (the chat template places it). ``kept``: the session's decoding.static.KeptSteps (static
-    decoding replays the step it keeps when this answer fits it)."""
+    decoding replays the step it keeps when this answer fits it). ``trace``: record what the
+    answer kept (``Answer.kept``, for its picture and ``--json``); off, nothing is recorded."""
     opts = opts.resolve(lm)
     t_gen = time.perf_counter() - (prefix.plan_s + prefix.compute_s if prefix_is_new else 0.0)
     built = prefix if prefix_is_new else None  # a prefix computed for this answer counts in its timings
@@ -283,29 +287,41 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
                   plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1], prep.seq)
     yield Stage("prefill")
-    stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
+    stream, ids, pieces, timings, ttft = TextStream(lm.tokenizer), [], [], DecodeTimings(), None
     split = ReasoningSplit() if prep.sampling.thinking else None  # reasoning first, kept apart
+    steps = StepTrace(prep.plan.index // enc.tokens_per_frame, enc.frames) if trace else None
     with PeakMemory(lm.device) as memory:
         for token in generate_tokens(lm, prep.embeds, prep.cache, prep.sampling, prep.selector, timings,
-                                     prep.positions, prep.deepstack, kept):
+                                     prep.positions, prep.deepstack, kept, steps):
             if ttft is None:
                 ttft = time.perf_counter() - t_gen
                 yield Stage("generating")
             ids.append(token)
-            if delta := stream.push(token):
-                yield from _token_events(delta, split, len(ids), ttft, timings)
+            pieces.append(stream.push(token))  # this token's text ("" while a character is incomplete)
+            if pieces[-1]:
+                yield from _token_events(pieces[-1], split, len(ids), ttft, timings)
     yield from _token_events(stream.finish(), split, len(ids), ttft or 0.0, timings, last=True)
     gen_s = time.perf_counter() - t_gen
     stats = _stats(lm, enc, prep, shape, len(ids), timings, built, ttft if ttft is not None else gen_s, gen_s,
                    memory.peak_above_start)
     text, reasoning = (stream.text, None) if split is None else (split.answer, split.reasoning.strip())
+    what = _kept(lm, enc, prep, steps, len(timings.step_s), pieces) if trace else None
     return Answer(text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
-                  stats, question=question, reasoning=reasoning)
+                  stats, question=question, reasoning=reasoning, kept=what)
 
 
 def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
-           prefix: Prefix | None = None, kept=None) -> Answer:
-    return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept))
+           prefix: Prefix | None = None, kept=None, trace: bool = False) -> Answer:
+    return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept, trace=trace))
+
+
+def _kept(lm, enc: EncodedVideo, prep: _Prepared, steps: StepTrace | None, ran: int, pieces: list[str]) -> KeptTrace:
+    """What the answer kept: the prefill's tokens per frame, and each step's attended entries."""
+    rows, cols, n = enc.rows, enc.cols, enc.tokens_per_frame
+    if rows * cols != n:  # a layout the feature cache did not keep: square when it can be, else one row
+        side = math.isqrt(n)
+        rows, cols = (side, side) if side * side == n else (1, n)
+    return kept_trace(prep.plan, prep.selector, steps, enc.frames, (rows, cols), lm.frames_per_step, ran, pieces)
 
 
 def _token_events(text: str, split: ReasoningSplit | None, generated: int, ttft: float, timings: DecodeTimings,

@@ -88,8 +88,9 @@ class Session:
             self._prefixes.clear()
 
     def stream(self, question: str, sampling: SamplingOptions = SamplingOptions(),
-               compression: CompressionOptions | None = None) -> Iterator[Event]:
-        """Events of one answer, ending with ``Done(answer)``."""
+               compression: CompressionOptions | None = None, trace: bool = False) -> Iterator[Event]:
+        """Events of one answer, ending with ``Done(answer)``. ``trace``: record what it kept
+        (``Answer.kept``)."""
         opts = (compression or self.compression).resolve(self.lm)
         before = self.encoded
         yield from self.encoding(question, opts)
@@ -102,7 +103,7 @@ class Session:
                 prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, self.system)
                 new = True
         result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new,
-                                      system=self.system, kept=self.kept)
+                                      system=self.system, kept=self.kept, trace=trace)
         result = replace(result, video=enc.video.info)
         if encoded_before:  # this answer spent no time reading or encoding the clip
             timings = replace(result.stats.timings, read_video=0.0, encode=0.0)
@@ -111,8 +112,8 @@ class Session:
         yield Done(result)
 
     def ask(self, question: str, sampling: SamplingOptions = SamplingOptions(),
-            compression: CompressionOptions | None = None) -> Answer:
-        for event in self.stream(question, sampling, compression):
+            compression: CompressionOptions | None = None, trace: bool = False) -> Answer:
+        for event in self.stream(question, sampling, compression, trace):
             if isinstance(event, Done):
                 return event.answer
         raise AssertionError("stream() ended without an answer")  # pragma: no cover

@@ -91,12 +91,13 @@ def _run_answers(video: Path, questions: list[str | None], flags: Flags) -> None
     settings = RunSettings(flags.frames, flags.compression().ttm_k, flags.compression().method.value,
                             None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
     session = None
-    for question in questions:
-        session = _answer_one(video, question, flags, session, settings)
+    for index, question in enumerate(questions):
+        session = _answer_one(video, question, flags, session, settings, index)
 
 
-def _answer_one(video: Path, question: str | None, flags: Flags, session, settings: RunSettings):
-    """One answer through the display and stdout; loads the model into a new session first."""
+def _answer_one(video: Path, question: str | None, flags: Flags, session, settings: RunSettings, index: int = 0):
+    """One answer through the display and stdout (and its picture with --show-kept); loads the
+    model into a new session first."""
     from ..session import Session
     from .display import make_display
 
@@ -114,7 +115,7 @@ def _answer_one(video: Path, question: str | None, flags: Flags, session, settin
                 settings.update_from(lm, flags.frames or lm.default_frames(video), session.compression)
             question = question if question is not None else session.lm.defaults.caption_prompt
             with interrupts.raising():
-                for event in session.stream(question, flags.sampling()):
+                for event in session.stream(question, flags.sampling(), trace=flags.trace):
                     answering.show(event)
     except KeyboardInterrupt:
         display.close()
@@ -125,6 +126,11 @@ def _answer_one(video: Path, question: str | None, flags: Flags, session, settin
         interrupts.on_interrupt(None, None)
         display.close()
     out(answering.final_output(session.lm.describe()))
+    if flags.show_kept is not None:
+        from .kept import numbered, write_answer_picture
+
+        write_answer_picture(numbered(flags.show_kept, index), answering.answer, session.encoded, video,
+                             _decode_timeout())
     return session
 
 
