@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from ..errors import one_line
 
@@ -126,6 +126,7 @@ class DycokeOptions(BaseModel):
     selection: Optional[str] = None
     positions: Optional[str] = None
     frames: Optional[Int] = None
+    kept: Optional[StrictBool] = None  # add what the answer kept to the dycoke object (results.KeptTrace)
 
 
 class ChatRequest(_Open):
