@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: where the time and memory go, uncompressed vs DyCoke vs FastV, side by side.
 
-Builds, with dycoke_cli.models.tiny's builders and random weights, the LLaVA-OneVision-0.5B
+Builds, with dycoke_cli.testing.tiny's builders and random weights, the LLaVA-OneVision-0.5B
 architecture (``--arch llava-ov-0.5b``, the default: SigLIP so400m-patch14-384 with the 26 layers
 LLaVA-OV uses + Qwen2-0.5B; short name ``0.5b``), the LLaVA-OneVision-7B one (``--arch llava-ov-7b``
 or ``7b``: the same SigLIP + Qwen2-7B), the Qwen2.5-VL-7B one (``--arch qwen2.5-vl-7b``) or the
@@ -56,7 +56,7 @@ from bench_report import add_ratios, draw_plot, evaluate_targets, loadavg, machi
 
 from dycoke_cli.errors import DycokeError
 from dycoke_cli.memory import PeakMemory, rss_bytes
-from dycoke_cli.models.tiny import TinyQwen3Spec, TinyQwen35Spec, TinyQwenSpec, TinySpec
+from dycoke_cli.testing.tiny import TinyQwen3Spec, TinyQwen35Spec, TinyQwenSpec, TinySpec
 
 METHODS = ("none", "dycoke", "fastv")
 MEMORY_PASS_TOKENS = 4
@@ -75,7 +75,7 @@ GENERATE_SKIPPED = {family: (f"not timed for {name}: transformers' generate from
 
 @dataclass(frozen=True)
 class Arch:
-    """A named model to build (random weights): its family, models/tiny.py's sizes, a vocabulary and
+    """A named model to build (random weights): its family, testing/tiny.py's sizes, a vocabulary and
     the side of the synthetic square frames it is given."""
 
     name: str
@@ -201,8 +201,8 @@ def build_model(arch: Arch, dtype, device, seed: int = 0):
 
 
 def _build_random(arch: Arch, dtype, device, seed: int = 0, attn=None):
-    """(model, tokenizer) of ``arch`` from models/tiny.py's builders."""
-    from dycoke_cli.models.tiny import (
+    """(model, tokenizer) of ``arch`` from testing/tiny.py's builders."""
+    from dycoke_cli.testing.tiny import (
         build_llava_onevision,
         build_qwen2_5_vl,
         build_qwen3_5,
@@ -312,7 +312,7 @@ def encoded(lm, frames, features, newline, encode_s: float, grid: tuple[int, int
     """The EncodedVideo of ``frames`` (uint8, the synthetic clip's first frames): their steps'
     ``features``, the token grid and the clip time of a step (4 fps timestamps: Qwen 0.5 s)."""
     from dycoke_cli.pipeline import step_seconds
-    from dycoke_cli.results import EncodedVideo
+    from dycoke_cli.values import EncodedVideo
 
     video = stand_in_video(frames, len(frames))
     steps = len(frames) // lm.frames_per_step

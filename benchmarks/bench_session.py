@@ -48,7 +48,7 @@ def save_model(arch, folder: Path, dtype: str) -> Path:
     """The architecture with random weights, saved in the Hugging Face layout."""
     import torch
 
-    from dycoke_cli.models.tiny import build_llava_onevision, build_word_tokenizer, save_checkpoint
+    from dycoke_cli.testing.tiny import build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     tok = build_word_tokenizer(WORDS)
     model = build_llava_onevision(tok, arch.spec, vocab_size=arch.vocab, dtype=getattr(torch, dtype))

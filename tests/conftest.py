@@ -28,7 +28,7 @@ TINY_WORDS = (
 def tiny_model_dir(tmp_path_factory):
     """A random 4-layer LLaVA-OneVision (SigLIP 2 layers, 32 px frames, 4 tokens per frame),
     saved with save_pretrained and loaded back by the tests through the real loader."""
-    from dycoke_cli.models.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
+    from dycoke_cli.testing.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS)
     model = build_llava_onevision(tok, TinySpec(), seed=0)

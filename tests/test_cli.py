@@ -227,7 +227,7 @@ def test_toyworld_writes_clips_and_qa(tmp_path, capsys, monkeypatch):
 
 
 def test_question_beyond_the_context_is_refused_with_numbers(tmp_path, clip_path, capsys, monkeypatch):
-    from dycoke_cli.models.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
+    from dycoke_cli.testing.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     tok = build_word_tokenizer(["what", "color", "is", "the", "cup", "?"])
     spec = TinySpec(max_position_embeddings=64)

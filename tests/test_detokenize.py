@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import PreTrainedTokenizerFast
 
 from dycoke_cli.decoding.detokenize import TextStream
-from dycoke_cli.models.tiny import IM_END, IM_START, UNK, VISION_START, build_word_tokenizer
+from dycoke_cli.testing.tiny import IM_END, IM_START, UNK, VISION_START, build_word_tokenizer
 
 CORPUS = [
     "The café in 東京 shows a 🎥 of a naïve cat.",

@@ -8,11 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-
-from dycoke_cli.evaluate import mcnemar_exact, paired_comparison, summarize, wilson_interval
-from dycoke_cli.options import Method
-
 from test_cli import run_cli
+
+from dycoke_cli.evaluation.stats import mcnemar_exact, paired_comparison, summarize, wilson_interval
+from dycoke_cli.options import Method
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_videos"
 

@@ -16,8 +16,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_reference
 
 from dycoke_cli.models.loader import load_model
-from dycoke_cli.models.tiny import TinyQwen3Spec, TinyQwenSpec
 from dycoke_cli.pipeline import encode_video
+from dycoke_cli.testing.tiny import TinyQwen3Spec, TinyQwenSpec
 
 SHAPES = [(2560, 480), (480, 2560), (1920, 800)]  # (width, height): wide, tall, cinema
 
@@ -30,7 +30,7 @@ def clips(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen25(tmp_path_factory):
-    from dycoke_cli.models.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
+    from dycoke_cli.testing.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS, family="qwen2_5_vl")
     folder = save_qwen_checkpoint(build_qwen2_5_vl(tok), tok, tmp_path_factory.mktemp("q25") / "model")
@@ -39,7 +39,7 @@ def qwen25(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    from dycoke_cli.models.tiny import build_qwen3_vl, build_word_tokenizer, save_qwen3_checkpoint
+    from dycoke_cli.testing.tiny import build_qwen3_vl, build_word_tokenizer, save_qwen3_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS, family="qwen3_vl")
     folder = save_qwen3_checkpoint(build_qwen3_vl(tok), tok, tmp_path_factory.mktemp("q3") / "model")

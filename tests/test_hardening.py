@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -392,7 +391,7 @@ def oom_runs(tmp_path_factory):
     `ask` and with `compare` (do not: 256 x 3 x 384 x 384 float32 is 453 MB per copy)."""
     from conftest import TINY_WORDS
 
-    from dycoke_cli.models.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
+    from dycoke_cli.testing.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint
 
     folder = tmp_path_factory.mktemp("oom")
     tok = build_word_tokenizer(TINY_WORDS)

@@ -28,7 +28,7 @@ QUESTION = "what color is the cup?"
 
 @pytest.fixture(scope="module")
 def qwen_lm(tmp_path_factory):
-    from dycoke_cli.models.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
+    from dycoke_cli.testing.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS, family="qwen2_5_vl")
     folder = save_qwen_checkpoint(build_qwen2_5_vl(tok), tok, tmp_path_factory.mktemp("qwen") / "model",

@@ -114,10 +114,10 @@ def _reaching(deps: set[str], *prefixes: str) -> set[str]:
     return {d for d in deps if any(d == p or d.startswith(p + ".") for p in prefixes)}
 
 
-@pytest.mark.parametrize("module", ["results", "options", "errors"])
+@pytest.mark.parametrize("module", ["results", "values", "options", "errors"])
 def test_the_values_import_no_stage(module):
     deps = import_graph()[f"{PACKAGE}.{module}"]
-    assert deps <= {f"{PACKAGE}.errors", f"{PACKAGE}.options", f"{PACKAGE}.results"}, deps
+    assert deps <= {f"{PACKAGE}.{m}" for m in ("errors", "options", "results", "values")}, deps
 
 
 @pytest.mark.parametrize("folder,forbidden", [
@@ -149,3 +149,10 @@ def test_only_the_entry_points_import_the_command_line():
     cli = f"{PACKAGE}.cli"
     importers = {m for m, deps in graph.items() if _reaching(deps, cli) and not m.startswith(cli + ".")}
     assert importers == {f"{PACKAGE}.__main__"}
+
+
+def test_the_product_never_imports_its_test_support():
+    graph = import_graph()
+    testing = f"{PACKAGE}.testing"
+    importers = {m for m, deps in graph.items() if _reaching(deps, testing) and not m.startswith(testing)}
+    assert not importers

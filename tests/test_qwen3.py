@@ -37,7 +37,7 @@ METHODS = ["none", "dycoke", "fastv", "random", "frames"]
 
 
 def _checkpoint(tmp_path_factory, moe: bool, seed: int = 0, name: str = "q3"):
-    from dycoke_cli.models.tiny import TinyQwen3Spec, build_qwen3_vl, build_word_tokenizer, save_qwen3_checkpoint
+    from dycoke_cli.testing.tiny import TinyQwen3Spec, build_qwen3_vl, build_word_tokenizer, save_qwen3_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS, family="qwen3_vl")
     return save_qwen3_checkpoint(build_qwen3_vl(tok, TinyQwen3Spec(moe=moe), seed=seed), tok,

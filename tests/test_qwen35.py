@@ -25,7 +25,7 @@ from torch.testing import assert_close
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from dycoke_cli.compression.baselines import plan_tokens
-from dycoke_cli.compression.cache import PrunedKVCache, _LinearStateLayer, _PrunedLayer
+from dycoke_cli.compression.cache import PrunedKVCache, _LinearStateLayer
 from dycoke_cli.compression.selectors import DecodeSelector
 from dycoke_cli.decoding.loop import DecodeTimings, batch_positions, generate_tokens, run_layers
 from dycoke_cli.decoding.prompt import embed_parts, prefill_positions, prompt_embeds
@@ -43,7 +43,7 @@ LINEAR, FULL = (0, 1, 2, 4, 5, 6), (3, 7)
 
 
 def _checkpoint(tmp_path_factory, moe: bool, name: str):
-    from dycoke_cli.models.tiny import TinyQwen35Spec, build_bpe_tokenizer, build_qwen3_5, save_qwen3_5_checkpoint
+    from dycoke_cli.testing.tiny import TinyQwen35Spec, build_bpe_tokenizer, build_qwen3_5, save_qwen3_5_checkpoint
 
     tok = build_bpe_tokenizer(TINY_WORDS)
     return save_qwen3_5_checkpoint(build_qwen3_5(tok, TinyQwen35Spec(moe=moe)), tok,

@@ -1,7 +1,9 @@
 import pytest
 
 from dycoke_cli.errors import UsageError
-from dycoke_cli.evaluate import is_correct, normalize, parse_methods, word_diff
+from dycoke_cli.evaluation.compare import word_diff
+from dycoke_cli.evaluation.methods import parse_methods
+from dycoke_cli.evaluation.qa import is_correct, normalize
 from dycoke_cli.options import CompressionOptions, Method, Selection
 
 

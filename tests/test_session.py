@@ -279,7 +279,7 @@ def test_the_qwen_feature_cache_hits(tmp_path):
     from conftest import TINY_WORDS
 
     from dycoke_cli.models.loader import load_model
-    from dycoke_cli.models.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
+    from dycoke_cli.testing.tiny import build_qwen2_5_vl, build_word_tokenizer, save_qwen_checkpoint
 
     tok = build_word_tokenizer(TINY_WORDS, family="qwen2_5_vl")
     lm = load_model(str(save_qwen_checkpoint(build_qwen2_5_vl(tok), tok, tmp_path / "q")), device="cpu",

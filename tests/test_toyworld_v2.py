@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from dycoke_cli.evaluate import read_qa
+from dycoke_cli.evaluation.qa import read_qa
 from dycoke_cli.toyworld import render as R
 from dycoke_cli.toyworld.events import (
     EVENT_KINDS, EventSpec, Segment, event_caption, event_questions, sample_event_spec,

@@ -46,7 +46,7 @@ from train_demo import (  # noqa: E402
 )
 
 from dycoke_cli.models.preprocess import FrameSpec, preprocess_frames  # noqa: E402
-from dycoke_cli.models.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint  # noqa: E402
+from dycoke_cli.testing.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint  # noqa: E402
 from dycoke_cli.toyworld.events import event_questions, sample_event_spec  # noqa: E402
 from dycoke_cli.toyworld.render import COLORS, HEIGHT, SHAPES, WIDTH, render_frames, sample_spec, write_clip  # noqa: E402
 

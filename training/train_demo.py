@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, WORDS, Packer, branch_targets, check_packing, exact_match, packed_logits, read_clip  # noqa: E402
 
 from dycoke_cli.models.preprocess import FrameSpec, preprocess_frames  # noqa: E402
-from dycoke_cli.models.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint  # noqa: E402
+from dycoke_cli.testing.tiny import TinySpec, build_llava_onevision, build_word_tokenizer, save_checkpoint  # noqa: E402
 from dycoke_cli.toyworld.render import (  # noqa: E402
     COLORS,
     FPS,

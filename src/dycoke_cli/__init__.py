@@ -28,8 +28,8 @@ _API = {
     "DecodeSelector": "compression.selectors",
     "PrunedKVCache": "compression.cache",
     "read_video": "video.read",
-    "compare": "evaluate",
-    "evaluate": "evaluate",
+    "compare": "evaluation.compare",
+    "evaluate": "evaluation.qa",
 }
 
 __all__ = ["__version__", *_API]

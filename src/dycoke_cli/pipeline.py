@@ -40,7 +40,6 @@ from .options import CompressionOptions, Decoding, Method, Positions, SamplingOp
 from .results import (
     Answer,
     AnswerStats,
-    EncodedVideo,
     Event,
     KeptTrace,
     Planned,
@@ -48,9 +47,8 @@ from .results import (
     Stage,
     Timings,
     Token,
-    TokenPlan,
-    VisualSpan,
 )
+from .values import EncodedVideo, TokenPlan, VisualSpan
 from .video.read import Video, VideoInfo, read_video
 
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar

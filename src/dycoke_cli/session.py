@@ -15,12 +15,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 
-from .decoding.prompt import fit_frames
 from .decoding.static import KeptSteps
 from .feature_cache import FeatureCache
+from .frame_count import fit_frames
 from .options import CompressionOptions, SamplingOptions
 from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
-from .results import Answer, Done, EncodedVideo, Event
+from .results import Answer, Done, Event
+from .values import EncodedVideo
 
 
 class Session:

@@ -216,8 +216,8 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
 
 
 def _chat_compare(session, question: str | None, flags: Flags) -> None:
-    from ..evaluate import MethodChoice
-    from ..evaluate import compare as run_compare
+    from ..evaluation.compare import compare as run_compare
+    from ..evaluation.methods import MethodChoice
     from ..pipeline import drain
 
     drain(session.encoding())
@@ -228,7 +228,7 @@ def _chat_compare(session, question: str | None, flags: Flags) -> None:
 
 
 def _prepare_methods(flags: Flags) -> tuple[list, CompressionOptions]:
-    from ..evaluate import parse_methods
+    from ..evaluation.methods import parse_methods
 
     chosen = parse_methods(flags.methods)
     flags.check()
@@ -246,8 +246,8 @@ def compare(
     chosen, base = _prepare_methods(flags)
     _check_question(question)
     _check_video(video)
-    from ..decoding.prompt import fit_frames
-    from ..evaluate import compare as run_compare
+    from ..evaluation.compare import compare as run_compare
+    from ..frame_count import fit_frames
     from ..pipeline import encode_video
 
     settings = RunSettings()
@@ -302,7 +302,7 @@ def eval_cmd(
     Under torchrun (`torchrun --nproc-per-node N -m dycoke_cli eval ...`) the clips are shared
     out over the ranks; rank 0 prints the same report one process would."""
     from ..distributed import launched_by_torchrun, process_group
-    from ..evaluate import evaluate, read_qa
+    from ..evaluation.qa import evaluate, read_qa
 
     chosen, base = _prepare_methods(flags)
     items = read_qa(qa)

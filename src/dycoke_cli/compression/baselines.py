@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from ..options import FASTV_LAYER, CompressionOptions, Method
-from ..results import EncodedVideo, TokenPlan
+from ..values import EncodedVideo, TokenPlan
 from .ttm import kept_per_frame, merged_count, temporal_merge
 
 

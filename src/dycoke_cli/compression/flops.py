@@ -96,7 +96,7 @@ def answer_flops(shape: LMShape, prefill_tokens: list[int], decode_context: list
 
 
 def plan_flops(shape: LMShape, plan, seq: int, total_visual: int, generated: int) -> tuple[float, float]:
-    """FLOPs of an answer following ``plan`` (results.TokenPlan) with a ``seq``-token prefill,
+    """FLOPs of an answer following ``plan`` (values.TokenPlan) with a ``seq``-token prefill,
     and the uncompressed run's FLOPs over these (the estimated speedup)."""
     generated = max(generated, 1)
     m = plan.prefill_visual

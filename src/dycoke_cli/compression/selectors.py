@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from ..options import REFRESH_THRESHOLD
-from ..results import visual_positions
+from ..values import visual_positions
 
 
 class Selector(Protocol):

@@ -1,4 +1,4 @@
-"""The prompt around the video: its embeddings, its position ids, and what fits the context.
+"""The prompt around the video: its embeddings, its position ids, and whether it fits the context.
 
 ``[text before | video part | text after]``; the family adapter says where the video goes
 (``prompt_ids``), what its part holds (``video_part``: the visual tokens and a newline, or for
@@ -12,10 +12,9 @@ from dataclasses import replace
 
 import torch
 
-from ..compression.baselines import prompt_visual_extent
 from ..errors import UsageError
-from ..options import CompressionOptions, OptionError, Positions, SamplingOptions
-from ..results import EncodedVideo, TokenPlan, VisualSpan
+from ..options import Positions, SamplingOptions
+from ..values import EncodedVideo, TokenPlan, VisualSpan
 
 
 def embed_parts(lm, *parts: torch.Tensor | None) -> torch.Tensor:
@@ -58,39 +57,6 @@ def prefill_positions(lm, span: tuple[int, int], plan, enc, seq: int, mode) -> t
 
 def context_length(lm) -> int | None:
     return getattr(lm.model.config.text_config, "max_position_embeddings", None)
-
-
-def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, default: int | None = None,
-               system: str | None = None) -> int:
-    """The frame count to sample: ``frames``, refused with the bound when the prompt would not
-    fit the model's context with ``opts`` (resolved); without ``frames``, ``default`` (the
-    model's default for the clip, ``lm.default_frames(path)``: its fps rule, say), cut to what
-    fits."""
-    n = frames if frames is not None else (default if default is not None else lm.defaults.num_frames)
-    limit = context_length(lm)
-    if limit is None:
-        return n
-    before, after = lm.prompt_ids(question, system)
-    room = limit - len(before) - len(after) - 2  # the newline after the video, one new token
-    per_step, fps, text = lm.tokens_per_frame, lm.frames_per_step, lm.text_per_step
-
-    def fits(count: int) -> bool:
-        steps = -(-count // fps)
-        return prompt_visual_extent(steps, per_step, opts) + steps * text <= room
-
-    if fits(n):
-        return n
-    lo, hi = 0, n  # the largest count that fits: lo fits (0 trivially), hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    if lo < 1:
-        return n  # not even one frame fits: fit_context names the prompt's size
-    if frames is None:
-        return lo
-    raise OptionError("frames", f"must be in [1, {lo}] for this model: its {limit}-token context holds at most "
-                                f"{lo} frames of {per_step / fps:g} visual tokens with method {opts.method.value} "
-                                f"(got {n})")
 
 
 def fit_context(lm, extent: int, visual: int, sampling: SamplingOptions) -> SamplingOptions:

@@ -14,7 +14,7 @@ reference: modeling, processing and video processing):
   ``<{t:.1f} seconds><|vision_start|>`` + the step's ``<|video_pad|>`` tokens + ``<|vision_end|>``,
   ``t`` the mean of the step's first and last frame times. Our times are the presentation
   times actually sampled. The visual tokens are many spans with text between them
-  (:class:`~dycoke_cli.results.VisualSpan`); TTM keeps a variable number of tokens per step and
+  (:class:`~dycoke_cli.values.VisualSpan`); TTM keeps a variable number of tokens per step and
   the prompt carries exactly that many pads in each step; the timestamp text always stays.
 * **DeepStack.** The vision tower also returns one feature level per entry of
   ``deepstack_visual_indexes``; the text model adds level k to the visual positions' hidden

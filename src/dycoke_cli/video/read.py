@@ -67,7 +67,7 @@ Layout
     This module holds the public names and joins the two halves: ``container`` opens
     the file, chooses the stream and measures the timing (Duration, Timeline);
     ``frames`` decodes and picks the frames (Sampling rule, How, Damage, Rotation). What a read
-    returns (``Video``, ``VideoInfo``) are values, defined in results.py.
+    returns (``Video``, ``VideoInfo``) are values, defined in values.py.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ import numpy as np
 
 # MAX_PIXELS, VideoError, Video and VideoInfo are imported for those who import them from here.
 from ..errors import UsageError, VideoError  # noqa: F401
-from ..results import Video, VideoInfo  # noqa: F401
+from ..values import Video, VideoInfo  # noqa: F401
 from .container import MAX_PIXELS, Reading, Source, Timing, measure_timing  # noqa: F401
 from .frames import Converter, Decoder, Picker, first_frame, rotation, sample
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .preprocess import FrameSpec
+from ..models.preprocess import FrameSpec
 
 # Special tokens of the word-level tokenizer; ids follow this order from 0.
 PAD, UNK, IM_START, IM_END, IMAGE, VIDEO = "<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"
@@ -200,7 +200,7 @@ def _save(model, tokenizer, folder: str | Path, preprocessor: dict, dycoke_defau
     and our dycoke.json when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    from .base import quiet_transformers
+    from ..models.base import quiet_transformers
 
     with quiet_transformers():
         model.save_pretrained(folder, safe_serialization=True)
