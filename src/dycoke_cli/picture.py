@@ -28,7 +28,10 @@ DPI = 100
 BORDER = (255, 0, 255)  # the cell frame: a colour no cell pixel can take (see the module docstring)
 BORDER_PX = 2
 GAP_PX = 6  # between cells
-TOP_PX, TITLE_PX, HEAT_GAP_PX, BOTTOM_PX, SIDE_PX = 12, 44, 30, 70, 46
+TOP_PX, TITLE_PX, HEAT_GAP_PX, BOTTOM_PX, SIDE_PX = 10, 58, 30, 96, 70
+LEGEND = ("Frames: the tokens the prefill kept as they are, the others (merged by TTM, or dropped) dimmed.  "
+          "Heatmap: entries of each frame the pruned layers attended at each decoding step;  ▼ a refresh "
+          "(a new selection).")
 MAX_TOKEN_LABELS = 80
 INSTALL_HINT = "pip install 'dycoke-cli[picture]'"
 
@@ -147,8 +150,7 @@ def _draw_heatmap(ax, kept: dict) -> None:
         ax.set_xticks([])
         ax.text(0, t / 2, "no decoding step", fontsize=8, color="white", va="center")
     layer = f"layers {kept['pruned_from']}+" if kept.get("pruned_from") is not None else "every layer"
-    ax.set_xlabel(f"decoding step (the answer's token at that step);  ▼ refresh (a new selection);  "
-                  f"cell: entries of the frame that {layer} attended", fontsize=8)
+    ax.set_xlabel(f"decoding step (its token); attended by {layer}", fontsize=8)
 
 
 def layout(panels: list[Panel]) -> tuple[int, int, list]:
@@ -180,9 +182,10 @@ def draw(panels: list[Panel], path: str | Path) -> tuple[int, int]:
             ax.imshow(strip, interpolation="nearest", aspect="auto")
             ax.set_axis_off()
             fig.text((x + width / 2) / WIDTH_PX, 1 - TOP_PX / height, panel.title, ha="center", va="top",
-                     fontsize=10, wrap=True)
+                     fontsize=10 if len(panels) < 3 else 8.5)
             heat_top = top + max(s.shape[0] for s in strips) + HEAT_GAP_PX
             hx = fig.add_axes((x / WIDTH_PX, 1 - (heat_top + heat) / height, width / WIDTH_PX, heat / height))
             _draw_heatmap(hx, panel.kept)
+        fig.text(0.5, 6 / height, LEGEND, ha="center", va="bottom", fontsize=8, wrap=True)
         fig.savefig(path, dpi=DPI, format="png")
     return WIDTH_PX, height

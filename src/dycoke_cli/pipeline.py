@@ -31,8 +31,8 @@ from .decoding.loop import (
     run_layers,
     sync,
 )
-from .decoding.trace import StepTrace, kept_trace
 from .decoding.prompt import embed_parts, fit_context, prefill_positions, prefix_embeds, prompt_embeds
+from .decoding.trace import StepTrace, kept_trace
 from .errors import UsageError
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
 from .memory import PeakMemory, process_peak

@@ -236,7 +236,7 @@ def _prepare_methods(flags: Flags) -> tuple[list, CompressionOptions]:
 
 
 @app.command()
-@with_flags("methods", "frames", *COMPRESSION, "max_new_tokens", "seed", *MODEL, *OUTPUT)
+@with_flags("methods", "frames", *COMPRESSION, "max_new_tokens", "seed", *MODEL, *OUTPUT, "picture")
 def compare(
     video: VideoArg,
     flags: Flags,
@@ -261,12 +261,19 @@ def compare(
         _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
         settings.update_from(lm, n, base)
         enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())
-        comp = run_compare(lm, enc, question, chosen, base, flags.sampling())
+        comp = run_compare(lm, enc, question, chosen, base, flags.sampling(), trace=flags.trace)
     _show_comparison(comp, flags, video, lm)
+    if flags.picture is not None:
+        from .kept import write_compare_picture
+
+        write_compare_picture(flags.picture, comp, enc, video, _decode_timeout())
 
 
 def _show_comparison(comp, flags: Flags, video, lm) -> None:
     rows = comp.rows()
+    for row, result in zip(rows, comp.results):
+        if result.kept is not None:  # --json, --picture: what each method kept
+            row["kept"] = result.kept.to_dict()
     if flags.json_out:
         out(json.dumps({"question": comp.question, "frames": comp.frames, "video": str(video),
                          "model": lm.describe(), "baseline": rows[0]["method"], "methods": rows,

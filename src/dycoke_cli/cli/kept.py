@@ -48,14 +48,14 @@ def thumbnails(enc, video_path, timeout_s: float):
 
 
 def title(answer, speedup: float | None = None) -> str:
-    """Method, retention, and the speedup measured against the first method (compare), or the
-    FLOPs ratio estimated (a single answer has nothing to measure against)."""
+    """Method and retention, and the speedup measured against the first method (compare), or
+    the FLOPs ratio estimated (a single answer has nothing to measure against)."""
     s = answer.stats
-    kept = f"{answer.method}: {100 * s.overall_retention:.1f} % of {s.visual_tokens} visual tokens " \
-           f"({s.visual_tokens_prefill} in the prefill, {s.visual_tokens_decode} attended)"
+    head = f"{answer.method}: {100 * s.overall_retention:.1f} % of {s.visual_tokens} visual tokens\n" \
+           f"{s.visual_tokens_prefill} in the prefill, {s.visual_tokens_decode} attended\n"
     if speedup is not None:
-        return f"{kept}\nspeedup {speedup:.2f}x (measured, LLM prefill + decode)"
-    return f"{kept}\nLLM FLOPs / {s.flops_ratio_estimate:.2f} (estimate; `dycoke compare` measures the speedup)"
+        return head + f"speedup {speedup:.2f}x (measured)"
+    return head + f"LLM FLOPs / {s.flops_ratio_estimate:.2f} (estimated)"
 
 
 def _write(panels, path: Path) -> None:

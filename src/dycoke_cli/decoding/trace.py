@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..compression.selectors import DecodeSelector, PrefillSelector
-from ..results import KeptTrace, TokenPlan, hex_mask
+from ..results import KeptTrace, hex_mask
+from ..values import TokenPlan
 
 
 class StepTrace:
