@@ -242,9 +242,9 @@ function perStep(kept) {
 function drawHeat(canvas, kept) {
   const steps = perStep(kept);
   const frames = kept.frames;
-  const cw = Math.max(2, Math.min(24, Math.floor(600 / Math.max(1, steps.length))));
+  const cw = 600 / Math.max(1, steps.length);
   const ch = Math.max(3, Math.min(16, Math.floor(240 / frames)));
-  canvas.width = Math.max(60, cw * steps.length);
+  canvas.width = 600;
   canvas.height = ch * frames + 10;
   const ctx = canvas.getContext("2d");
   const top = Math.max(1, ...steps.flat());
