@@ -18,6 +18,8 @@ inside it a kept token's pixels have every channel >= 64 and a dimmed token's ev
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -40,10 +42,27 @@ class PictureUnavailable(RuntimeError):
     """matplotlib is not installed (the ``picture`` extra)."""
 
 
+@contextlib.contextmanager
+def _quiet():
+    """matplotlib's warnings and log notices (building its font cache, a cache folder it cannot
+    write) kept off the user's stderr while it is imported and draws; the logger's level is
+    restored after."""
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def require_matplotlib() -> None:
     """Fail early, before a model is loaded, when the picture cannot be drawn."""
     try:
-        import matplotlib  # noqa: F401
+        with _quiet():
+            import matplotlib.figure  # noqa: F401
     except ImportError:
         raise PictureUnavailable(f"the picture needs matplotlib, which is not installed: {INSTALL_HINT}") from None
 
@@ -165,15 +184,13 @@ def layout(panels: list[Panel]) -> tuple[int, int, list]:
 def draw(panels: list[Panel], path: str | Path) -> tuple[int, int]:
     """Write the picture of ``panels`` (one per method, side by side) to ``path`` as a PNG.
     Returns its (width, height) in pixels. Library warnings (a glyph a font lacks) stay here."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise PictureUnavailable(f"the picture needs matplotlib, which is not installed: {INSTALL_HINT}") from None
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
     height, width, strips = layout(panels)
     heat = max(_heat_height(p.kept["frames"]) for p in panels)
     fig = Figure(figsize=(WIDTH_PX / DPI, height / DPI), dpi=DPI)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         for i, (panel, strip) in enumerate(zip(panels, strips)):
             x = SIDE_PX + i * (width + SIDE_PX)
             sh, sw = strip.shape[:2]
