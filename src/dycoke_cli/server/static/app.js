@@ -239,13 +239,29 @@ function perStep(kept) {
   return out;
 }
 
+const LABELS_PX = 64; // below the heatmap: the answer's token at each step, written upwards
+
+function drawTokens(ctx, kept, steps, cw, top) {
+  const every = Math.max(1, Math.ceil(steps / 60));
+  ctx.fillStyle = "#1d1d1f";
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.textAlign = "left";
+  for (let s = 0; s < steps; s += every) {
+    ctx.save();
+    ctx.translate(s * cw + cw / 2 + 4, top);
+    ctx.rotate(-Math.PI / 2);
+    ctx.fillText(kept.tokens[s].trim() || "·", 0, 0);
+    ctx.restore();
+  }
+}
+
 function drawHeat(canvas, kept) {
   const steps = perStep(kept);
   const frames = kept.frames;
   const cw = 600 / Math.max(1, steps.length);
   const ch = Math.max(3, Math.min(16, Math.floor(240 / frames)));
   canvas.width = 600;
-  canvas.height = ch * frames + 10;
+  canvas.height = ch * frames + 10 + LABELS_PX;
   const ctx = canvas.getContext("2d");
   const top = Math.max(1, ...steps.flat());
   steps.forEach((counts, s) => counts.forEach((c, f) => {
@@ -261,6 +277,7 @@ function drawHeat(canvas, kept) {
     ctx.lineTo(s * cw + cw / 2, 9);
     ctx.fill();
   }
+  drawTokens(ctx, kept, steps.length, cw, canvas.height - 2);
   canvas.setAttribute("aria-label", `${steps.length} decoding steps over ${frames} frames, ${kept.refresh_steps.length} refreshes`);
   canvas.title = kept.tokens.slice(0, steps.length).join("");
 }
