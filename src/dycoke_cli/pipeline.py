@@ -298,7 +298,10 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
             pieces.append(stream.push(token))  # this token's text ("" while a character is incomplete)
             if pieces[-1]:
                 yield from _token_events(pieces[-1], split, len(ids), ttft, timings)
-    yield from _token_events(stream.finish(), split, len(ids), ttft or 0.0, timings, last=True)
+    rest = stream.finish()  # text held back at the end (an incomplete character): the last token's
+    if pieces:
+        pieces[-1] += rest
+    yield from _token_events(rest, split, len(ids), ttft or 0.0, timings, last=True)
     gen_s = time.perf_counter() - t_gen
     stats = _stats(lm, enc, prep, shape, len(ids), timings, built, ttft if ttft is not None else gen_s, gen_s,
                    memory.peak_above_start)
