@@ -200,7 +200,7 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
     try:  # Ctrl-C stops the answer between two tokens, never inside the session's generator
         with oom_guard(RunSettings(session.frames, session.compression.ttm_k, session.compression.method.value)), \
                 interrupts.requested() as stop:
-            events = session.stream(question, flags.sampling())
+            events = session.stream(question, flags.sampling(), trace=flags.trace)
             for event in events:
                 answering.show(event)
                 if stop.is_set():
