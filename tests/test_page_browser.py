@@ -229,6 +229,7 @@ def test_keyboard_alone_at_1280_and_in_a_narrow_window(browser, server):
         keys.press("Enter")
         page.answered(1)
         assert page.texts(".turns .a")[0] != ""
+        assert page.texts(".column .method") == ["dycoke (the server's default)"]
         # nothing wider than the window
         assert page.page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
         page.close()

@@ -127,8 +127,12 @@ async function ask(question) {
     const messages = [...col.messages, userMessage(col, question)];
     const result = await streamAnswer(col.method, messages, turn.querySelector(".a"));
     col.messages = [...messages, { role: "assistant", content: result.text }];
-    showStats(col.el, result.dycoke);
-    drawKept(col.el.querySelector(".kept"), result.dycoke.kept);
+    const dycoke = result.dycoke || {}; // (a stream always ends with it; an older server might not)
+    if (!col.method && dycoke.options) {
+      col.el.querySelector(".method").textContent = `${dycoke.options.method} (the server's default)`;
+    }
+    showStats(col.el, dycoke);
+    drawKept(col.el.querySelector(".kept"), dycoke.kept);
   }
 }
 
