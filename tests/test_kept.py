@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib", reason="the pictures need matplotlib (pip install -e '.[test]')")
@@ -95,6 +96,24 @@ def test_64_frames_stay_readable_at_1280_px(tmp_path):
     assert img.shape[0] <= 1600
     assert [pictures.kept_in(img, box, 4, 4) for box in boxes] == kept["kept"]
     assert len(json.dumps(kept)) < 2000  # compact: 64 masks and the run-length counts
+
+
+def test_features_from_the_cache_still_get_their_frames_drawn(tmp_path):
+    env = {"DYCOKE_CACHE": str(tmp_path / "cache")}
+    runs = []
+    for name in ("first.png", "cached.png"):
+        proc = dycoke("caption", str(TURNS), "--frames", "4", "--json", "--show-kept", str(tmp_path / name), env=env)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout))
+    assert runs[0]["stats"]["timings_s"]["encode"] > 0 and runs[1]["stats"]["timings_s"]["encode"] == 0  # a hit
+    assert runs[1]["kept"] == runs[0]["kept"]
+    first, cached = pictures.load(tmp_path / "first.png"), pictures.load(tmp_path / "cached.png")
+    assert first.shape == cached.shape
+    for img in (first, cached):
+        assert [pictures.kept_in(img, box, 4, 4) for box in pictures.cells(img)] == runs[0]["kept"]["kept"]
+    # the frames were read again: the cells show the clip, not a blank
+    assert all(len(np.unique(cached[y0:y1, x0:x1].reshape(-1, 3), axis=0)) > 8
+               for x0, y0, x1, y1 in pictures.cells(cached))
 
 
 def test_static_steps_record_what_eager_steps_record():
