@@ -156,3 +156,22 @@ def test_the_product_never_imports_its_test_support():
     testing = f"{PACKAGE}.testing"
     importers = {m for m, deps in graph.items() if _reaching(deps, testing) and not m.startswith(testing)}
     assert not importers
+
+
+MAX_FUNCTION_LINES = 60  # issue 30: a function a reader takes in at once
+MAX_APP_LINES = 250  # server/app.py: middleware, routes and run only
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long
+
+
+def test_the_server_app_holds_routes_only():
+    assert len((ROOT / "server" / "app.py").read_text().splitlines()) <= MAX_APP_LINES

@@ -217,13 +217,21 @@ def test_the_same_seed_gives_the_same_sampled_answer(tiny_lm, enc):
     assert first == again and first != other
 
 
-def test_static_decoding_refuses_an_offloaded_store(tiny_lm, enc):
+def test_static_decoding_refuses_an_offloaded_store(tiny_lm, enc, tiny_model_dir, clip_path, capsys, monkeypatch):
+    from test_cli import run_cli
+
     from dycoke_cli.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"^--decode static reads the pruned entries on the device; "
-                                         r"--offload-pruned keeps them in host memory: use --decode eager"):
+    # the library names its settings; the command line says its flags
+    with pytest.raises(UsageError, match=r"^decode static reads the pruned entries on the device; "
+                                         r"offload_pruned keeps them in host memory: use decode eager"):
         answer(tiny_lm, enc, QUESTION, CompressionOptions(offload_pruned=True),
                SamplingOptions(max_new_tokens=2, decode="static"))
+    code, out, err = run_cli(["ask", str(clip_path), QUESTION, "--model", str(tiny_model_dir), "--frames", "8",
+                              "--decode", "static", "--offload-pruned", "-q"], capsys, monkeypatch)
+    assert (code, out, err) == (2, "", "dycoke: error: --decode static reads the pruned entries on the device; "
+                                       "--offload-pruned keeps them in host memory: use --decode eager (or auto) "
+                                       "with it\n")
     auto = answer(tiny_lm, enc, QUESTION, CompressionOptions(offload_pruned=True),
                   SamplingOptions(max_new_tokens=4, ignore_eos=True))
     assert auto.stats.decode_path == "eager" and auto.stats.kv_bytes.store_on_host

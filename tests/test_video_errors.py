@@ -161,11 +161,15 @@ def test_timeout(tmp_path):
 
 
 def test_usage_errors(tmp_path):
+    from dycoke_cli.cli.flags import flag_words
+
     path = write_clip(tmp_path / "clip.mp4", n_frames=4)
     for n in (0, -3):
         with pytest.raises(UsageError) as exc:
             read_video(path, n)
-        assert str(exc.value) == f"--frames must be at least 1 (got {n})"
+        # the library names its setting; the command line words it as its flag
+        assert str(exc.value) == f"frames must be at least 1 (got {n})"
+        assert flag_words(exc.value) == f"--frames must be at least 1 (got {n})"
     with pytest.raises(UsageError):
         read_video(path, 4, max_side=0)
 

@@ -18,6 +18,22 @@ class UsageError(DycokeError):
     exit_code = 2
 
 
+_SETTING = re.compile(r"\{([a-z][a-z_]*)\}")
+
+
+class SettingError(UsageError):
+    """A usage error that names settings as ``{frames}`` in its ``template``. The library names
+    the setting; each face words it from one table of its own (the CLI: its flags; the server:
+    the request's fields) with :meth:`worded`. ``str()`` gives the settings' own names."""
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.worded({}))
+
+    def worded(self, words: dict[str, str]) -> str:
+        return _SETTING.sub(lambda m: words.get(m[1], m[1]), self.template)
+
+
 class VideoError(DycokeError):
     """The video cannot be opened or decoded."""
 

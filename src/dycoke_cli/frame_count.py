@@ -6,20 +6,19 @@ from __future__ import annotations
 from .compression.baselines import prompt_visual_extent
 from .decoding.prompt import context_length
 from .options import CompressionOptions, OptionError
+from .values import Prompt
 
 
-def fit_frames(lm, frames: int | None, opts: CompressionOptions, question: str, default: int | None = None,
-               system: str | None = None) -> int:
-    """The frame count to sample: ``frames``, refused with the bound when the prompt would not
-    fit the model's context with ``opts`` (resolved); without ``frames``, ``default`` (the
-    model's default for the clip, ``lm.default_frames(path)``: its fps rule, say), cut to what
-    fits."""
+def fit_frames(lm, frames: int | None, opts: CompressionOptions, prompt: Prompt, default: int | None = None) -> int:
+    """The frame count to sample: ``frames``, refused with the bound when ``prompt`` (rendered
+    once, see decoding.prompt.render_prompt) would not fit the model's context with ``opts``
+    (resolved); without ``frames``, ``default`` (the model's default for the clip,
+    ``lm.default_frames(path)``: its fps rule, say), cut to what fits."""
     n = frames if frames is not None else (default if default is not None else lm.defaults.num_frames)
     limit = context_length(lm)
     if limit is None:
         return n
-    before, after = lm.prompt_ids(question, system)
-    room = limit - len(before) - len(after) - 2  # the newline after the video, one new token
+    room = limit - prompt.text_tokens - 2  # the newline after the video, one new token
     per_step, fps, text = lm.tokens_per_frame, lm.frames_per_step, lm.text_per_step
 
     def fits(count: int) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
-from .errors import UsageError
+from .errors import SettingError, UsageError
 
 # The paper's refresh rule: re-select the visual tokens when the cosine similarity between this
 # step's attention and the one the selection came from falls below this.
@@ -62,15 +62,12 @@ class Decoding(str, Enum):
     static = "static"  # static shapes, no host sync inside a step; captured as a CUDA graph on CUDA
 
 
-class OptionError(UsageError):
-    """An option out of range. ``name`` is the field; the CLI shows the flag instead."""
+class OptionError(SettingError):
+    """An option out of range: the setting ``name``, then the ``problem`` (see SettingError)."""
 
     def __init__(self, name: str, problem: str):
         self.name, self.problem = name, problem
-        super().__init__(f"{name} {problem}")
-
-    def for_flag(self) -> str:
-        return f"--{self.name.replace('_', '-')} {self.problem}"
+        super().__init__(f"{{{name}}} {problem}")
 
 
 def check_range(name: str, value, low, high, *, low_open: bool = False, high_open: bool = False) -> None:

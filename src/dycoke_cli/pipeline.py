@@ -31,9 +31,16 @@ from .decoding.loop import (
     run_layers,
     sync,
 )
-from .decoding.prompt import embed_parts, fit_context, prefill_positions, prefix_embeds, prompt_embeds
+from .decoding.prompt import (
+    embed_parts,
+    fit_context,
+    prefill_positions,
+    prefix_embeds,
+    prompt_embeds,
+    render_prompt,
+)
 from .decoding.trace import StepTrace, kept_trace
-from .errors import UsageError
+from .errors import SettingError
 from .feature_cache import FeatureCache, FeatureKey, file_digest, model_identity
 from .memory import PeakMemory, process_peak
 from .options import CompressionOptions, Decoding, Method, Positions, SamplingOptions
@@ -48,7 +55,7 @@ from .results import (
     Timings,
     Token,
 )
-from .values import EncodedVideo, TokenPlan, VisualSpan
+from .values import EncodedVideo, Prompt, TokenPlan, VisualSpan
 from .video.read import Video, VideoInfo, read_video
 
 ENCODE_CHUNK = 4  # frames per vision-tower call: bounds activation memory, drives the progress bar
@@ -146,6 +153,7 @@ class Prefix:
     values: tuple[torch.Tensor | None, ...]
     plan_s: float  # choosing the visual tokens (TTM or a baseline)
     compute_s: float  # the language model over the prefix
+    before: torch.Tensor  # [B] the prompt's token ids before the video (a system message included)
     system: str | None = None  # the system message before the video, if any
     # a hybrid stack's linear layers: a copy of each one's (conv, recurrent) state at the prefix's
     # end (None for the other layers), loaded afresh for every question; empty for a plain stack
@@ -154,6 +162,11 @@ class Prefix:
     @property
     def length(self) -> int:
         return next(k for k in self.keys if k is not None).shape[2]
+
+    def precedes(self, prompt: Prompt) -> bool:
+        """Whether ``prompt`` starts with this prefix: the same text before the video (a template
+        that puts text of the question there gives each question a prefix of its own)."""
+        return prompt.system == self.system and torch.equal(prompt.before, self.before)
 
     @property
     def nbytes(self) -> int:
@@ -168,30 +181,19 @@ class Prefix:
         return torch.arange(self.length, self.length + n) if whole is None else whole[..., self.length:]
 
 
-def reuses_prefix(lm, opts: CompressionOptions, question: str, system: str | None = None) -> bool:
-    """Whether this answer can start from a prefix computed without its question: not for
-    FastV (it selects tokens by the question), nor for a chat template that puts text of the
-    question before the video."""
-    return Method(opts.method) != Method.fastv and _before(lm, question, system) == _before(lm, PREFIX_PROBE, system)
+PREFIX_PROBE = "?"  # a question for a prompt whose text before the video is all that is read
 
 
-def _before(lm, question: str, system: str | None) -> tuple[int, ...]:
-    return tuple(lm.prompt_ids(question, system)[0].tolist())
-
-
-PREFIX_PROBE = "?"  # any question: the prompt before the video does not depend on it
-
-
-def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions, system: str | None = None) -> Prefix:
-    """Plan the visual tokens and run the language model over the prompt up to the question
-    (after a ``system`` message, if any)."""
+def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions, prompt: Prompt | None = None) -> Prefix:
+    """Plan the visual tokens and run the language model over ``prompt`` (the chat prompt of any
+    question when None) up to the video's end."""
     opts = opts.resolve(lm)
+    prompt = prompt if prompt is not None else render_prompt(lm, PREFIX_PROBE)
     t0 = time.perf_counter()
     plan = plan_tokens(enc, opts, lm.fastv_layer)
     plan_s = time.perf_counter() - t0
-    before = lm.prompt_ids(PREFIX_PROBE, system)[0]
     with torch.inference_mode():
-        embeds, span = prefix_embeds(lm, before, plan, enc)
+        embeds, span = prefix_embeds(lm, prompt.before, plan, enc)
         length = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, length, opts.positions)
         cache = PrunedKVCache(lm.num_layers, length, linear=lm.linear_layers)
@@ -203,7 +205,8 @@ def build_prefix(lm, enc: EncodedVideo, opts: CompressionOptions, system: str | 
     sync(lm.device)
     keys = tuple(None if layer.keys is None else layer.keys[:, :, :length] for layer in cache.layers)
     values = tuple(None if layer.keys is None else layer.values[:, :, :length] for layer in cache.layers)
-    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s, system, states)
+    return Prefix(opts, plan, span, keys, values, plan_s, time.perf_counter() - t0 - plan_s, prompt.before,
+                  prompt.system, states)
 
 
 @dataclass(frozen=True)
@@ -221,19 +224,19 @@ class _Prepared:
     setup_s: float  # planning the visual tokens, when no prefix did
 
 
-def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
-             prefix: Prefix | None, system: str | None, kept=None) -> _Prepared:
+def _prepare(lm, enc: EncodedVideo, prompt: Prompt, opts: CompressionOptions, sampling: SamplingOptions,
+             prefix: Prefix | None, kept=None) -> _Prepared:
     t0 = time.perf_counter()
     plan = prefix.plan if prefix is not None else plan_tokens(enc, opts, lm.fastv_layer)
     setup_s = time.perf_counter() - t0
     if prefix is not None:
-        embeds = embed_parts(lm, lm.prompt_ids(question, system, sampling.thinking)[1])
+        embeds = embed_parts(lm, prompt.after)
         span, seq = prefix.span, prefix.length + embeds.shape[1]
         positions = prefix.next_positions(lm, enc, embeds.shape[1])
         extent = int(positions.max()) + 1
         deepstack = None  # the prefix, computed with them, holds every visual token
     else:
-        embeds, span = prompt_embeds(lm, question, plan, enc, system, sampling.thinking)
+        embeds, span = prompt_embeds(lm, prompt, plan, enc)
         seq = embeds.shape[1]
         positions = prefill_positions(lm, span, plan, enc, seq, opts.positions)
         extent = seq if positions is None else int(positions.max()) + 1
@@ -259,31 +262,33 @@ def _prepare(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sam
     return _Prepared(plan, embeds, positions, seq, sampling, deepstack, selector, cache, setup_s)
 
 
-def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
+def answering(lm, enc: EncodedVideo, question: str | Prompt, opts: CompressionOptions, sampling: SamplingOptions,
               prefix: Prefix | None = None, prefix_is_new: bool = False,
               system: str | None = None, kept=None, trace: bool = False) -> Generator[Event, None, Answer]:
-    """Answer ``question`` about an encoded clip with one compression method. ``prefix``: the
-    prompt up to the question, computed earlier for this clip and these options (else it is
-    computed here, for every method that can reuse one); ``prefix_is_new``: it was computed
-    for this answer, whose timings then count it. ``system``: a system message before the
-    video (the chat template places it). ``kept``: the session's decoding.static.KeptSteps (static
-    decoding replays the step it keeps when this answer fits it). ``trace``: record what the
-    answer kept (``Answer.kept``, for its picture and ``--json``); off, nothing is recorded."""
+    """Answer ``question`` about an encoded clip with one compression method. ``question``: its
+    :class:`Prompt` (rendered once by the caller), or its text, rendered here after a ``system``
+    message, if any. ``prefix``: the prompt up to the question, computed earlier for this clip
+    and these options (else it is computed here, for every method that can reuse one);
+    ``prefix_is_new``: it was computed for this answer, whose timings then count it. ``kept``:
+    the session's decoding.static.KeptSteps (static decoding replays the step it keeps when this
+    answer fits it). ``trace``: record what the answer kept (``Answer.kept``, for its picture and
+    ``--json``); off, nothing is recorded."""
     opts = opts.resolve(lm)
+    prompt = question if isinstance(question, Prompt) else render_prompt(lm, question, system, sampling.thinking)
     t_gen = time.perf_counter() - (prefix.plan_s + prefix.compute_s if prefix_is_new else 0.0)
     built = prefix if prefix_is_new else None  # a prefix computed for this answer counts in its timings
-    if prefix is None and reuses_prefix(lm, opts, question, system):
-        prefix = built = build_prefix(lm, enc, opts, system)
-    if prefix is not None and (prefix.opts != opts or prefix.system != system
-                               or not reuses_prefix(lm, opts, question, system)):
+    if prefix is None and opts.method != Method.fastv:
+        prefix = built = build_prefix(lm, enc, opts, prompt)
+    if prefix is not None and (prefix.opts != opts or opts.method == Method.fastv or not prefix.precedes(prompt)):
         raise ValueError("this prefix was computed for other options, or cannot precede this question")
-    if opts.offload_pruned and Decoding(sampling.decode) == Decoding.static and Method(opts.method) == Method.dycoke:
-        raise UsageError("--decode static reads the pruned entries on the device; --offload-pruned keeps them "
-                         "in host memory: use --decode eager (or auto) with it")
-    prep = _prepare(lm, enc, question, opts, sampling.validate(), prefix, system, kept)
+    if opts.offload_pruned and sampling.decode == Decoding.static and opts.method == Method.dycoke:
+        raise SettingError("{decode} static reads the pruned entries on the device; {offload_pruned} keeps them "
+                           "in host memory: use {decode} eager (or auto) with it")
+    prep = _prepare(lm, enc, prompt, opts, sampling.validate(), prefix, kept)
     shape = LMShape.from_config(lm.model.config.text_config)
     yield Planned(enc.visual_tokens, prep.plan.prefill_visual, prep.plan.keep, prep.plan.prune_from,
-                  plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1], prep.seq)
+                  plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1], prep.seq,
+                  prefix_reused=prefix is not None and built is None)
     yield Stage("prefill")
     stream, ids, pieces, timings, ttft = TextStream(lm.tokenizer), [], [], DecodeTimings(), None
     split = ReasoningSplit() if prep.sampling.thinking else None  # reasoning first, kept apart
@@ -308,10 +313,10 @@ def answering(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sa
     text, reasoning = (stream.text, None) if split is None else (split.answer, split.reasoning.strip())
     what = _kept(lm, enc, prep, steps, len(timings.step_s), pieces) if trace else None
     return Answer(text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
-                  stats, question=question, reasoning=reasoning, kept=what)
+                  stats, question=prompt.question, reasoning=reasoning, kept=what)
 
 
-def answer(lm, enc: EncodedVideo, question: str, opts: CompressionOptions, sampling: SamplingOptions,
+def answer(lm, enc: EncodedVideo, question: str | Prompt, opts: CompressionOptions, sampling: SamplingOptions,
            prefix: Prefix | None = None, kept=None, trace: bool = False) -> Answer:
     return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept, trace=trace))
 

@@ -38,6 +38,7 @@ class Planned:
     prune_layer: int | None
     flops_ratio_estimate: float
     prompt_tokens: int = 0  # the prompt's length as prefilled (a reused prefix included): exact for every family
+    prefix_reused: bool = False  # the prompt up to the question came from an earlier answer (its keys and values)
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 
+from .decoding.prompt import render_prompt
 from .decoding.static import KeptSteps
 from .feature_cache import FeatureCache
 from .frame_count import fit_frames
-from .options import CompressionOptions, SamplingOptions
-from .pipeline import Prefix, answering, build_prefix, drain, encoding, reuses_prefix
+from .options import CompressionOptions, Method, SamplingOptions
+from .pipeline import PREFIX_PROBE, Prefix, answering, build_prefix, drain, encoding
 from .results import Answer, Done, Event
-from .values import EncodedVideo
+from .values import EncodedVideo, Prompt
 
 
 class Session:
@@ -75,36 +76,41 @@ class Session:
         total += sum(prefix.nbytes for prefix in self._prefixes.values())  # a hybrid's linear states too
         return total + self.kept.nbytes()
 
-    def encoding(self, question: str = "?", compression: CompressionOptions | None = None) -> Iterator[Event]:
+    def prompt(self, question: str, thinking: bool | None = None) -> Prompt:
+        """``question``'s prompt after this session's system message, rendered once."""
+        return render_prompt(self.lm, question, self.system, thinking)
+
+    def encoding(self, prompt: Prompt | None = None, compression: CompressionOptions | None = None) -> Iterator[Event]:
         """Events of encoding the clip (none while the encoded frames still fit); sets ``encoded``.
-        The frame count is fitted to the context for this question and method: a method or a
-        question that needs fewer frames than were encoded re-encodes (the feature cache
-        usually has them)."""
+        The frame count is fitted to the context for this prompt and method (resolved): a
+        method or a question that needs fewer frames than were encoded re-encodes (the feature
+        cache usually has them)."""
         if self.frames is None and self._default_frames is None:  # the clip's default, found once
             self._default_frames = self.lm.default_frames(self.video)
-        n = fit_frames(self.lm, self.frames, compression or self.compression, question, self._default_frames,
-                       self.system)
+        prompt = prompt if prompt is not None else self.prompt(PREFIX_PROBE)
+        n = fit_frames(self.lm, self.frames, compression or self.compression, prompt, self._default_frames)
         if self.encoded is None or self.encoded.video.info.requested != n:
             self.encoded = yield from encoding(self.lm, self.video, n, self.timeout_s, self.cache, self.digest)
             self._prefixes.clear()
 
     def stream(self, question: str, sampling: SamplingOptions = SamplingOptions(),
                compression: CompressionOptions | None = None, trace: bool = False) -> Iterator[Event]:
-        """Events of one answer, ending with ``Done(answer)``. ``trace``: record what it kept
-        (``Answer.kept``)."""
-        opts = (compression or self.compression).resolve(self.lm)
+        """Events of one answer, ending with ``Done(answer)``. The prompt is rendered and the
+        options resolved once, here. ``trace``: record what it kept (``Answer.kept``)."""
+        opts = self.compression if compression is None else compression.resolve(self.lm)
+        prompt = self.prompt(question, sampling.thinking)
         before = self.encoded
-        yield from self.encoding(question, opts)
+        yield from self.encoding(prompt, opts)
         enc = self.encoded
         encoded_before = enc is before
         prefix, new = None, False
-        if reuses_prefix(self.lm, opts, question, self.system):
+        if opts.method != Method.fastv:  # FastV selects by the question: no prefix without it
             prefix = self._prefixes.get(opts)
-            if prefix is None:
-                prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, self.system)
+            if prefix is None or not prefix.precedes(prompt):  # a template may put text of the question first
+                prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, prompt)
                 new = True
-        result = yield from answering(self.lm, enc, question, opts, sampling, prefix, prefix_is_new=new,
-                                      system=self.system, kept=self.kept, trace=trace)
+        result = yield from answering(self.lm, enc, prompt, opts, sampling, prefix, prefix_is_new=new,
+                                      kept=self.kept, trace=trace)
         result = replace(result, video=enc.video.info)
         if encoded_before:  # this answer spent no time reading or encoding the clip
             timings = replace(result.stats.timings, read_video=0.0, encode=0.0)

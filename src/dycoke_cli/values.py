@@ -136,3 +136,21 @@ class TokenPlan:
     @property
     def prefill_visual(self) -> int:
         return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question's prompt around the video, rendered through the chat template once: the
+    token ids before the video part and after it. Fitting the frames to the context, reusing a
+    prefix, the prefill and the server's ``usage`` all read this one value."""
+
+    question: str
+    before: torch.Tensor  # [B] token ids before the video (a system message, the user turn's start)
+    after: torch.Tensor  # [A] token ids after it (the question, the assistant turn's start)
+    system: str | None = None  # the system message before the video, if any
+    thinking: bool | None = None  # the template's enable_thinking, as rendered
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of text around the video."""
+        return len(self.before) + len(self.after)

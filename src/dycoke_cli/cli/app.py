@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import DycokeError, OutputError, UsageError, one_line
 from ..options import CompressionOptions, Method, OptionError
 from . import interrupts
-from .flags import ANSWER, COMPRESSION, MODEL, OUTPUT, SAMPLING, Flags, with_flags
+from .flags import ANSWER, COMPRESSION, MODEL, OUTPUT, SAMPLING, Flags, flag_words, with_flags
 from .oom import RunSettings, is_oom, oom_advice, oom_guard
 from .output import Answering, ReaderLeft, out, out_rich, silence_stdout
 
@@ -220,10 +220,12 @@ def _chat_compare(session, question: str | None, flags: Flags) -> None:
     from ..evaluation.methods import MethodChoice
     from ..pipeline import drain
 
-    drain(session.encoding())
+    sampling = flags.sampling()
+    prompt = session.prompt(question or session.lm.defaults.caption_prompt, sampling.thinking)
+    drain(session.encoding(prompt))
     chosen = [Method.none, session.compression.method] if session.compression.method != Method.none else [Method.none]
     methods = [MethodChoice.of(m) for m in chosen]
-    comp = run_compare(session.lm, session.encoded, question, methods, session.compression, flags.sampling())
+    comp = run_compare(session.lm, session.encoded, prompt, methods, session.compression, sampling)
     _show_comparison(comp, flags, session.video, session.lm)
 
 
@@ -246,6 +248,7 @@ def compare(
     chosen, base = _prepare_methods(flags)
     _check_question(question)
     _check_video(video)
+    from ..decoding.prompt import render_prompt
     from ..evaluation.compare import compare as run_compare
     from ..frame_count import fit_frames
     from ..pipeline import encode_video
@@ -254,14 +257,16 @@ def compare(
     with oom_guard(settings):
         lm = _load_announced(flags)
         base = base.resolve(lm)
-        question = question if question is not None else lm.defaults.caption_prompt
+        sampling = flags.sampling()
+        prompt = render_prompt(lm, question if question is not None else lm.defaults.caption_prompt,
+                               thinking=sampling.thinking)
         # the frames must fit the context with every method
         default = lm.default_frames(video) if flags.frames is None else None  # (Qwen: probes the clip once)
-        n = min(fit_frames(lm, flags.frames, m.options(base), question, default) for m in chosen)
+        n = min(fit_frames(lm, flags.frames, m.options(base), prompt, default) for m in chosen)
         _say(flags, f"[dycoke] comparing {', '.join(m.value for m in chosen)} on {n} frames...")
         settings.update_from(lm, n, base)
         enc = encode_video(lm, video, n, timeout_s=_decode_timeout(), cache=flags.feature_cache())
-        comp = run_compare(lm, enc, question, chosen, base, flags.sampling(), trace=flags.trace)
+        comp = run_compare(lm, enc, prompt, chosen, base, sampling, trace=flags.trace)
     _show_comparison(comp, flags, video, lm)
     if flags.picture is not None:
         from .kept import write_compare_picture
@@ -485,7 +490,7 @@ def _run_command(args: list[str], debug: bool) -> int:
     except DycokeError as exc:
         if debug:
             raise
-        _error(exc.for_flag() if isinstance(exc, OptionError) else str(exc))
+        _error(flag_words(exc))
         if isinstance(exc, OutputError):
             silence_stdout()
         return exc.exit_code

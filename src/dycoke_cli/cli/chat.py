@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from typing import TextIO
 
 from ..errors import DycokeError
-from ..options import Method, OptionError, SamplingOptions
+from ..options import Method, SamplingOptions
+from .flags import flag_words
 
 HELP = """commands:
   /caption           describe the clip (the model's caption prompt)
@@ -126,7 +127,7 @@ class Chat:
         except KeyboardInterrupt:
             self.actions.note(interrupted)
         except DycokeError as exc:
-            self.actions.note(f"error: {exc.for_flag() if isinstance(exc, OptionError) else exc}")
+            self.actions.note(f"error: {flag_words(exc)}")
 
     def _help(self, arg: str) -> None:
         self.actions.out(HELP + "\n")

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import SettingError
 from ..options import (
     REFRESH_THRESHOLD,
     CompressionOptions,
@@ -78,6 +79,21 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "show_kept": (Annotated[Optional[Path], typer.Option("--show-kept", metavar="FILE.png", show_default=False, help="Draw what the answer kept: the frames with the tokens the prefill kept, and the entries attended at each decoding step (several questions: FILE-2.png ...). Needs matplotlib (pip install 'dycoke-cli[picture]').")], None),
     "picture": (Annotated[Optional[Path], typer.Option("--picture", metavar="FILE.png", show_default=False, help="Draw what each method kept, side by side, with its measured speedup. Needs matplotlib (pip install 'dycoke-cli[picture]').")], None),
 }
+
+# The command line's words for the library's settings (errors.SettingError): each setting's flag,
+# read from the declarations above (the CLI's one table). "n" is toyworld's own count.
+def _long_flag(annotation) -> str:
+    info = annotation.__metadata__[0]  # typer's OptionInfo: the first name is held as its "default"
+    return next(d for d in (info.default, *info.param_decls) if isinstance(d, str) and d.startswith("--"))
+
+
+FLAGS = {name: _long_flag(annotation) for name, (annotation, _) in _OPTIONS.items()} | {"n": "--n"}
+
+
+def flag_words(exc: BaseException) -> str:
+    """A library error in the command line's words (its flags)."""
+    return exc.worded(FLAGS) if isinstance(exc, SettingError) else str(exc)
+
 
 MODEL = ("model", "device", "dtype", "allow_pickle", "no_cache")
 COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "selection", "frame_coverage", "positions",

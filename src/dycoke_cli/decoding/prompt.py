@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import torch
 
-from ..errors import UsageError
+from ..errors import SettingError
 from ..options import Positions, SamplingOptions
-from ..values import EncodedVideo, TokenPlan, VisualSpan
+from ..values import EncodedVideo, Prompt, TokenPlan, VisualSpan
 
 
 def embed_parts(lm, *parts: torch.Tensor | None) -> torch.Tensor:
@@ -33,13 +33,19 @@ def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor 
     return embed_parts(lm, before, visual, newline, after), (len(before), len(before) + visual.shape[0])
 
 
-def prompt_embeds(lm, question: str, plan: TokenPlan, enc: EncodedVideo,
-                  system: str | None = None, thinking: bool | None = None) -> tuple[torch.Tensor, VisualSpan]:
-    """The whole prompt for ``question`` (after a ``system`` message, if any) with the plan's
-    visual tokens, [1, S, D], and where its visual tokens are. ``thinking``: see ``prompt_ids``."""
+def render_prompt(lm, question: str, system: str | None = None, thinking: bool | None = None) -> Prompt:
+    """``question``'s prompt (after a ``system`` message, if any) through the chat template, once.
+    ``thinking``: see ``prompt_ids``."""
     before, after = lm.prompt_ids(question, system, thinking)
-    embeds, span = prefix_embeds(lm, before, plan, enc, after)
-    return embeds, span
+    return Prompt(question, before, after, system, thinking)
+
+
+def prompt_embeds(lm, prompt: Prompt | str, plan: TokenPlan, enc: EncodedVideo) -> tuple[torch.Tensor, VisualSpan]:
+    """The whole prompt (a :class:`Prompt`, or a question rendered here) with the plan's visual
+    tokens, [1, S, D], and where its visual tokens are."""
+    if isinstance(prompt, str):
+        prompt = render_prompt(lm, prompt)
+    return prefix_embeds(lm, prompt.before, plan, enc, prompt.after)
 
 
 def prefix_embeds(lm, before: torch.Tensor, plan: TokenPlan, enc: EncodedVideo,
@@ -66,9 +72,9 @@ def fit_context(lm, extent: int, visual: int, sampling: SamplingOptions) -> Samp
     if limit is None:
         return sampling
     if extent >= limit:
-        raise UsageError(
+        raise SettingError(
             f"the prompt needs {extent} tokens ({visual} visual, {extent - visual} text) but the model's context is "
-            f"{limit}; shorten the question or use fewer --frames"
+            f"{limit}; shorten the question or use fewer {{frames}}"
         )
     if extent + sampling.max_new_tokens > limit:
         return replace(sampling, max_new_tokens=limit - extent)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, replace
 
+from ..decoding.prompt import render_prompt
 from ..options import CompressionOptions, SamplingOptions
 from ..pipeline import answer
 from ..results import Answer
-from ..values import EncodedVideo
+from ..values import EncodedVideo, Prompt
 from .methods import MethodChoice, choices
 
 
@@ -63,7 +64,7 @@ class Comparison:
         return out
 
 
-def compare(lm, enc: EncodedVideo, question: str | None, methods: list[MethodChoice], base: CompressionOptions,
+def compare(lm, enc: EncodedVideo, question: str | Prompt | None, methods: list[MethodChoice], base: CompressionOptions,
             sampling: SamplingOptions, trace: bool = False) -> Comparison:
     """Run every method on the same encoded frames; the first is the baseline of the ratios.
     ``trace``: each answer records what it kept (``Answer.kept``, for ``--picture``).
@@ -72,13 +73,14 @@ def compare(lm, enc: EncodedVideo, question: str | None, methods: list[MethodCho
     session keeps), and every method has run once, untimed, in this process before it is timed,
     so none pays one-off costs (first calls of its kernels and code paths) that another paid
     earlier. In a chat, a method already warmed by an earlier comparison is not warmed again."""
-    question = question or lm.defaults.caption_prompt
+    prompt = question if isinstance(question, Prompt) else \
+        render_prompt(lm, question or lm.defaults.caption_prompt, thinking=sampling.thinking)
     chosen = list(choices(methods))
     for choice in chosen:
-        _warm(lm, enc, question, choice.options(base))
-    comp = Comparison(question, enc.frames)
+        _warm(lm, enc, prompt, choice.options(base))
+    comp = Comparison(prompt.question, enc.frames)
     for choice in chosen:
-        comp.results.append(replace(answer(lm, enc, question, choice.options(base), sampling, trace=trace),
+        comp.results.append(replace(answer(lm, enc, prompt, choice.options(base), sampling, trace=trace),
                                     method=choice.value))
     return comp
 
@@ -86,9 +88,9 @@ def compare(lm, enc: EncodedVideo, question: str | None, methods: list[MethodCho
 _WARMED: set[tuple[int, CompressionOptions]] = set()
 
 
-def _warm(lm, enc: EncodedVideo, question: str, opts: CompressionOptions) -> None:
+def _warm(lm, enc: EncodedVideo, prompt: Prompt, opts: CompressionOptions) -> None:
     """One short untimed run of a method, once per model and options in this process."""
     key = (id(lm), opts)
     if key not in _WARMED:
-        answer(lm, enc, question, opts, SamplingOptions(max_new_tokens=2))
+        answer(lm, enc, prompt, opts, SamplingOptions(max_new_tokens=2))
         _WARMED.add(key)

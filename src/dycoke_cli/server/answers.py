@@ -2,7 +2,7 @@
 what could still turn into one is held back), how it finished, its usage and its stats.
 
 Items come from the worker (runner.py) in order: pipeline events (results.Stage, Planned,
-Token, Done), the server's :class:`Prompt` and :class:`Reused`, then runner.Ended.
+Token, Done), the server's :class:`PromptTokens` and :class:`Reused`, then runner.Ended.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .protocol import usage
 
 
 @dataclass(frozen=True)
-class Prompt:
+class PromptTokens:
     """The prompt's length in tokens (known before the prefill; usage when no Done comes)."""
 
     tokens: int
@@ -47,7 +47,7 @@ class Reply:
 
     def feed(self, item) -> str:
         """Take one item; return the text it releases (a stop string found sets ``stopped``)."""
-        if isinstance(item, Prompt):
+        if isinstance(item, PromptTokens):
             self.prompt_tokens = item.tokens
         elif isinstance(item, Reused):
             self.reused = item.reused

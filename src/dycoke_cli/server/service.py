@@ -10,21 +10,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import DycokeError, UsageError, VideoError
+from ..errors import DycokeError, SettingError, UsageError, VideoError
 from ..feature_cache import FeatureCache
-from ..options import CompressionOptions, OptionError, SamplingOptions
-from ..pipeline import reuses_prefix
+from ..options import CompressionOptions, SamplingOptions
 from ..results import Planned
 from ..session import Session
 from ..video.read import probe_video
-from .answers import Prompt, Reused
+from .answers import PromptTokens, Reused
 from .conversation import parse
 from .media import LocalVideo, MediaPolicy
 from .protocol import ApiError, ChatRequest, valid_unicode
 from .runner import Runner, Stopping
 from .sessions import SessionLRU
 
-# A request names these fields; the library's errors name its own (options.py).
+# The request's words for the library's settings (errors.SettingError): the server's one table. A setting
+# not listed is a top-level field of the same name (temperature, top_p, seed).
 _FIELD = {"max_new_tokens": "max_tokens", "frames": "dycoke.frames", "method": "dycoke.method",
           "ttm_k": "dycoke.ttm_k", "prune_p": "dycoke.prune_p", "prune_layer": "dycoke.prune_layer",
           "refresh_threshold": "dycoke.refresh_threshold", "frame_coverage": "dycoke.frame_coverage",
@@ -208,9 +208,8 @@ class Server:
         try:
             for event in session.stream(plan.question, plan.sampling, plan.compression, plan.trace):
                 if isinstance(event, Planned):
-                    yield Reused(found and session.encoded is before
-                                 and reuses_prefix(lm, plan.compression, plan.question, plan.system))
-                    yield Prompt(event.prompt_tokens)
+                    yield Reused(found and session.encoded is before and event.prefix_reused)
+                    yield PromptTokens(event.prompt_tokens)
                 yield event
             failed = False
         except GeneratorExit:  # cancelled: the session is whole, keep it
@@ -249,8 +248,8 @@ def _request_fields():
     """Library option errors as 400s that name the request's fields."""
     try:
         yield
-    except OptionError as exc:
-        raise ApiError(400, f"{_FIELD.get(exc.name, exc.name)} {exc.problem}", "invalid_value") from None
+    except SettingError as exc:
+        raise ApiError(400, exc.worded(_FIELD), "invalid_value") from None
     except UsageError as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
 
@@ -261,10 +260,8 @@ def api_error(exc: BaseException, video: LocalVideo | None) -> ApiError:
         return exc
     if isinstance(exc, Stopping):
         return ApiError(503, "the server is stopping", "server_stopping")
-    if isinstance(exc, OptionError):
-        return ApiError(400, f"{_FIELD.get(exc.name, exc.name)} {exc.problem}", "invalid_value")
     if isinstance(exc, (VideoError, UsageError)):
-        message = str(exc).replace("--frames", "dycoke.frames")
+        message = exc.worded(_FIELD) if isinstance(exc, SettingError) else str(exc)
         return ApiError(400, video.shown(message) if video is not None else message,
                         "invalid_video" if isinstance(exc, VideoError) else "invalid_value")
     if isinstance(exc, DycokeError):

@@ -79,7 +79,7 @@ import av
 import numpy as np
 
 # MAX_PIXELS, VideoError, Video and VideoInfo are imported for those who import them from here.
-from ..errors import UsageError, VideoError  # noqa: F401
+from ..errors import SettingError, UsageError, VideoError  # noqa: F401
 from ..values import Video, VideoInfo  # noqa: F401
 from .container import MAX_PIXELS, Reading, Source, Timing, measure_timing  # noqa: F401
 from .frames import Converter, Decoder, Picker, first_frame, rotation, sample
@@ -119,7 +119,7 @@ def read_video(
     Returns RGB uint8 frames ``[T, H, W, 3]`` with ``T <= num_frames``.
     """
     if num_frames < 1:
-        raise UsageError(f"--frames must be at least 1 (got {num_frames})")
+        raise SettingError(f"{{frames}} must be at least 1 (got {num_frames})")
     if max_side is not None and max_side < 1:
         raise UsageError(f"max_side must be at least 1 (got {max_side})")
     reading = Reading(path, timeout_s)
