@@ -33,7 +33,8 @@ from dycoke_cli.errors import UsageError
 from dycoke_cli.models.loader import load_model
 from dycoke_cli.models.preprocess import patchify_video
 from dycoke_cli.models.qwen3_vl import PATCH
-from dycoke_cli.options import CompressionOptions, Method, SamplingOptions
+from dycoke_cli.options import CompressionOptions, Method, OptionError, SamplingOptions
+from dycoke_cli.testing.tiny import QWEN35_CHAT_TEMPLATE
 from dycoke_cli.pipeline import build_prefix, encode_video
 from dycoke_cli.session import Session, ask
 
@@ -446,7 +447,10 @@ def test_serve_answers_as_ask_does_and_returns_reasoning_apart(thinker, clip, tm
         plain = post()
         thought = post(chat_template_kwargs={"enable_thinking": True})
         streamed = post(chat_template_kwargs={"enable_thinking": True}, stream=True)
-        refused = post(chat_template_kwargs={"reasoning_effort": "high"})
+        effort = post(reasoning_effort="high")  # OpenAI's field: on (this template has no efforts)
+        off_by_effort = post(chat_template_kwargs={"reasoning_effort": "none"})
+        refused = post(chat_template_kwargs={"enable_thinking": True, "top_k": 3})
+        bad_effort = post(reasoning_effort="extreme")
     finally:
         proc.terminate()
         proc.wait(60)
@@ -456,7 +460,10 @@ def test_serve_answers_as_ask_does_and_returns_reasoning_apart(thinker, clip, tm
     assert plain == (200, {"role": "assistant", "content": off["answer"]})
     assert thought == (200, {"role": "assistant", "content": on["answer"], "reasoning_content": on["reasoning"]})
     assert streamed == (200, {"content": on["answer"], "reasoning_content": on["reasoning"]})
+    assert effort == thought and off_by_effort == plain
     assert refused[0] == 400 and "chat_template_kwargs: only" in refused[1]["error"]["message"]
+    assert (bad_effort[0], bad_effort[1]["error"]["message"]) == (
+        400, "reasoning_effort must be one of none, minimal, low, medium, high (got 'extreme')")
     assert "falling back" not in err_path.read_text() and "Traceback" not in err_path.read_text()
 
 
@@ -519,6 +526,29 @@ def test_thinking_is_off_by_default_where_the_template_has_the_switch(dense):
     assert decode(dense.prompt_ids(QUESTION, None, True)[1]).endswith("assistant\n<think>\n")
 
 
+# Qwen3.8's switch is reasoning_effort ("none" or an effort); this template writes the effort it got
+EFFORT_TEMPLATE = QWEN35_CHAT_TEMPLATE.replace(
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}",
+    "{% if reasoning_effort == 'none' %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\neffort ' + reasoning_effort + '\\n' }}{% endif %}")
+
+
+def test_a_template_with_reasoning_effort_gets_off_or_the_effort_asked(dense, monkeypatch):
+    assert EFFORT_TEMPLATE != QWEN35_CHAT_TEMPLATE and "enable_thinking" not in EFFORT_TEMPLATE
+    monkeypatch.setattr(dense.tokenizer, "chat_template", EFFORT_TEMPLATE)
+    assert dense.has_thinking_switch
+
+    def ending(thinking) -> str:
+        return dense.tokenizer.decode(dense.prompt_ids(QUESTION, None, thinking)[1]).split("assistant\n")[-1]
+
+    assert [ending(t) for t in (None, False, True, "low", "high")] == [
+        "<think>\n\n</think>\n\n", "<think>\n\n</think>\n\n", "<think>\neffort medium\n", "<think>\neffort low\n",
+        "<think>\neffort high\n"]
+    with pytest.raises(OptionError, match=r"^thinking must be on, off or an effort: low, medium, high \(got 'max'\)$"):
+        SamplingOptions(thinking="max").validate()
+
+
 def test_thinking_on_keeps_the_reasoning_apart_from_the_answer(thinker, clip, capsys, monkeypatch):
     folder, before = thinker
     lm = load_model(str(folder), device="cpu", dtype="float32")
@@ -535,6 +565,10 @@ def test_thinking_on_keeps_the_reasoning_apart_from_the_answer(thinker, clip, ca
     payload = json.loads(out)
     assert (code, payload["answer"], payload["reasoning"], payload["options"]["thinking"]) == (0, answer, reasoning,
                                                                                              True)
+    code, out, _ = run_cli([*args[:-1], "high", "--json"], capsys, monkeypatch)  # an effort is on, too
+    payload = json.loads(out)
+    assert (code, payload["answer"], payload["reasoning"], payload["options"]["thinking"]) == (0, answer, reasoning,
+                                                                                             "high")
     code, out, _ = run_cli([*args[:-2], "--json"], capsys, monkeypatch)  # off: no reasoning field
     assert code == 0 and "reasoning" not in json.loads(out) and json.loads(out)["options"]["thinking"] is None
 

@@ -20,6 +20,7 @@ FASTV_LAYER = 2
 # Temperatures below this overflow float32 logits (logits / t); 0 means greedy.
 TEMPERATURE_MIN = 0.01
 TEMPERATURE_MAX = 100.0
+EFFORTS = ("low", "medium", "high")  # reasoning efforts (thinking on, at that effort, where a template takes one)
 SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
 
 
@@ -162,9 +163,9 @@ class SamplingOptions:
     seed: int | None = None  # None: a fresh seed per run (torch's global RNG is left alone)
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks: fixed decode length)
     decode: Decoding = Decoding.auto
-    # reason first (a <think> ... </think> block, kept apart from the answer): the chat template's
-    # enable_thinking where it has one; None or False: off
-    thinking: bool | None = None
+    # reason first (a <think> ... </think> block, kept apart from the answer): True, or an effort
+    # of EFFORTS, through the chat template's enable_thinking or reasoning_effort; None or False: off
+    thinking: bool | str | None = None
 
     def validate(self) -> "SamplingOptions":
         check_count("max_new_tokens", self.max_new_tokens)
@@ -175,6 +176,8 @@ class SamplingOptions:
         check_range("top_p", self.top_p, 0, 1, low_open=True)
         if self.seed is not None:
             check_count("seed", self.seed, 0, SEED_MAX)
+        if isinstance(self.thinking, str) and self.thinking not in EFFORTS:
+            raise OptionError("thinking", f"must be on, off or an effort: {', '.join(EFFORTS)} (got {self.thinking!r})")
         return self
 
     def to_dict(self) -> dict:

@@ -76,7 +76,7 @@ class Session:
         total += sum(prefix.nbytes for prefix in self._prefixes.values())  # a hybrid's linear states too
         return total + self.kept.nbytes()
 
-    def prompt(self, question: str, thinking: bool | None = None) -> Prompt:
+    def prompt(self, question: str, thinking: bool | str | None = None) -> Prompt:
         """``question``'s prompt after this session's system message, rendered once."""
         return render_prompt(self.lm, question, self.system, thinking)
 

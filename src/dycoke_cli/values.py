@@ -148,7 +148,7 @@ class Prompt:
     before: torch.Tensor  # [B] token ids before the video (a system message, the user turn's start)
     after: torch.Tensor  # [A] token ids after it (the question, the assistant turn's start)
     system: str | None = None  # the system message before the video, if any
-    thinking: bool | None = None  # the template's enable_thinking, as rendered
+    thinking: bool | str | None = None  # reasoning on (True or an effort) or off, as rendered
 
     @property
     def text_tokens(self) -> int:

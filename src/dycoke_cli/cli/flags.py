@@ -46,6 +46,9 @@ class DtypeChoice(str, Enum):
 class ThinkingChoice(str, Enum):
     on = "on"
     off = "off"
+    low = "low"  # on, at a reasoning effort (a template that takes reasoning_effort: Qwen3.8)
+    medium = "medium"
+    high = "high"
 
 
 # name -> (annotation, default). Declared once; each command lists the ones it takes.
@@ -69,7 +72,7 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "top_p": (Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")], 1.0),
     "seed": (Annotated[Optional[int], typer.Option("--seed", show_default=False, help="Seed for sampling and the random baseline, in [0, 2^64 - 1].")], None),
     "decode": (Annotated[Decoding, typer.Option("--decode", help="Decoding steps: auto = static shapes captured as a CUDA graph on CUDA, eager elsewhere; eager = the plain loop (for checking); static = static shapes (a CUDA graph on CUDA).")], Decoding.auto),
-    "thinking": (Annotated[Optional[ThinkingChoice], typer.Option("--thinking", show_default=False, help="Reason first (a <think> block shown dimmed on stderr, kept out of the answer and in --json's 'reasoning') where the chat template has enable_thinking (Qwen3.5) \\[default: off].")], None),
+    "thinking": (Annotated[Optional[ThinkingChoice], typer.Option("--thinking", show_default=False, help="Reason first (a <think> block shown dimmed on stderr, kept out of the answer and in --json's 'reasoning') where the chat template has enable_thinking (Qwen3.5) or reasoning_effort (Qwen3.8: low, medium or high sets the effort; on is medium) \\[default: off].")], None),
     "device": (Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")], DeviceChoice.auto),
     "dtype": (Annotated[DtypeChoice, typer.Option("--dtype", help="auto: fp16/bf16 on CUDA, bf16 on CPUs with AVX-512 BF16/AMX, else fp32.")], DtypeChoice.auto),
     "allow_pickle": (Annotated[bool, typer.Option("--allow-pickle", help="Also load pickle (.bin) weights. Only for checkpoints you trust.")], False),
@@ -154,7 +157,8 @@ class Flags:
                                   selection=self.selection, positions=self.positions).validate()
 
     def sampling(self) -> SamplingOptions:
-        thinking = None if self.thinking is None else ThinkingChoice(self.thinking) == ThinkingChoice.on
+        choice = None if self.thinking is None else ThinkingChoice(self.thinking)
+        thinking = None if choice is None else {"on": True, "off": False}.get(choice.value, choice.value)
         return SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                seed=self.seed, decode=self.decode, thinking=thinking).validate()
 

@@ -33,7 +33,7 @@ def build_embeds(lm, question: str, visual: torch.Tensor, newline: torch.Tensor 
     return embed_parts(lm, before, visual, newline, after), (len(before), len(before) + visual.shape[0])
 
 
-def render_prompt(lm, question: str, system: str | None = None, thinking: bool | None = None) -> Prompt:
+def render_prompt(lm, question: str, system: str | None = None, thinking: bool | str | None = None) -> Prompt:
     """``question``'s prompt (after a ``system`` message, if any) through the chat template, once.
     ``thinking``: see ``prompt_ids``."""
     before, after = lm.prompt_ids(question, system, thinking)

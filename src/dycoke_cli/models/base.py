@@ -29,6 +29,8 @@ PAPER_DEFAULTS = {"num_frames": 32, "prune_layer": 3, "ttm_k": 0.7, "prune_p": 0
 PRODUCT_DEFAULTS = {"selection": "coverage", "frame_coverage": FRAME_COVERAGE}
 CAPTION_PROMPT = "Describe this video in detail."
 THINKING_SWITCH = "enable_thinking"  # the chat-template variable of Qwen3.5's (and Qwen3's) reasoning
+EFFORT_SWITCH = "reasoning_effort"  # Qwen3.8's: "none" (off) or an effort ("low", "medium", "high")
+DEFAULT_EFFORT = "medium"  # thinking on without an effort named, where the template takes one
 DEFAULTS_FILE = "dycoke.json"
 POSITION_MODES = tuple(p.value for p in Positions)
 SELECTIONS = tuple(s.value for s in Selection)
@@ -194,16 +196,29 @@ class LoadedModel:
         [n, D]; offsets of the visual tokens within the part [M]; the part's length)."""
         return self.adapter.video_part(self, enc, plan)
 
-    def prompt_ids(self, question: str, system: str | None = None, thinking: bool | None = None):
+    def prompt_ids(self, question: str, system: str | None = None, thinking: bool | str | None = None):
         """Token ids before and after the video of the chat prompt for ``question`` (and a system
-        message before it, if any). ``thinking``: the template's ``enable_thinking`` where it has
-        one (None: off); it changes only what comes after the question."""
+        message before it, if any). ``thinking``: on (True, or an effort: "low", "medium",
+        "high") or off (False, None), as the template's ``enable_thinking`` and/or
+        ``reasoning_effort`` take it; it changes only what comes after the question."""
         return self.adapter.prompt_ids(self, question, system, thinking)
 
     @property
     def has_thinking_switch(self) -> bool:
-        """Whether the chat template takes ``enable_thinking`` (Qwen3.5, Qwen3)."""
-        return THINKING_SWITCH in (getattr(self.tokenizer, "chat_template", None) or "")
+        """Whether the chat template takes ``enable_thinking`` (Qwen3.5, Qwen3) or
+        ``reasoning_effort`` (Qwen3.8)."""
+        return bool(self.thinking_switches(None))
+
+    def thinking_switches(self, thinking: bool | str | None) -> dict:
+        """The template variables that turn reasoning on or off (off unless asked), for the
+        switches this chat template has."""
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        switches = {}
+        if THINKING_SWITCH in template:
+            switches[THINKING_SWITCH] = bool(thinking)
+        if EFFORT_SWITCH in template:
+            switches[EFFORT_SWITCH] = (thinking if isinstance(thinking, str) else DEFAULT_EFFORT) if thinking else "none"
+        return switches
 
     def positions(self, span: tuple[int, int], kept, enc, seq: int, original: bool):
         return self.adapter.positions(self, span, kept, enc, seq, original)
@@ -270,14 +285,15 @@ class FamilyAdapter:
 
         return [plan.tokens, enc.newline], torch.arange(plan.prefill_visual), plan.prefill_visual
 
-    def prompt_ids(self, lm: LoadedModel, question: str, system: str | None = None, thinking: bool | None = None):
+    def prompt_ids(self, lm: LoadedModel, question: str, system: str | None = None,
+                   thinking: bool | str | None = None):
         """Token ids before and after the single video placeholder of the chat prompt."""
         import torch
 
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
-        switch = {THINKING_SWITCH: bool(thinking)} if lm.has_thinking_switch else {}  # off unless asked
+        switch = lm.thinking_switches(thinking)
         try:
             text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **switch)
         except Exception as exc:  # noqa: BLE001 - jinja2 syntax or runtime errors of the checkpoint's template

@@ -144,6 +144,7 @@ class ChatRequest(_Open):
     ignore_eos: bool = False  # vLLM's extra sampling field: always generate max_tokens (benchmarks)
     media_io_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"video": {"num_frames": N}}
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: {"enable_thinking": bool} (Qwen3.5)
+    reasoning_effort: Optional[str] = None  # OpenAI's: none, minimal, low, medium, high (thinking off or on)
     dycoke: Optional[DycokeOptions] = None
     tools: Any = None
     functions: Any = None

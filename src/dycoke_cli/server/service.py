@@ -231,15 +231,24 @@ class Server:
                 "session_bytes": self.sessions.bytes}
 
 
-def _thinking(body: ChatRequest, default: bool | None) -> bool | None:
-    """chat_template_kwargs (vLLM's): only ``enable_thinking``, a boolean, is taken."""
-    kwargs = body.chat_template_kwargs
-    if kwargs is None:
-        return default
+# OpenAI's reasoning efforts -> thinking (off, or on at one of options.EFFORTS)
+_EFFORT_OF = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high"}
+
+
+def _thinking(body: ChatRequest, default: bool | str | None) -> bool | str | None:
+    """Reasoning on or off: OpenAI's ``reasoning_effort``, or chat_template_kwargs (vLLM's):
+    ``enable_thinking`` (a boolean) or ``reasoning_effort``."""
+    kwargs = body.chat_template_kwargs or {}
+    if set(kwargs) - {"enable_thinking", "reasoning_effort"} or not isinstance(kwargs.get("enable_thinking", False), bool):
+        raise ApiError(400, "chat_template_kwargs: only {\"enable_thinking\": true|false} and {\"reasoning_effort\": "
+                            "...} are supported", "invalid_value")
+    effort = body.reasoning_effort if body.reasoning_effort is not None else kwargs.get("reasoning_effort")
+    if effort is not None:
+        if not isinstance(effort, str) or effort not in _EFFORT_OF:
+            raise ApiError(400, f"reasoning_effort must be one of {', '.join(_EFFORT_OF)} (got {effort!r})",
+                           "invalid_value")
+        return _EFFORT_OF[effort]
     value = kwargs.get("enable_thinking")
-    if set(kwargs) - {"enable_thinking"} or (value is not None and not isinstance(value, bool)):
-        raise ApiError(400, "chat_template_kwargs: only {\"enable_thinking\": true|false} is supported",
-                       "invalid_value")
     return default if value is None else value
 
 
