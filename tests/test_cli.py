@@ -44,7 +44,7 @@ def test_ask_streams_the_answer_and_json_agrees(tiny_model_dir, clip_path, capsy
     assert out == payload["answer"] + "\n"
     assert len(payload["answer"].split()) >= 1
     assert "[dycoke] visual tokens 32 -> 14 (prefill 43.8 %, decode 4)" in err
-    assert set(payload) == {"schema_version", "answer", "model", "video", "options", "stats"}
+    assert set(payload) == {"schema_version", "answer", "model", "video", "options", "stats", "kept"}
     assert payload["schema_version"] == 1
     assert payload["video"]["sampled"] == 8 and len(payload["video"]["timestamps"]) == 8
     assert payload["video"]["duration"] == pytest.approx(3.0)

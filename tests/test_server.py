@@ -120,7 +120,8 @@ def server(media, tmp_path_factory):
     yield srv
     assert srv.stop() == 0
     # nothing but our own line on stderr: no warning, no traceback, no access log
-    assert srv.stderr().splitlines() == ["[dycoke] loading model...", f"[dycoke] serving demo at {srv.base} (Ctrl-C stops)"]
+    assert srv.stderr().splitlines() == ["[dycoke] loading model...", f"[dycoke] serving demo at {srv.base} (Ctrl-C stops)",
+                                       f"[dycoke] the page: {srv.root}/"]
 
 
 QUESTIONS = [DESCRIBE, "what color is the cup?"]

@@ -38,7 +38,8 @@ def server(media, tmp_path_factory):
                  "--max-upload-mb", "1", "--allowed-host", ALLOWED_HOST)
     yield srv
     assert srv.stop() == 0
-    assert srv.stderr().splitlines() == ["[dycoke] loading model...", f"[dycoke] serving demo at {srv.base} (Ctrl-C stops)"]
+    assert srv.stderr().splitlines() == ["[dycoke] loading model...", f"[dycoke] serving demo at {srv.base} (Ctrl-C stops)",
+                                       f"[dycoke] the page: {srv.root}/"]
 
 
 def raw(server, method: str, path: str, body: bytes | None = None, headers: list[tuple[str, str]] | None = None):

@@ -9,6 +9,7 @@ computed once per clip and settings. session.py strings these together (Session,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ from .decoding.prompt import (
     prompt_embeds,
     render_prompt,
 )
+from .decoding.trace import StepTrace, kept_trace
 from .encoder import drain, encode_video, encoding, step_seconds  # noqa: F401 (the pipeline's API)
 from .errors import SettingError
 from .memory import PeakMemory, process_peak
@@ -45,6 +47,7 @@ from .results import (
     Answer,
     AnswerStats,
     Event,
+    KeptTrace,
     Planned,
     SelectionStats,
     Stage,
@@ -187,14 +190,15 @@ def _prepare(lm, enc: EncodedVideo, prompt: Prompt, opts: CompressionOptions, sa
 
 def answering(lm, enc: EncodedVideo, question: str | Prompt, opts: CompressionOptions, sampling: SamplingOptions,
               prefix: Prefix | None = None, prefix_is_new: bool = False,
-              system: str | None = None, kept=None) -> Generator[Event, None, Answer]:
+              system: str | None = None, kept=None, trace: bool = False) -> Generator[Event, None, Answer]:
     """Answer ``question`` about an encoded clip with one compression method. ``question``: its
     :class:`Prompt` (rendered once by the caller), or its text, rendered here after a ``system``
     message, if any. ``prefix``: the prompt up to the question, computed earlier for this clip
     and these options (else it is computed here, for every method that can reuse one);
     ``prefix_is_new``: it was computed for this answer, whose timings then count it. ``kept``:
     the session's decoding.static.KeptSteps (static decoding replays the step it keeps when this
-    answer fits it)."""
+    answer fits it). ``trace``: record what the answer kept (``Answer.kept``, for its picture and
+    ``--json``); off, nothing is recorded."""
     opts = opts.resolve(lm)
     prompt = question if isinstance(question, Prompt) else render_prompt(lm, question, system, sampling.thinking)
     prompt = timed_prompt(lm, enc, prompt)  # after the clip's time instruction, when it carries one
@@ -213,29 +217,44 @@ def answering(lm, enc: EncodedVideo, question: str | Prompt, opts: CompressionOp
                   plan_flops(shape, prep.plan, prep.seq, enc.visual_tokens, 1)[1], prep.seq,
                   prefix_reused=prefix is not None and built is None)
     yield Stage("prefill")
-    stream, ids, timings, ttft = TextStream(lm.tokenizer), [], DecodeTimings(), None
+    stream, ids, pieces, timings, ttft = TextStream(lm.tokenizer), [], [], DecodeTimings(), None
     split = ReasoningSplit() if prep.sampling.thinking else None  # reasoning first, kept apart
+    steps = StepTrace(prep.plan.index // enc.tokens_per_frame, enc.frames) if trace else None
     with PeakMemory(lm.device) as memory:
         for token in generate_tokens(lm, prep.embeds, prep.cache, prep.sampling, prep.selector, timings,
-                                     prep.positions, prep.deepstack, kept):
+                                     prep.positions, prep.deepstack, kept, steps):
             if ttft is None:
                 ttft = time.perf_counter() - t_gen
                 yield Stage("generating")
             ids.append(token)
-            if delta := stream.push(token):
-                yield from _token_events(delta, split, len(ids), ttft, timings)
-    yield from _token_events(stream.finish(), split, len(ids), ttft or 0.0, timings, last=True)
+            pieces.append(stream.push(token))  # this token's text ("" while a character is incomplete)
+            if pieces[-1]:
+                yield from _token_events(pieces[-1], split, len(ids), ttft, timings)
+    rest = stream.finish()  # text held back at the end (an incomplete character): the last token's
+    if pieces:
+        pieces[-1] += rest
+    yield from _token_events(rest, split, len(ids), ttft or 0.0, timings, last=True)
     gen_s = time.perf_counter() - t_gen
     stats = _stats(lm, enc, prep, shape, len(ids), timings, built, ttft if ttft is not None else gen_s, gen_s,
                    memory.peak_above_start)
     text, reasoning = (stream.text, None) if split is None else (split.answer, split.reasoning.strip())
+    what = _kept(lm, enc, prep, steps, len(timings.step_s), pieces) if trace else None
     return Answer(text.strip(), tuple(ids), opts.method.value, {**opts.to_dict(), **prep.sampling.to_dict()},
-                  stats, question=prompt.question, reasoning=reasoning)
+                  stats, question=prompt.question, reasoning=reasoning, kept=what)
 
 
 def answer(lm, enc: EncodedVideo, question: str | Prompt, opts: CompressionOptions, sampling: SamplingOptions,
-           prefix: Prefix | None = None, kept=None) -> Answer:
-    return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept))
+           prefix: Prefix | None = None, kept=None, trace: bool = False) -> Answer:
+    return drain(answering(lm, enc, question, opts, sampling, prefix, kept=kept, trace=trace))
+
+
+def _kept(lm, enc: EncodedVideo, prep: _Prepared, steps: StepTrace | None, ran: int, pieces: list[str]) -> KeptTrace:
+    """What the answer kept: the prefill's tokens per frame, and each step's attended entries."""
+    rows, cols, n = enc.rows, enc.cols, enc.tokens_per_frame
+    if rows * cols != n:  # a layout the feature cache did not keep: square when it can be, else one row
+        side = math.isqrt(n)
+        rows, cols = (side, side) if side * side == n else (1, n)
+    return kept_trace(prep.plan, prep.selector, steps, enc.frames, (rows, cols), lm.frames_per_step, ran, pieces)
 
 
 def _token_events(text: str, split: ReasoningSplit | None, generated: int, ttft: float, timings: DecodeTimings,

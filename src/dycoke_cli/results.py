@@ -175,6 +175,41 @@ class AnswerStats:
         return out
 
 
+def hex_mask(bits) -> str:
+    """A kept-token mask as hex: token i is bit i, the first token the most significant bit of
+    the first digit (4 tokens a digit; the last digit padded with zeros)."""
+    bits = [bool(b) for b in bits]
+    bits += [False] * (-len(bits) % 4)
+    return "".join("0123456789abcdef"[sum(b << (3 - j) for j, b in enumerate(bits[i:i + 4]))]
+                   for i in range(0, len(bits), 4))
+
+
+@dataclass(frozen=True)
+class KeptTrace:
+    """What one answer kept, per frame (a temporal step of a Qwen family), for its picture and
+    ``--json``'s ``kept``. The attended counts are run-length: ``attended[i]`` holds from step
+    ``selection_steps[i]`` up to the next one (DyCoke takes a new selection only then)."""
+
+    frames: int
+    rows: int  # one frame's token grid (LLaVA-OneVision: the pooled grid; Qwen: one temporal step's)
+    cols: int
+    frames_per_step: int  # video frames one cell covers (Qwen families: 2)
+    mask: tuple[str, ...]  # per frame, hex_mask of the tokens the pruned part of the model may see after the prefill
+    kept: tuple[int, ...]  # per frame, how many that is
+    pruned_from: int | None  # the first layer that sees only the attended entries (None: no layer prunes)
+    steps: int  # decoding steps after the first token; step s has the answer's token s as its query
+    selection_steps: tuple[int, ...]  # the steps that took a new selection (the first is step 0)
+    attended: tuple[tuple[int, ...], ...]  # per selection, attended entries per frame
+    tokens: tuple[str, ...]  # the text of the answer's token at each step
+
+    def to_dict(self) -> dict:
+        return {"frames": self.frames, "grid": [self.rows, self.cols], "frames_per_step": self.frames_per_step,
+                "mask": list(self.mask), "kept": list(self.kept), "pruned_from": self.pruned_from,
+                "steps": self.steps, "refresh_steps": list(self.selection_steps[1:]),
+                "selections": [{"step": s, "counts": list(c)} for s, c in zip(self.selection_steps, self.attended)],
+                "tokens": list(self.tokens)}
+
+
 @dataclass(frozen=True)
 class Answer:
     text: str
@@ -185,6 +220,7 @@ class Answer:
     video: VideoInfo | None = None
     question: str = ""
     reasoning: str | None = None  # with thinking on: the <think> block's text (``text`` is the answer alone)
+    kept: KeptTrace | None = None  # what it kept, when asked for (a picture, --json)
 
 
 def answer_json(answer: Answer, model: dict) -> dict:
@@ -198,4 +234,5 @@ def answer_json(answer: Answer, model: dict) -> dict:
         "video": answer.video.to_dict() if answer.video is not None else None,
         "options": {**answer.options, "frames": answer.stats.frames_requested, "question": answer.question},
         "stats": answer.stats.to_dict(),
+        **({} if answer.kept is None else {"kept": answer.kept.to_dict()}),
     }

@@ -116,9 +116,9 @@ class Session:
         self.count = count
 
     def stream(self, question: str, sampling: SamplingOptions = SamplingOptions(),
-               compression: CompressionOptions | None = None) -> Iterator[Event]:
+               compression: CompressionOptions | None = None, trace: bool = False) -> Iterator[Event]:
         """Events of one answer, ending with ``Done(answer)``. The prompt is rendered and the
-        options resolved once, here."""
+        options resolved once, here. ``trace``: record what it kept (``Answer.kept``)."""
         opts = self.compression if compression is None else compression.resolve(self.lm)
         prompt = self.prompt(question, sampling.thinking)
         before = self.encoded
@@ -132,7 +132,7 @@ class Session:
                 prefix = self._prefixes[opts] = build_prefix(self.lm, enc, opts, prompt)
                 new = True
         result = yield from answering(self.lm, enc, prompt, opts, sampling, prefix, prefix_is_new=new,
-                                      kept=self.kept)
+                                      kept=self.kept, trace=trace)
         stats = replace(result.stats, frames_chosen_by=self.count.chosen_by, frame_bounds=self.count.bounds or None)
         if encoded_before:  # this answer spent no time reading or encoding the clip
             stats = replace(stats, timings=replace(stats.timings, read_video=0.0, encode=0.0))
@@ -142,8 +142,8 @@ class Session:
         yield Done(result)
 
     def ask(self, question: str, sampling: SamplingOptions = SamplingOptions(),
-            compression: CompressionOptions | None = None) -> Answer:
-        for event in self.stream(question, sampling, compression):
+            compression: CompressionOptions | None = None, trace: bool = False) -> Answer:
+        for event in self.stream(question, sampling, compression, trace):
             if isinstance(event, Done):
                 return event.answer
         raise AssertionError("stream() ended without an answer")  # pragma: no cover

@@ -94,12 +94,13 @@ def _run_answers(video: Path, questions: list[str | None], flags: Flags) -> None
                            flags.compression().method.value,
                            None if flags.dtype.value == "auto" else f"torch.{flags.dtype.value}")
     session = None
-    for question in questions:
-        session = _answer_one(clip, question, flags, session, settings)
+    for index, question in enumerate(questions):
+        session = _answer_one(clip, question, flags, session, settings, index)
 
 
-def _answer_one(clip, question: str | None, flags: Flags, session, settings: RunSettings):
-    """One answer through the display and stdout; loads the model into a new session first."""
+def _answer_one(clip, question: str | None, flags: Flags, session, settings: RunSettings, index: int = 0):
+    """One answer through the display and stdout (and its picture with --show-kept); loads the
+    model into a new session first."""
     from ..results import FramesChosen
     from ..session import Session
     from .display import make_display
@@ -118,7 +119,7 @@ def _answer_one(clip, question: str | None, flags: Flags, session, settings: Run
                 settings.update_from(lm, settings.frames, session.compression)
             question = question if question is not None else session.lm.defaults.caption_prompt
             with interrupts.raising():
-                for event in session.stream(question, flags.sampling()):
+                for event in session.stream(question, flags.sampling(), trace=flags.trace):
                     if isinstance(event, FramesChosen):  # for the out-of-memory advice
                         settings.frames = event.count
                     answering.show(event)
@@ -131,6 +132,11 @@ def _answer_one(clip, question: str | None, flags: Flags, session, settings: Run
         interrupts.on_interrupt(None, None)
         display.close()
     out(answering.final_output(session.lm.describe()))
+    if flags.show_kept is not None:
+        from .kept import numbered, write_answer_picture
+
+        write_answer_picture(numbered(flags.show_kept, index), answering.answer, session.encoded, clip.path,
+                             _decode_timeout())
     return session
 
 
@@ -201,7 +207,7 @@ def _chat_answer(session, question: str, flags: Flags) -> None:
         frames = session.count.count if session.count is not None else None
         with oom_guard(RunSettings(frames, session.compression.ttm_k, session.compression.method.value)), \
                 interrupts.requested() as stop:
-            events = session.stream(question, flags.sampling())
+            events = session.stream(question, flags.sampling(), trace=flags.trace)
             for event in events:
                 answering.show(event)
                 if stop.is_set():
@@ -239,7 +245,7 @@ def _prepare_methods(flags: Flags) -> tuple[list, CompressionOptions]:
 
 
 @app.command()
-@with_flags("methods", *FRAMES, *COMPRESSION, "max_new_tokens", "seed", *MODEL, *OUTPUT)
+@with_flags("methods", *FRAMES, *COMPRESSION, "max_new_tokens", "seed", *MODEL, *OUTPUT, "picture")
 def compare(
     video: VideoArg,
     flags: Flags,
@@ -272,12 +278,19 @@ def compare(
         settings.update_from(lm, n, base)
         enc = encode_video(lm, clip, n, timeout_s=_decode_timeout(), cache=flags.feature_cache(),
                            timestamps=timestamps_on(lm, frames))
-        comp = run_compare(lm, enc, prompt, chosen, base, sampling)
+        comp = run_compare(lm, enc, prompt, chosen, base, sampling, trace=flags.trace)
     _show_comparison(comp, flags, video, lm, count)
+    if flags.picture is not None:
+        from .kept import write_compare_picture
+
+        write_compare_picture(flags.picture, comp, enc, clip.path, _decode_timeout())
 
 
 def _show_comparison(comp, flags: Flags, video, lm, count=None) -> None:
     rows = comp.rows()
+    for row, result in zip(rows, comp.results):
+        if result.kept is not None:  # --json, --picture: what each method kept
+            row["kept"] = result.kept.to_dict()
     if flags.json_out:
         chosen = {} if count is None else {"frames_chosen_by": count.chosen_by, "frame_bounds": count.bounds or None}
         out(json.dumps({"question": comp.question, "frames": comp.frames, **chosen, "video": str(video),

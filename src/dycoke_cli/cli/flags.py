@@ -12,6 +12,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -85,6 +86,8 @@ _OPTIONS: dict[str, tuple[object, object]] = {
     "no_cache": (Annotated[bool, typer.Option("--no-cache", help="Encode the clip afresh: neither read nor write the feature cache (`dycoke cache info`).")], False),
     "json_out": (Annotated[bool, typer.Option("--json", help="Print JSON instead of text: one object per answer, one per line.")], False),
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress or stats on stderr.")], False),
+    "show_kept": (Annotated[Optional[Path], typer.Option("--show-kept", metavar="FILE.png", show_default=False, help="Draw what the answer kept: the frames with the tokens the prefill kept, and the entries attended at each decoding step (several questions: FILE-2.png ...). Needs matplotlib (pip install 'dycoke-cli[picture]').")], None),
+    "picture": (Annotated[Optional[Path], typer.Option("--picture", metavar="FILE.png", show_default=False, help="Draw what each method kept, side by side, with its measured speedup. Needs matplotlib (pip install 'dycoke-cli[picture]').")], None),
 }
 
 # The command line's words for the library's settings (errors.SettingError): each setting's flag,
@@ -108,7 +111,7 @@ COMPRESSION = ("ttm_k", "prune_p", "prune_layer", "refresh_threshold", "selectio
 SAMPLING = ("max_new_tokens", "temperature", "top_p", "decode", "thinking")
 OUTPUT = ("json_out", "quiet")
 FRAMES = ("frames", "fps", "max_frames", "memory_budget", "timestamps")
-ANSWER = (*FRAMES, "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT)
+ANSWER = (*FRAMES, "method", *COMPRESSION, "no_compress", *SAMPLING, "seed", *MODEL, *OUTPUT, "show_kept")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,13 @@ class Flags:
     no_cache: bool = False
     json_out: bool = False
     quiet: bool = False
+    show_kept: Path | None = None  # ask, caption: the picture of each answer
+    picture: Path | None = None  # compare: the picture of every method
+
+    @property
+    def trace(self) -> bool:
+        """Whether answers record what they kept (for a picture, or --json's ``kept``)."""
+        return self.json_out or self.show_kept is not None or self.picture is not None
 
     @property
     def model_name(self) -> str:
@@ -173,6 +183,11 @@ class Flags:
     def check(self) -> None:
         """Everything that can be checked before touching the video or the model."""
         self.frame_options()
+        from .kept import check_picture_path
+
+        for flag, path in (("--show-kept", self.show_kept), ("--picture", self.picture)):
+            if path is not None:
+                check_picture_path(path, flag)
         self.compression()
         self.sampling()
 

@@ -254,12 +254,13 @@ def _read(token: torch.Tensor, selector, timings: DecodeTimings) -> int:
 
 def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, selector=None,
                     timings: DecodeTimings | None = None, positions: torch.Tensor | None = None,
-                    deepstack=None, kept=None) -> Iterator[int]:
+                    deepstack=None, kept=None, trace=None) -> Iterator[int]:
     """Prefill ``embeds`` [1, S, D], then yield token ids one by one until EOS or the limit.
 
     ``positions`` [S] (or [3, S]) are the prefill's position ids (default ``0..S-1``); generated
     tokens continue after the largest one. ``deepstack``: see :func:`run_layers`. ``kept``: a
-    session's static.KeptSteps (see :func:`pick_steps`). The EOS token itself is not yielded.
+    session's static.KeptSteps (see :func:`pick_steps`). ``trace``: a trace.StepTrace that
+    records each step's selection (None: nothing is recorded). The EOS token itself is not yielded.
     """
     timings = timings if timings is not None else DecodeTimings()
     device = embeds.device
@@ -284,18 +285,20 @@ def generate_tokens(lm, embeds: torch.Tensor, cache, opts: SamplingOptions, sele
         steps = pick_steps(lm, cache, selector, opts, next_position, positions.dim(), kept)
         timings.path, timings.reused = steps.path, steps.reused
         if isinstance(steps, EagerSteps):
-            yield from _eager(steps, token, opts, generator, selector, eos, timings)
+            yield from _eager(steps, token, opts, generator, selector, eos, timings, trace)
         else:
-            yield from _queued(steps, token, opts, generator, selector, eos, timings)
+            yield from _queued(steps, token, opts, generator, selector, eos, timings, trace)
 
 
-def _eager(steps, token, opts: SamplingOptions, generator, selector, eos: set, timings: DecodeTimings):
+def _eager(steps, token, opts: SamplingOptions, generator, selector, eos: set, timings: DecodeTimings, trace=None):
     """Eager steps: one step, one host read, the next step (tokens 1.. of the answer)."""
     device = token.device
     for _ in range(1, opts.max_new_tokens):
         t0 = time.perf_counter()
         with attention_backends(device, "decode"):
             token = sample_token(steps(token), opts, generator)
+        if trace is not None:
+            trace.record(selector)
         value = _read(token, selector, timings)
         timings.step_s.append(time.perf_counter() - t0)
         if value in eos:
@@ -303,7 +306,8 @@ def _eager(steps, token, opts: SamplingOptions, generator, selector, eos: set, t
         yield value
 
 
-def _queued(steps, token, opts: SamplingOptions, generator, selector, eos: set, timings: DecodeTimings):
+def _queued(steps, token, opts: SamplingOptions, generator, selector, eos: set, timings: DecodeTimings,
+            trace=None):
     """Static steps, one ahead of the host: step k+1 is queued (its input is step k's token,
     on the device) before the host reads step k's token, so the device never waits for the
     host. Each step's report (token and counters) is copied into one of two pinned host slots
@@ -320,6 +324,8 @@ def _queued(steps, token, opts: SamplingOptions, generator, selector, eos: set, 
         # a replay needs no kernel choice (the capture made it): no context per token
         with contextlib.nullcontext() if steps.graph is not None else attention_backends(device, "decode"):
             logits = steps()
+            if trace is not None:  # queued after this step, before the next: its selection
+                trace.record(selector)
             if not steps.greedy:
                 steps.feed(sample_token(logits, opts, generator))
         slot = host[k % 2]

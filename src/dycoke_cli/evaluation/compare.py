@@ -65,8 +65,9 @@ class Comparison:
 
 
 def compare(lm, enc: EncodedVideo, question: str | Prompt | None, methods: list[MethodChoice], base: CompressionOptions,
-            sampling: SamplingOptions) -> Comparison:
+            sampling: SamplingOptions, trace: bool = False) -> Comparison:
     """Run every method on the same encoded frames; the first is the baseline of the ratios.
+    ``trace``: each answer records what it kept (``Answer.kept``, for ``--picture``).
 
     Like with like: every method prefills its whole prompt (no prefix is reused, whatever a chat
     session keeps), and every method has run once, untimed, in this process before it is timed,
@@ -79,7 +80,8 @@ def compare(lm, enc: EncodedVideo, question: str | Prompt | None, methods: list[
         _warm(lm, enc, prompt, choice.options(base))
     comp = Comparison(prompt.question, enc.frames)
     for choice in chosen:
-        comp.results.append(replace(answer(lm, enc, prompt, choice.options(base), sampling), method=choice.value))
+        comp.results.append(replace(answer(lm, enc, prompt, choice.options(base), sampling, trace=trace),
+                                    method=choice.value))
     return comp
 
 

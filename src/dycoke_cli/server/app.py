@@ -1,13 +1,12 @@
 """The FastAPI app of `dycoke serve`: its routes, and running it with uvicorn.
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``, and
-``GET``/``HEAD /health`` (open, also with an API key). A request is checked (shape: 422;
-values, messages and media: 400; the model: 404), its video opened once (media.py), and its
-generation queued (runner.py: 429 with Retry-After when full). The response starts once the
-first token is out, so a bad video is a 400 with the reader's own one-line reason, never a
-stream that fails. Every error has OpenAI's shape and names no path the client did not send.
-Before the routes: guard.py (key, Host, body); the serving logic: service.py; streams: streaming.py.
-"""
+Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET``/``HEAD
+/health`` (open, also with an API key); the web page and ``GET /v1/clips`` in page.py. A request is
+checked (shape: 422; values, messages and media: 400; the model: 404), its video opened once
+(media.py), and its generation queued (runner.py: 429 with Retry-After when full). The response
+starts once the first token is out, so a bad video is a 400 with the reader's own one-line reason,
+never a stream that fails. Every error has OpenAI's shape and names no path the client did not
+send. Before the routes: guard.py (key, Host, body); serving logic: service.py; streams: streaming.py."""
 
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..errors import UsageError
 from .answers import Reply
 from .guard import Guard
+from .page import add_page
 from .protocol import ApiError, ChatRequest, Completion
 from .runner import Ended, Job, QueueFull, Stopping
 from .service import TEXT_ALLOWANCE, Server, ServerConfig, api_error
@@ -44,6 +44,7 @@ def create_app(lm, config: ServerConfig):
     app = FastAPI(title="dycoke", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.server = state
     _error_handlers(app)
+    add_page(app, state.policy.allowed)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -237,12 +238,8 @@ def serve(lm, config: ServerConfig) -> None:
     guard = Guard(app, config.api_key, max_body, hosts=config.host_names(host))
     server = _Uvicorn.make(uvicorn.Config(guard, http=_Protocol, log_config=None, log_level="warning",
                                           access_log=False, lifespan="off", timeout_graceful_shutdown=None), runner)
-    if not config.quiet:
-        where = f"[{host}]" if ":" in host else host
-        print(f"[dycoke] serving {app.state.server.model_id} at http://{where}:{port}/v1 (Ctrl-C stops)",
-              file=sys.stderr, flush=True)
-        if config.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
-            print("[dycoke] warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
+    for line in [] if config.quiet else config.announcement(app.state.server.model_id, host, port):
+        print(f"[dycoke] {line}", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -9,6 +9,8 @@
   inside the allowed folder gets the reader's own words; a NUL byte in the path is a 400.
 - ``data:video/...;base64,`` URLs are decoded, at most ``max_upload_bytes``, into a private
   temporary file (mode 0600) that :meth:`LocalVideo.close` removes.
+- ``file:NAME`` (no slash) names a file directly in the allowed folder, as ``GET /v1/clips``
+  lists them for the page; it is opened as ``file://`` URLs are, and named as sent.
 - ``http(s)://`` URLs are refused: this server fetches nothing.
 
 Messages name a file by what the client sent (its ``file://`` path, or ``the data: URL``),
@@ -65,6 +67,14 @@ class LocalVideo:
         return message.replace(self._temp, self.label) if self._temp else message
 
 
+def _clip_name(url: str) -> str | None:
+    """The name in a ``file:NAME`` URL (no slash: a file directly in the allowed folder), else None."""
+    if url[:5].lower() != "file:" or url[5:].startswith("/"):
+        return None
+    name = unquote(url[5:])
+    return None if not name or "/" in name or name in (".", "..") or "\x00" in name else name
+
+
 def _digest_fd(fd: int) -> str:
     """SHA-256 of the open file's bytes, read through the descriptor (its offset left at 0)."""
     digest = hashlib.sha256()
@@ -98,8 +108,9 @@ class MediaPolicy:
             raise ApiError(400, "file:// URLs are refused: the server was started without "
                                 "--allowed-local-media-path", "file_url_refused")
         parts = urlsplit(url)
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise ApiError(400, "malformed file:// URL: expected file:///absolute/path", "invalid_url")
+        if _clip_name(url) is None and (parts.netloc not in ("", "localhost") or not parts.path.startswith("/")):
+            raise ApiError(400, "malformed file:// URL: expected file:///absolute/path (or file:NAME, a clip "
+                                "directly in the allowed folder)", "invalid_url")
         if ".." in unquote(parts.path).split("/"):
             raise ApiError(400, "file:// URLs with '..' are refused", "file_url_refused")
 
@@ -108,11 +119,22 @@ class MediaPolicy:
         self.check_url(url)
         if url[:5].lower() == "data:":
             return self._from_data(url)
+        name = _clip_name(url)
+        if name is not None:  # as the page names a clip of GET /v1/clips; shown as the client sent it
+            return self._from_file(os.path.join(self.allowed, name), shown=url)
         return self._from_file(unquote(urlsplit(url).path))
 
-    def _from_file(self, path: str) -> LocalVideo:
+    def _from_file(self, path: str, shown: str | None = None) -> LocalVideo:
         """The file opened once, without following a final link; everything after reads that open
-        file. Nothing here reopens a path by name: a name swapped after a check is never read."""
+        file. Nothing here reopens a path by name: a name swapped after a check is never read.
+        ``shown``: how messages name the file (default: ``path``, what the client sent)."""
+        if shown is not None:
+            try:
+                video = self._from_file(path)
+            except ApiError as error:
+                raise ApiError(error.status, error.message.replace(path, shown), error.code) from None
+            video.label = shown
+            return video
         if "\x00" in path:
             raise ApiError(400, "malformed file:// URL: the path holds a NUL byte", "invalid_url")
         try:

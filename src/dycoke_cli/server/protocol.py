@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from ..errors import one_line
 
@@ -129,6 +129,7 @@ class DycokeOptions(BaseModel):
     fps: Optional[Number] = None  # the model's rule at this rate (vLLM: media_io_kwargs.video.fps)
     max_frames: Optional[Int] = None  # the rule's ceiling (within the server's --max-frames)
     timestamps: Optional[bool] = None  # LLaVA-OneVision's time instruction
+    kept: Optional[StrictBool] = None  # add what the answer kept to the dycoke object (results.KeptTrace)
 
 
 class ChatRequest(_Open):

@@ -63,6 +63,14 @@ class ServerConfig:
             return None
         return frozenset({"localhost", "127.0.0.1", "::1", bound.lower()} | extra)
 
+    def announcement(self, model_id: str, host: str, port: int) -> list[str]:
+        """What the server says on stderr once it listens (the tests read the first line's URL)."""
+        root = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        lines = [f"serving {model_id} at {root}/v1 (Ctrl-C stops)", f"the page: {root}/"]
+        if self.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+            lines.append("warning: listening beyond this machine without --api-key")
+        return lines
+
     def check(self) -> "ServerConfig":
         """Refuse limits that make no sense, naming the flag (UsageError)."""
         for flag, value, low in (("--port", self.port, 0), ("--max-frames", self.max_frames, 1),
@@ -101,6 +109,7 @@ class Plan:
     compression: CompressionOptions  # resolved
     sampling: SamplingOptions
     stops: list[str]
+    trace: bool = False  # dycoke.kept: the answer's KeptTrace in its dycoke object
 
 
 class Server:
@@ -128,7 +137,7 @@ class Server:
         conv = parse(self.lm, body)
         self.policy.check_url(conv.url)
         return Plan(conv.url, conv.question, conv.system, self._frames(body), self._compression(body),
-                    self._sampling(body), self._stops(body))
+                    self._sampling(body), self._stops(body), bool(body.dycoke and body.dycoke.kept))
 
     def _frames(self, body: ChatRequest) -> FrameOptions:
         """The request's frame options: ``dycoke`` (frames, fps, max_frames, timestamps) and vLLM's
@@ -157,7 +166,7 @@ class Server:
         return frames
 
     def _compression(self, body: ChatRequest) -> CompressionOptions:
-        given = body.dycoke.model_dump(exclude_none=True, exclude={"frames", "fps", "max_frames", "timestamps"}) \
+        given = body.dycoke.model_dump(exclude_none=True, exclude={"frames", "fps", "max_frames", "timestamps", "kept"}) \
             if body.dycoke is not None else {}
         if body.seed is not None:
             given["seed"] = body.seed
@@ -205,7 +214,7 @@ class Server:
             session.rebind(replace(session.clip, path=video.path, name=video.label))
         before, failed = session.encoded, True
         try:
-            for event in session.stream(plan.question, plan.sampling, plan.compression):
+            for event in session.stream(plan.question, plan.sampling, plan.compression, plan.trace):
                 if isinstance(event, Planned):
                     yield Reused(found and session.encoded is before and event.prefix_reused)
                     yield PromptTokens(event.prompt_tokens)
