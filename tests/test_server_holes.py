@@ -317,7 +317,7 @@ def test_one_request_hashes_its_clip_once(media, tmp_path, monkeypatch):
     """The server hashes the open file once (media.py); the feature cache's key is that digest,
     not a second read of the file. Counted on the real calls, in process."""
     from dycoke_cli import load_model
-    from dycoke_cli import pipeline
+    from dycoke_cli import encoder  # where the feature cache's key is made
     from dycoke_cli.feature_cache import FeatureCache
     from dycoke_cli.server import media as media_module
     from dycoke_cli.server.protocol import ChatRequest
@@ -332,7 +332,7 @@ def test_one_request_hashes_its_clip_once(media, tmp_path, monkeypatch):
         return wrapper
 
     monkeypatch.setattr(media_module, "_digest_fd", counted("fd", media_module._digest_fd))
-    monkeypatch.setattr(pipeline, "file_digest", counted("file", pipeline.file_digest))
+    monkeypatch.setattr(encoder, "file_digest", counted("file", encoder.file_digest))
     server = Server(load_model("demo"), ServerConfig(allowed_media=media, cache=FeatureCache(tmp_path / "cache")))
     body = ChatRequest.model_validate({"model": "demo", "messages": describe(f"file://{media}/red_cup.mp4")})
     plan = server.plan(body)
