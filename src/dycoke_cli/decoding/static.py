@@ -97,7 +97,7 @@ class StaticSteps:
         hidden = decoder.embed_tokens(self.token)
         cos, sin = decoder.rotary_emb(hidden, self.position)
         flat_ids = self.position if self.position.dim() == 2 else None
-        masks = self.cache.step_masks()
+        masks = self.cache.begin_step()  # write indices and masks, once for all layers
         with probing(self.selector):
             for layer, mask in zip(decoder.layers, masks):
                 hidden = call_layer(layer, hidden, self.cache, attention_mask=mask, position_embeddings=(cos, sin),
