@@ -23,8 +23,21 @@ import os
 
 import torch
 
-from ..compression.attention import probing
+from ..compression.attention import DECODE_KERNELS, decode_kernel, probing
+from ..errors import UsageError
 from .layer_call import call_layer
+
+ATTENTION_ENV = "DYCOKE_DECODE_ATTENTION"  # the static step's attention kernel (see decode_attention)
+
+
+def decode_attention(environ=os.environ) -> str:
+    """The static decoding step's attention kernel: ``$DYCOKE_DECODE_ATTENTION``, ``sdpa`` (the
+    default: nothing measured on a GPU has chosen the other yet) or ``matmul`` (two matmuls and
+    a softmax, split over the keys: benchmarks/bench_attention.py compares them)."""
+    chosen = environ.get(ATTENTION_ENV, "").strip() or "sdpa"
+    if chosen not in DECODE_KERNELS:
+        raise UsageError(f"{ATTENTION_ENV} must be {' or '.join(DECODE_KERNELS)} (got {chosen!r})")
+    return chosen
 
 
 class StaticSteps:
@@ -55,6 +68,7 @@ class StaticSteps:
         self.answers = 1  # answers this step has served (a graph captured once, replayed by the later ones)
         self.setup = False  # the last call warmed up or captured (its time is not a decoding step's)
         self.note: str | None = None  # why no graph, when one was wanted
+        self.attention = decode_attention()  # the attention kernel of every layer in a step
 
     @property
     def path(self) -> str:
@@ -98,7 +112,7 @@ class StaticSteps:
         cos, sin = decoder.rotary_emb(hidden, self.position)
         flat_ids = self.position if self.position.dim() == 2 else None
         masks = self.cache.begin_step()  # write indices and masks, once for all layers
-        with probing(self.selector):
+        with probing(self.selector), decode_kernel(self.attention):
             for layer, mask in zip(decoder.layers, masks):
                 hidden = call_layer(layer, hidden, self.cache, attention_mask=mask, position_embeddings=(cos, sin),
                                     position_ids=flat_ids)
