@@ -91,13 +91,25 @@ class StaticSteps:
         self.setup = self.graph is None and self.want_graph and self.calls <= 2
         if self.graph is not None:
             self.graph.replay()
-        elif self.want_graph and self.calls == 1:
-            self._warm_up()
-        elif self.want_graph and self.calls == 2:
-            self._capture()
+        elif self.setup:
+            self._set_up(self._warm_up if self.calls == 1 else self._capture)
         else:
             self._step()
         return self.logits
+
+    def _set_up(self, stage) -> None:
+        """Warm up or capture. Stopped in the middle (Ctrl-C, or any error), it leaves no half-made
+        step behind: the count restarts at zero, so this step fits no later answer (:meth:`fits`),
+        and the session's next answer sets a new one up (its ``decode_path`` says how it ran)."""
+        finished = False
+        try:
+            stage()
+            finished = True
+        finally:
+            if not finished:
+                what = "warm-up" if stage == self._warm_up else "capture"
+                self.calls, self.graph, self.setup = 0, None, False
+                self.note = f"the {what} of the static decoding step was interrupted; the next answer sets it up again"
 
     def _emit(self, token: torch.Tensor) -> None:
         self.report[:1].copy_(token.view(1))
@@ -129,11 +141,18 @@ class StaticSteps:
             self._emit(chosen)
 
     def _warm_up(self) -> None:
+        """The first step, on a side stream on CUDA (what capture wants); the main stream waits for
+        it however it ends."""
+        if self.lm.device.type != "cuda":
+            self._step()
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step()
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                self._step()
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
 
     def _capture(self) -> None:
         """Capture one step (capturing runs nothing), then replay it for this step. A failure
@@ -156,7 +175,7 @@ class StaticSteps:
     def fits(self, lm, cache, selector, position_dims: int, greedy: bool) -> bool:
         """Whether this (captured) step can run another answer's decoding: same model, same
         choice of token, a cache that took over this one's buffers with the same layout, and
-        the same selection rule."""
+        the same selection rule. A step whose setup was interrupted has a count of zero: it fits none."""
         if lm is not self.lm or position_dims != self.position_dims or greedy != self.greedy:
             return False
         if self.calls == 0 or any(layer.keys is None for layer in cache.kv_layers()):
