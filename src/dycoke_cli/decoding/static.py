@@ -6,7 +6,8 @@ The token, its position and the step count are device tensors updated in place, 
 selection runs branch-free on the device (compression/selectors.py), so every step launches
 the same kernels on the same addresses, with no host sync inside. On CUDA the first step runs
 eagerly on a side stream (it warms up the kernels and is a real step), the second is captured
-as a CUDA graph, and every later step is one replay: about 800 kernel launches become one.
+as a CUDA graph, and every later step is one replay: a step's kernels (about 40 per layer)
+become one launch.
 Elsewhere (or when capture fails) the same step runs eagerly; it gives the same tokens.
 
 Greedy decoding chooses the next token inside the step (an argmax written into the step's own
