@@ -233,11 +233,20 @@ class KeptSteps:
             return 0
         cache = self.steps.cache
         holders = [self.steps, cache, *getattr(cache, "layers", []), getattr(cache, "block", None),
-                   getattr(cache, "selector", None)]
+                   getattr(cache, "selector", None), getattr(cache, "static", None)]
         seen: dict[int, int] = {}
         for holder in holders:
             for value in vars(holder).values() if holder is not None else ():
-                if isinstance(value, torch.Tensor):
-                    storage = value.untyped_storage()
+                for tensor in _tensors(value):
+                    storage = tensor.untyped_storage()
                     seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or those in a list or tuple of them (nested)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
