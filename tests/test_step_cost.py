@@ -1,8 +1,8 @@
 """What one static decoding step costs, counted on the CPU (issue 34, items 3 and 5): the
 operations each decoder layer adds (the CUDA graph replays one kernel per non-view operation),
-that the write indices and the attention mask are built once per step whatever the layer
-count, and the bytes the pruned layers' buffers take per step: the selected slot is rewritten
-only on a step whose probe took a new selection."""
+that the write indices and the attention masks are built once per step whatever the layer
+count (and as memory-efficient SDPA takes them), and the bytes the pruned layers' buffers take
+per step: the selected slot is rewritten only on a step whose probe took a new selection."""
 
 from __future__ import annotations
 
@@ -95,9 +95,10 @@ def test_each_layer_adds_only_its_own_work_to_a_static_step(tiny_lm, six_layer_l
     assert six - four == PER_LAYER + PER_LAYER and four - six == Counter()
     # the step's own work, whatever the layer count: one write index per distinct length (the
     # plain layers', and under DyCoke the pruned layers'), the final norm's eps, DyCoke's probe
-    # adding the mask to its scores; one mask (a compare, a where), DyCoke's two in-place updates
+    # adding the mask to its scores; one mask per layer shape (a compare, a where: two under
+    # DyCoke, the plain and the pruned layers), DyCoke's two in-place updates
     beyond = (four["add"] - 4 * PER_LAYER["add"], four["le"], four["where"])
-    assert beyond == ((2 + 1 + 1, 1, 1 + 2) if pruned else (1 + 1, 1, 1))
+    assert beyond == ((2 + 1 + 1, 2, 2 + 2) if pruned else (1 + 1, 1, 1))
     # SDPA is given a float mask: it converts nothing (a boolean mask costs two `where` per layer)
     assert six_events["aten::where"] == four_events["aten::where"]
     kernel = "aten::_scaled_dot_product_flash_attention_for_cpu"  # the profiler sees inside SDPA
@@ -219,3 +220,21 @@ def test_an_answer_with_the_matmul_kernel_equals_the_eager_one(tiny_lm, clip_pat
     assert static.stats.decode_path == "static" and len(static.token_ids) == 16
     counts = [None if a.stats.selection is None else astuple(a.stats.selection)[:4] for a in (static, eager)]
     assert static.token_ids == eager.token_ids and counts[0] == counts[1]
+
+
+def test_the_masks_are_what_memory_efficient_sdpa_takes_as_they_are(tiny_lm):
+    """One mask per layer shape (DyCoke: the plain layers' and the pruned layers'), each at the
+    start of its own buffer with rows of a multiple of 16 (the kernel checks a mask's address
+    and strides; SDPA would pad a copy in every layer otherwise), 0 on the keys in use after
+    this step's write and -inf on the rest."""
+    steps, cache, sel, token = _static_steps(tiny_lm, pruned=True)
+    with torch.inference_mode():
+        steps(token)  # one step: the write index is now length + 1
+        masks = cache.begin_step()
+    assert len({mask.data_ptr() for mask in masks}) == 2
+    for layer, mask in zip(cache.layers, masks):
+        assert mask.shape == (1, 1, 1, layer.capacity) and mask.storage_offset() == 0
+        assert mask.stride()[:3] == (mask.stride(0),) * 3 and mask.stride(0) % 16 == 0 and mask.stride(3) == 1
+        in_use = layer.length + 2  # the prompt, the first step's key, this step's
+        assert torch.equal(mask[0, 0, 0], torch.cat([torch.zeros(in_use), torch.full((layer.capacity - in_use,),
+                                                                                      float("-inf"))]))

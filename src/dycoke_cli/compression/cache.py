@@ -6,7 +6,7 @@ for the decoding steps: a step writes its keys at a device index (``base + steps
 attention reads the whole capacity under a length mask (:meth:`PrunedKVCache.begin_step`), so
 the step has the same shapes and addresses every time and can be captured as a CUDA graph. A
 static step computes each distinct write index (``steps + base``, one per distinct length) and
-one additive float mask (0 = attend, -inf = unused) per distinct room once, before the layers
+one additive float mask (0 = attend, -inf = unused) per distinct layer shape once, before the layers
 (:meth:`PrunedKVCache.begin_step`); the layers only read them. With a
 :class:`~.selectors.DecodeSelector`, each layer ``>= L`` keeps a compact working buffer
 ``[text before | selected visual slot | everything after]`` that attention reads directly,
@@ -30,7 +30,7 @@ from ..results import KVBytes
 from .attention import ATTENTION_NAME
 from .selectors import DecodeSelector
 
-MASK_ALIGN = 16  # elements: the row alignment memory-efficient SDPA wants of a mask (else it pads a copy)
+MASK_ALIGN = 16  # elements: the row stride memory-efficient SDPA wants of a mask (else it pads a copy)
 
 
 class _BufferLayer(CacheLayerMixin):
@@ -180,7 +180,11 @@ def run_if(flag: torch.Tensor, fn) -> None:
         graph_class = torch.cuda.CUDAGraph
         graph = getattr(graph_class, "get_currently_capturing_graph", lambda: None)()
         if graph is not None and hasattr(graph, "begin_capture_to_if_node"):
-            graph.begin_capture_to_if_node(flag)
+            try:
+                graph.begin_capture_to_if_node(flag)
+            except RuntimeError:  # a driver without conditional nodes (CUDA < 12.4): unconditional
+                fn()
+                return
             try:
                 fn()
             finally:
@@ -476,29 +480,29 @@ class PrunedKVCache(Cache):
 
     def layout_key(self) -> tuple:
         """What a captured static step bakes in about this cache: each layer's kind, capacity and
-        buffer, which layers share a write index (a length) and which share a mask (a room).
+        buffer, which layers share a write index (a length) and which share a mask (a shape).
         Equal keys: one step serves both caches."""
         layers = self.kv_layers()
-        lengths, rooms = _groups(layers)
+        lengths, shapes = _groups(layers)
         linear = tuple(layer.recurrent_states[0].data_ptr() for layer in self.layers if getattr(layer, "is_linear", 0))
-        return linear + tuple((type(layer).__name__, layer.capacity, layer.keys.data_ptr(), length, room)
-                              for layer, length, room in zip(layers, lengths, rooms))
+        return linear + tuple((type(layer).__name__, layer.capacity, layer.keys.data_ptr(), length, shape)
+                              for layer, length, shape in zip(layers, lengths, shapes))
 
     def begin_step(self) -> list[torch.Tensor | None]:
         """Static mode, before the layers of a step: each distinct write index ``steps + length``
         once, and each layer's additive attention mask [1, 1, 1, capacity] (0 where a key is in
-        use after this step's write, -inf elsewhere; None for a linear layer). Layers with the same
-        room left (capacity - length: every layout here) share one mask, a smaller buffer its
-        trailing part: ``arange(c) <= steps + length`` is the last ``c`` entries of the widest
-        layer's. A float mask is what SDPA adds as it is (a boolean one it converts in every layer)."""
+        use after this step's write, -inf elsewhere; None for a linear layer), one per distinct
+        shape (capacity and length: two under DyCoke, the plain and the pruned layers), shared by
+        the layers of that shape. A float mask is what SDPA adds as it is (a boolean one it
+        converts in every layer); its rows are MASK_ALIGN-aligned, and each starts a fresh
+        buffer, as memory-efficient SDPA requires of a mask's address and strides."""
         values = self.static
         for base, at in zip(values.bases, values.ats):
             torch.add(self.steps, base, out=at)
-        masks = [torch.where(positions <= values.ats[group], values.zero, values.minus_inf).view(1, 1, 1, -1)
-                 for positions, group in values.widest]
-        room_of = iter(values.rooms)
-        return [None if getattr(layer, "is_linear", False) else masks[next(room_of)][..., -layer.capacity :]
-                for layer in self.layers]
+        masks = [torch.where(positions <= values.ats[group], values.zero, values.minus_inf).view(1, 1, 1, -1)[..., :capacity]
+                 for positions, capacity, group in values.shapes]  # rows of the aligned width, cut to the capacity
+        shape_of = iter(values.shape_of)
+        return [None if getattr(layer, "is_linear", False) else masks[next(shape_of)] for layer in self.layers]
 
     def advance(self) -> None:
         self.steps += 1
@@ -522,35 +526,32 @@ class PrunedKVCache(Cache):
 
 
 def _groups(layers) -> tuple[list[int], list[int]]:
-    """Per layer, the rank of its length among the distinct lengths, and of its room (capacity -
-    length) among the distinct rooms: which layers share a write index, and which a mask."""
+    """Per layer, the rank of its length among the distinct lengths, and of its shape (capacity,
+    length) among the distinct shapes: which layers share a write index, and which a mask."""
     lengths = sorted({layer.length for layer in layers})
-    rooms = sorted({layer.capacity - layer.length for layer in layers})
+    shapes = sorted({(layer.capacity, layer.length) for layer in layers})
     return ([lengths.index(layer.length) for layer in layers],
-            [rooms.index(layer.capacity - layer.length) for layer in layers])
+            [shapes.index((layer.capacity, layer.length)) for layer in layers])
 
 
 class _StepValues:
     """The device values a static step reads, made once per kept step: the step count; per
     distinct length a base (that length) and the write index ``at`` [1] = steps + base; per
-    distinct room the positions ``arange(capacity)`` of its widest layer with that layer's
-    length rank; and the mask's two values in the keys' dtype."""
+    distinct shape the positions ``arange`` of its capacity rounded up to MASK_ALIGN, the
+    capacity and the length rank; and the mask's two values in the keys' dtype."""
 
     def __init__(self, layers):
         first = layers[0].keys
         device = first.device
-        lengths, rooms = _groups(layers)
+        lengths, shapes = _groups(layers)
         self.steps = torch.zeros((), dtype=torch.long, device=device)
         self.bases = [torch.zeros(1, dtype=torch.long, device=device) for _ in set(lengths)]
         self.ats = [torch.zeros(1, dtype=torch.long, device=device) for _ in set(lengths)]
-        self.rooms = rooms
-        self.widest = []
-        for room in range(len(set(rooms))):
-            capacity, group = max((layer.capacity, length) for layer, length, r in zip(layers, lengths, rooms)
-                                  if r == room)
-            # widened on the left to a multiple of MASK_ALIGN (no layer's trailing view reaches
-            # there): memory-efficient SDPA copies a mask whose rows are not aligned, in every layer
-            width = -(-capacity // MASK_ALIGN) * MASK_ALIGN
-            self.widest.append((torch.arange(capacity - width, capacity, device=device), group))
+        self.shape_of = shapes
+        self.shapes = []
+        for shape in range(len(set(shapes))):
+            layer, group = next((layer, g) for layer, g, s in zip(layers, lengths, shapes) if s == shape)
+            width = -(-layer.capacity // MASK_ALIGN) * MASK_ALIGN
+            self.shapes.append((torch.arange(width, device=device), layer.capacity, group))
         self.zero = torch.zeros((), dtype=first.dtype, device=device)
         self.minus_inf = torch.full((), float("-inf"), dtype=first.dtype, device=device)
