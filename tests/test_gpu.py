@@ -193,3 +193,25 @@ def test_replayed_answers_equal_eager_and_freshly_captured_ones(monkeypatch, met
                 assert astuple(a.stats.selection)[:4] == astuple(b.stats.selection)[:4], (question, other)
             assert len(logits) >= steps and len(other_logits) >= steps
             assert_close(torch.stack(logits[:steps]), torch.stack(other_logits[:steps]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_captured_run_if_runs_only_where_the_device_flag_is_set():
+    """The pruned slot's gather in a captured step sits in a conditional node (cache.run_if): at
+    each replay the device reads the flag; the host reads nothing."""
+    from dycoke_cli.compression.cache import run_if
+
+    if not hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph"):
+        pytest.skip("this torch has no CUDA graph conditional nodes")
+    flag = torch.zeros((), dtype=torch.bool, device="cuda")
+    total = torch.zeros(4, device="cuda")
+    one = torch.ones(4, device="cuda")
+    total.add_(one)  # warm the kernel up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_if(flag, lambda: total.add_(one))
+    total.zero_()
+    for value in (False, True, True, False, True):
+        flag.fill_(value)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert total.tolist() == [3.0] * 4
