@@ -13,7 +13,7 @@
 # Steps, in this order: install info serve gpu-tests attention bench-0.5b bench-7b suite. Name some to
 # run only those (install always runs):  bash benchmarks/gpu_session.sh bench-7b
 # Each step runs under `timeout`: its cap in seconds (T_INSTALL 45, T_INFO 20, T_SERVE 30, T_GPU_TESTS 60,
-# T_ATTENTION 30, T_BENCH_05B 60, T_BENCH_7B 90; the suite, last, gets what is left), never past the
+# T_ATTENTION 45, T_BENCH_05B 60, T_BENCH_7B 90; the suite, last, gets what is left), never past the
 # session's deadline (BUDGET_S, default 330 s from the start: with a machine's cold start of 1-2
 # minutes, the whole run fits 7 minutes of device time). The figures come first; the suite runs
 # with -m "not gpu" and without -x (DYCOKE_DEVICE=cpu keeps its tests on the CPU), so one failure
@@ -159,7 +159,7 @@ import_check || { echo "import FAILED" >> "$SUMMARY"; cat "$SUMMARY"; exit 1; }
 wanted info "$@" && run_step info "${T_INFO:-20}" bash -c "print_versions; carried"
 wanted serve "$@" && run_step serve "${T_SERVE:-30}" bash -c serve_check
 wanted gpu-tests "$@" && run_step gpu-tests "${T_GPU_TESTS:-60}" --no-tests-ok "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-wanted attention "$@" && run_step attention "${T_ATTENTION:-30}" \
+wanted attention "$@" && run_step attention "${T_ATTENTION:-45}" \
     "$PY" benchmarks/bench_attention.py --arch 7b --json "$OUT/attention_7b.json"
 wanted bench-0.5b "$@" && run_step bench-0.5b "${T_BENCH_05B:-60}" bash -c "bench 0.5b"
 wanted bench-7b "$@" && run_step bench-7b "${T_BENCH_7B:-90}" bash -c "bench 7b"

@@ -5,6 +5,8 @@ accelerator. tests/test_static_decode.py proves the same logic on the CPU."""
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -137,3 +139,79 @@ def test_a_session_captures_one_graph_and_replays_it(cuda_lm, clip_path, method)
         assert (a.stats.decode_path, a.stats.decode_step_reused) == ("cuda-graph", i > 0)
         assert (a.stats.timings.decode_setup > 0) == (i == 0)  # warm-up and capture: the first answer only
     assert graphed.kept.steps.answers == 3
+
+
+def _recording(monkeypatch):
+    """Per answer, the logits of each decoding step as the loop gets them (static and eager steps'
+    own __call__, wrapped to keep a copy): returns the list they are appended to."""
+    from dycoke_cli.decoding.loop import EagerSteps
+
+    seen: list[torch.Tensor] = []
+    for cls in (StaticSteps, EagerSteps):
+        real = cls.__call__
+
+        def call(self, *args, _real=real, **kwargs):
+            logits = _real(self, *args, **kwargs)
+            seen.append(logits.clone())  # in stream order: the next replay overwrites the step's own
+            return logits
+
+        monkeypatch.setattr(cls, "__call__", call)
+    return seen
+
+
+@pytest.mark.parametrize("method", [Method.dycoke, Method.none])
+def test_replayed_answers_equal_eager_and_freshly_captured_ones(monkeypatch, method):
+    """The demo model in float32, greedy answers that end at EOS: each answer a session replays
+    from its kept graph equals, in tokens, selection counters and per-step logits, the same
+    question asked of an eager session and of a fresh session (a graph captured for it)."""
+    from pathlib import Path
+
+    from dycoke_cli.session import Session
+
+    clip = Path(__file__).resolve().parents[1] / "sample_videos" / "red_cup.mp4"
+    demo = load_model("demo", device="cuda", dtype="float32")
+    opts = CompressionOptions(method=method)
+    seen = _recording(monkeypatch)
+    replayed, eager = Session(demo, clip, compression=opts), Session(demo, clip, compression=opts)
+    questions = ["describe the video.", "what color is the cup?", "which way does the cup move?"]
+    for i, question in enumerate(questions):
+        runs = {}
+        for name, session, decode in (("replayed", replayed, "auto"), ("eager", eager, "eager"),
+                                      ("fresh", Session(demo, clip, compression=opts), "auto")):
+            seen.clear()
+            answer_ = session.ask(question, SamplingOptions(decode=decode))
+            runs[name] = (answer_, [t.cpu() for t in seen])
+        a, logits = runs["replayed"]
+        assert (a.stats.decode_path, a.stats.decode_step_reused) == ("cuda-graph", i > 0), a.stats.decode_path_note
+        assert runs["fresh"][0].stats.decode_step_reused is False
+        assert 0 < len(a.token_ids) < 256  # it ended at EOS
+        steps = len(a.token_ids)  # decoding steps up to the EOS (a static answer queues one more)
+        for other in ("eager", "fresh"):
+            b, other_logits = runs[other]
+            assert a.token_ids == b.token_ids, (question, other)
+            if method == Method.dycoke:
+                assert astuple(a.stats.selection)[:4] == astuple(b.stats.selection)[:4], (question, other)
+            assert len(logits) >= steps and len(other_logits) >= steps
+            assert_close(torch.stack(logits[:steps]), torch.stack(other_logits[:steps]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_captured_run_if_runs_only_where_the_device_flag_is_set():
+    """The pruned slot's gather in a captured step sits in a conditional node (cache.run_if): at
+    each replay the device reads the flag; the host reads nothing."""
+    from dycoke_cli.compression.cache import run_if
+
+    if not hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph"):
+        pytest.skip("this torch has no CUDA graph conditional nodes")
+    flag = torch.zeros((), dtype=torch.bool, device="cuda")
+    total = torch.zeros(4, device="cuda")
+    one = torch.ones(4, device="cuda")
+    total.add_(one)  # warm the kernel up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_if(flag, lambda: total.add_(one))
+    total.zero_()
+    for value in (False, True, True, False, True):
+        flag.fill_(value)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert total.tolist() == [3.0] * 4

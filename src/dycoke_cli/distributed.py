@@ -106,6 +106,10 @@ def process_group(device: str, timeout_s: float | None, environ=os.environ, *, t
         if timeout_s is not None:
             kwargs["timeout"] = timedelta(seconds=timeout_s)
         dist.init_process_group(**kwargs)
+        # every rank has joined before any goes on: a rank that failed at once could otherwise
+        # close its connections while another was still making its own, which then saw a broken
+        # join instead of a rank that went away (found by the stress script under load)
+        dist.barrier()
     except (RuntimeError, ValueError) as exc:  # the store cannot be reached, or timed out
         raise DycokeError(f"rank {rank}: cannot join torchrun's process group ({_first_line(exc)})") from None
     _joined = not teardown

@@ -3,13 +3,18 @@
 Layers ``< L`` hold everything in a preallocated buffer (appending writes in place).
 After the prefill, :meth:`PrunedKVCache.make_static` switches every layer to static shapes
 for the decoding steps: a step writes its keys at a device index (``base + steps``) and
-attention reads the whole capacity under a length mask (:meth:`PrunedKVCache.step_masks`), so
-the step has the same shapes and addresses every time and can be captured as a CUDA graph. With a
+attention reads the whole capacity under a length mask (:meth:`PrunedKVCache.begin_step`), so
+the step has the same shapes and addresses every time and can be captured as a CUDA graph. A
+static step computes each distinct write index (``steps + base``, one per distinct length) and
+one additive float mask (0 = attend, -inf = unused) per distinct layer shape once, before the layers
+(:meth:`PrunedKVCache.begin_step`); the layers only read them. With a
 :class:`~.selectors.DecodeSelector`, each layer ``>= L`` keeps a compact working buffer
 ``[text before | selected visual slot | everything after]`` that attention reads directly,
 plus a store of every visual entry; the pruned layers' buffers are views of one block, so a
-selection reaches every layer's slot in one gather. Eager steps rewrite the slots only when the
-selection changes; static steps gather every step (branch-free). With ``offload=True`` the store lives in
+selection reaches every layer's slot in one gather. Steps rewrite the slots only when the
+selection changes: eager steps branch on the host; a captured static step holds the gather in a
+CUDA graph conditional node that the device enters only when the probe took a new selection
+(:func:`run_if`). With ``offload=True`` the store lives in
 host memory (the accelerator holds only what is attended). Pruned entries stay in the store
 and come back when a later selection ranks them high again.
 """
@@ -25,6 +30,8 @@ from ..results import KVBytes
 from .attention import ATTENTION_NAME
 from .selectors import DecodeSelector
 
+MASK_ALIGN = 16  # elements: the row stride memory-efficient SDPA wants of a mask (else it pads a copy)
+
 
 class _BufferLayer(CacheLayerMixin):
     """A preallocated full layer: appending writes in place; attention reads a view."""
@@ -37,6 +44,7 @@ class _BufferLayer(CacheLayerMixin):
         self.length = 0
         self.steps: torch.Tensor | None = None  # static mode: the shared device count of decoding steps
         self.base: torch.Tensor | None = None  # static mode: the device length before the first step
+        self.at: torch.Tensor | None = None  # static mode: [1] this step's write index, base + steps (begin_step)
         self.arena = arena  # an earlier answer's layer whose buffers this one takes over (see PrunedKVCache)
 
     def lazy_initialization(self, key_states, value_states):
@@ -67,31 +75,23 @@ class _BufferLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
-    def make_static(self, steps: torch.Tensor, base: torch.Tensor | None = None) -> None:
-        """From now on one token per update, written at ``base + steps`` (device values: a
-        captured step reads them, so another answer can set them and replay it). ``base``: the
-        tensor to hold this layer's length (an earlier answer's, to reuse its captured step)."""
+    def make_static(self, steps: torch.Tensor, base: torch.Tensor, at: torch.Tensor) -> None:
+        """From now on one token per update, written at ``at`` (device values: a captured step
+        reads them, so another answer can set them and replay it). ``base``: the device tensor
+        that holds this layer's length (shared by the layers of the same length, filled here);
+        ``at`` [1]: where :meth:`PrunedKVCache.begin_step` puts ``steps + base`` each step."""
         if self.length + 1 > self.capacity:
             raise RuntimeError(f"KV cache full ({self.capacity} positions)")
         # The unused capacity is read under the mask: zeros, never stale memory (a NaN there
         # would reach the output through 0 * NaN).
         self.keys[:, :, self.length :].zero_()
         self.values[:, :, self.length :].zero_()
-        self.steps = steps
-        if base is None:
-            base = torch.zeros((), dtype=torch.long, device=steps.device)
-        self.base = base.fill_(self.length)
+        self.steps, self.base, self.at = steps, base.fill_(self.length), at
 
     def _write_static(self, k, v):
-        at = (self.steps + self.base).view(1)
-        self.keys.index_copy_(2, at, k)
-        self.values.index_copy_(2, at, v)
+        self.keys.index_copy_(2, self.at, k)
+        self.values.index_copy_(2, self.at, v)
         return self.keys, self.values
-
-    def step_mask(self) -> torch.Tensor:
-        """Static mode: the keys in use after this step's write, [1, 1, 1, capacity] (True = attend)."""
-        used = torch.arange(self.capacity, device=self.steps.device) <= self.steps + self.base
-        return used.view(1, 1, 1, -1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -164,6 +164,35 @@ class _LinearStateLayer(LinearAttentionLayer):
         return query_length, 0
 
 
+def run_if(flag: torch.Tensor, fn) -> None:
+    """``fn()`` only where the device flag ``flag`` (bool []) is set, with no host wait on a GPU.
+
+    While a CUDA graph is captured, ``fn``'s kernels go into a conditional node: at each replay
+    the device reads ``flag`` and runs them or skips them. On the CPU the host reads the flag (its
+    own memory: nothing to wait for). Elsewhere (a CUDA step run eagerly: the warm-up, a failed
+    capture; a torch without conditional nodes; the meta device) ``fn`` runs every time: callers
+    pass an ``fn`` that gives the same result when the flag is false (it rewrites what is there)."""
+    if flag.device.type == "cpu":
+        if bool(flag):
+            fn()
+        return
+    if flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        graph_class = torch.cuda.CUDAGraph
+        graph = getattr(graph_class, "get_currently_capturing_graph", lambda: None)()
+        if graph is not None and hasattr(graph, "begin_capture_to_if_node"):
+            try:
+                graph.begin_capture_to_if_node(flag)
+            except RuntimeError:  # a driver without conditional nodes (CUDA < 12.4): unconditional
+                fn()
+                return
+            try:
+                fn()
+            finally:
+                graph.end_capture_to_conditional_node()
+            return
+    fn()
+
+
 class _PrunedBlock:
     """Storage shared by the pruned layers: one working buffer [2 (k, v), layers, B, H, capacity, d]
     and one store of every visual entry [2, layers, B, H, visual, d], so that a selection is
@@ -200,11 +229,14 @@ class _PrunedBlock:
 
     def gather(self) -> None:
         """Every layer's slot <- the selected entries of its store (no host sync when the store is
-        on the device; an offloaded store needs the selection on the host)."""
-        idx = self.selector.selection.to(self.store.device)
-        self.work[..., self.slot, :] = self.store.index_select(4, idx).to(self.work.device)
-        if self.store.device != self.work.device:
-            self.moved_bytes += self.work[..., self.slot, :].numel() * self.work.element_size()
+        on the device: one index_select straight into the slots; an offloaded store needs the
+        selection on the host)."""
+        slots = self.work[..., self.slot, :]
+        if self.store.device == self.work.device:
+            torch.index_select(self.store, 4, self.selector.selection, out=slots)
+            return
+        slots.copy_(self.store.index_select(4, self.selector.selection.to(self.store.device)))
+        self.moved_bytes += slots.numel() * slots.element_size()
 
     def stage(self) -> torch.Tensor:
         """An offloaded store: the selected entries gathered on the host into staging laid out
@@ -267,8 +299,8 @@ class _PrunedLayer(_BufferLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         sel = self.selector
         if self.steps is not None:
-            if self.index == 0:
-                self.block.gather()  # branch-free: the selection this step's probe kept or replaced
+            if self.index == 0:  # only when this step's probe took a new selection, decided on the device
+                run_if(sel.refreshed, self.block.gather)
             return self._write_static(key_states, value_states)
         if not self.is_initialized:
             return self._file_prompt(key_states, value_states)
@@ -316,10 +348,10 @@ class _PrunedLayer(_BufferLayer):
         return (torch.cat([k[:, :, :a], self.store_k.to(self.device), k[:, :, b : self.length]], dim=2),
                 torch.cat([v[:, :, :a], self.store_v.to(self.device), v[:, :, b : self.length]], dim=2))
 
-    def make_static(self, steps: torch.Tensor, base: torch.Tensor | None = None) -> None:
+    def make_static(self, steps: torch.Tensor, base: torch.Tensor, at: torch.Tensor) -> None:
         if self.offload_store:
             raise RuntimeError("static decoding reads the visual store on the device; it is offloaded")
-        super().make_static(steps, base)
+        super().make_static(steps, base, at)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -371,6 +403,7 @@ class PrunedKVCache(Cache):
         self.selector = selector
         self.first_pruned = pruned[0] if pruned else None  # where an eager step takes a new selection
         self.steps: torch.Tensor | None = None  # static mode's device step counter
+        self.static: _StepValues | None = None  # static mode: what a step computes before the layers
         self._copy_stream = None  # CUDA: where an offloaded store's slots are copied
 
     def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor], states=()) -> None:
@@ -434,42 +467,42 @@ class PrunedKVCache(Cache):
     def make_static(self, like: "PrunedKVCache | None" = None) -> torch.Tensor:
         """Switch every layer to static-shape decoding (see the module docstring); returns the
         device step counter, which :meth:`advance` moves on after each step. ``like``: an earlier
-        answer's static cache whose buffers this one took over; its step counter and lengths
-        (the device values its captured step reads) are reset to this answer's."""
+        answer's static cache whose buffers this one took over; its step values (the device
+        tensors its captured step reads) are taken over too, reset to this answer's lengths."""
         layers = self.kv_layers()  # a linear layer's state is updated in place already: static as it is
-        device = layers[0].keys.device
         with torch.inference_mode():  # the buffers were made under it
-            if like is None:
-                self.steps = torch.zeros((), dtype=torch.long, device=device)
-                bases = [None] * len(layers)
-            else:
-                self.steps = like.steps.zero_()
-                bases = [layer.base for layer in like.kv_layers()]
-            for layer, base in zip(layers, bases):
-                layer.make_static(self.steps, base)
+            self.static = like.static if like is not None else _StepValues(layers)
+            self.steps = self.static.steps.zero_()
+            lengths, _ = _groups(layers)
+            for layer, group in zip(layers, lengths):
+                layer.make_static(self.steps, self.static.bases[group], self.static.ats[group])
         return self.steps
 
     def layout_key(self) -> tuple:
         """What a captured static step bakes in about this cache: each layer's kind, capacity and
-        buffer, and which layers share a length mask. Equal keys: one step serves both caches."""
+        buffer, which layers share a write index (a length) and which share a mask (a shape).
+        Equal keys: one step serves both caches."""
         layers = self.kv_layers()
-        rooms = [layer.capacity - layer.length for layer in layers]
+        lengths, shapes = _groups(layers)
         linear = tuple(layer.recurrent_states[0].data_ptr() for layer in self.layers if getattr(layer, "is_linear", 0))
-        return linear + tuple((type(layer).__name__, layer.capacity, layer.keys.data_ptr(), rooms.index(room))
-                              for layer, room in zip(layers, rooms))
+        return linear + tuple((type(layer).__name__, layer.capacity, layer.keys.data_ptr(), length, shape)
+                              for layer, length, shape in zip(layers, lengths, shapes))
 
-    def step_masks(self) -> list[torch.Tensor | None]:
-        """Static mode: each layer's attention mask for this step (None for a linear layer). Layers
-        with the same room left (capacity - length: every layout here) share one mask, a smaller
-        buffer its trailing part: ``arange(c) <= steps + length`` is the last ``c`` entries of the
-        widest layer's."""
-        widest: dict[int, torch.Tensor] = {}
-        for layer in sorted(self.kv_layers(), key=lambda layer: -layer.capacity):
-            room = layer.capacity - layer.length
-            if room not in widest:  # one mask per room (not setdefault: its argument always runs)
-                widest[room] = layer.step_mask()
-        return [None if getattr(layer, "is_linear", False)
-                else widest[layer.capacity - layer.length][..., -layer.capacity :] for layer in self.layers]
+    def begin_step(self) -> list[torch.Tensor | None]:
+        """Static mode, before the layers of a step: each distinct write index ``steps + length``
+        once, and each layer's additive attention mask [1, 1, 1, capacity] (0 where a key is in
+        use after this step's write, -inf elsewhere; None for a linear layer), one per distinct
+        shape (capacity and length: two under DyCoke, the plain and the pruned layers), shared by
+        the layers of that shape. A float mask is what SDPA adds as it is (a boolean one it
+        converts in every layer); its rows are MASK_ALIGN-aligned, and each starts a fresh
+        buffer, as memory-efficient SDPA requires of a mask's address and strides."""
+        values = self.static
+        for base, at in zip(values.bases, values.ats):
+            torch.add(self.steps, base, out=at)
+        masks = [torch.where(positions <= values.ats[group], values.zero, values.minus_inf).view(1, 1, 1, -1)[..., :capacity]
+                 for positions, capacity, group in values.shapes]  # rows of the aligned width, cut to the capacity
+        shape_of = iter(values.shape_of)
+        return [None if getattr(layer, "is_linear", False) else masks[next(shape_of)] for layer in self.layers]
 
     def advance(self) -> None:
         self.steps += 1
@@ -490,3 +523,35 @@ class PrunedKVCache(Cache):
                        device_total=working + linear + (0 if offloaded else store),
                        saved_on_device=store if offloaded and on_accelerator else 0, moved_to_device=moved,
                        linear_state=linear)
+
+
+def _groups(layers) -> tuple[list[int], list[int]]:
+    """Per layer, the rank of its length among the distinct lengths, and of its shape (capacity,
+    length) among the distinct shapes: which layers share a write index, and which a mask."""
+    lengths = sorted({layer.length for layer in layers})
+    shapes = sorted({(layer.capacity, layer.length) for layer in layers})
+    return ([lengths.index(layer.length) for layer in layers],
+            [shapes.index((layer.capacity, layer.length)) for layer in layers])
+
+
+class _StepValues:
+    """The device values a static step reads, made once per kept step: the step count; per
+    distinct length a base (that length) and the write index ``at`` [1] = steps + base; per
+    distinct shape the positions ``arange`` of its capacity rounded up to MASK_ALIGN, the
+    capacity and the length rank; and the mask's two values in the keys' dtype."""
+
+    def __init__(self, layers):
+        first = layers[0].keys
+        device = first.device
+        lengths, shapes = _groups(layers)
+        self.steps = torch.zeros((), dtype=torch.long, device=device)
+        self.bases = [torch.zeros(1, dtype=torch.long, device=device) for _ in set(lengths)]
+        self.ats = [torch.zeros(1, dtype=torch.long, device=device) for _ in set(lengths)]
+        self.shape_of = shapes
+        self.shapes = []
+        for shape in range(len(set(shapes))):
+            layer, group = next((layer, g) for layer, g, s in zip(layers, lengths, shapes) if s == shape)
+            width = -(-layer.capacity // MASK_ALIGN) * MASK_ALIGN
+            self.shapes.append((torch.arange(width, device=device), layer.capacity, group))
+        self.zero = torch.zeros((), dtype=first.dtype, device=device)
+        self.minus_inf = torch.full((), float("-inf"), dtype=first.dtype, device=device)

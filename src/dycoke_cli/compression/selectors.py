@@ -41,15 +41,17 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, scaling: float,
     """Attention probabilities of one query over all keys, averaged over heads.
 
     query [1, H, 1, d] (the last query), key [1, KVH, S, d] (grouped-query heads share keys),
-    mask (optional, True = attend) broadcastable to [S]: keys it excludes (the unused capacity
-    of a static-shape cache) get no probability. -> [S] float32.
+    mask (optional) broadcastable to [S], boolean (True = attend) or additive (0 or -inf): keys
+    it excludes (the unused capacity of a static-shape cache) get no probability. -> [S] float32.
     """
     _, h, _, d = query.shape
     kvh = key.shape[1]
     q = query.float().reshape(kvh, h // kvh, d)  # heads grouped by the KV head they read
     scores = torch.einsum("gqd,gsd->gqs", q, key[0].float()) * scaling  # [KVH, group, S]
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = torch.where(mask.reshape(1, 1, -1), scores, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask.reshape(1, 1, -1)
     return scores.softmax(dim=-1).mean(dim=(0, 1))
 
 
@@ -196,8 +198,7 @@ class DecodeSelector:
         # in place (out= the tensor itself): the addresses a captured step reads stay the same
         torch.where(refresh, candidate, self.selection, out=self.selection)
         torch.where(refresh, row, self.reference, out=self.reference)
-        if not self.branch_free:
-            self.refreshed.copy_(refresh)  # what the eager cache reads; static steps gather regardless
+        self.refreshed.copy_(refresh)  # what the cache reads: it rewrites the slots only after a refresh
         self.started = True
 
     def same_rule(self, other: "DecodeSelector") -> bool:

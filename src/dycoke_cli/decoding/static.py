@@ -6,7 +6,8 @@ The token, its position and the step count are device tensors updated in place, 
 selection runs branch-free on the device (compression/selectors.py), so every step launches
 the same kernels on the same addresses, with no host sync inside. On CUDA the first step runs
 eagerly on a side stream (it warms up the kernels and is a real step), the second is captured
-as a CUDA graph, and every later step is one replay: about 800 kernel launches become one.
+as a CUDA graph, and every later step is one replay: a step's kernels (about 40 per layer)
+become one launch.
 Elsewhere (or when capture fails) the same step runs eagerly; it gives the same tokens.
 
 Greedy decoding chooses the next token inside the step (an argmax written into the step's own
@@ -23,8 +24,21 @@ import os
 
 import torch
 
-from ..compression.attention import probing
+from ..compression.attention import DECODE_KERNELS, decode_kernel, probing
+from ..errors import UsageError
 from .layer_call import call_layer
+
+ATTENTION_ENV = "DYCOKE_DECODE_ATTENTION"  # the static step's attention kernel (see decode_attention)
+
+
+def decode_attention(environ=os.environ) -> str:
+    """The static decoding step's attention kernel: ``$DYCOKE_DECODE_ATTENTION``, ``sdpa`` (the
+    default: nothing measured on a GPU has chosen the other yet) or ``matmul`` (two matmuls and
+    a softmax, split over the keys: benchmarks/bench_attention.py compares them)."""
+    chosen = environ.get(ATTENTION_ENV, "").strip() or "sdpa"
+    if chosen not in DECODE_KERNELS:
+        raise UsageError(f"{ATTENTION_ENV} must be {' or '.join(DECODE_KERNELS)} (got {chosen!r})")
+    return chosen
 
 
 class StaticSteps:
@@ -55,6 +69,7 @@ class StaticSteps:
         self.answers = 1  # answers this step has served (a graph captured once, replayed by the later ones)
         self.setup = False  # the last call warmed up or captured (its time is not a decoding step's)
         self.note: str | None = None  # why no graph, when one was wanted
+        self.attention = decode_attention()  # the attention kernel of every layer in a step
 
     @property
     def path(self) -> str:
@@ -77,13 +92,25 @@ class StaticSteps:
         self.setup = self.graph is None and self.want_graph and self.calls <= 2
         if self.graph is not None:
             self.graph.replay()
-        elif self.want_graph and self.calls == 1:
-            self._warm_up()
-        elif self.want_graph and self.calls == 2:
-            self._capture()
+        elif self.setup:
+            self._set_up(self._warm_up if self.calls == 1 else self._capture)
         else:
             self._step()
         return self.logits
+
+    def _set_up(self, stage) -> None:
+        """Warm up or capture. Stopped in the middle (Ctrl-C, or any error), it leaves no half-made
+        step behind: the count restarts at zero, so this step fits no later answer (:meth:`fits`),
+        and the session's next answer sets a new one up (its ``decode_path`` says how it ran)."""
+        finished = False
+        try:
+            stage()
+            finished = True
+        finally:
+            if not finished:
+                what = "warm-up" if stage == self._warm_up else "capture"
+                self.calls, self.graph, self.setup = 0, None, False
+                self.note = f"the {what} of the static decoding step was interrupted; the next answer sets it up again"
 
     def _emit(self, token: torch.Tensor) -> None:
         self.report[:1].copy_(token.view(1))
@@ -97,8 +124,8 @@ class StaticSteps:
         hidden = decoder.embed_tokens(self.token)
         cos, sin = decoder.rotary_emb(hidden, self.position)
         flat_ids = self.position if self.position.dim() == 2 else None
-        masks = self.cache.step_masks()
-        with probing(self.selector):
+        masks = self.cache.begin_step()  # write indices and masks, once for all layers
+        with probing(self.selector), decode_kernel(self.attention):
             for layer, mask in zip(decoder.layers, masks):
                 hidden = call_layer(layer, hidden, self.cache, attention_mask=mask, position_embeddings=(cos, sin),
                                     position_ids=flat_ids)
@@ -115,11 +142,18 @@ class StaticSteps:
             self._emit(chosen)
 
     def _warm_up(self) -> None:
+        """The first step, on a side stream on CUDA (what capture wants); the main stream waits for
+        it however it ends."""
+        if self.lm.device.type != "cuda":
+            self._step()
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step()
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                self._step()
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
 
     def _capture(self) -> None:
         """Capture one step (capturing runs nothing), then replay it for this step. A failure
@@ -142,7 +176,7 @@ class StaticSteps:
     def fits(self, lm, cache, selector, position_dims: int, greedy: bool) -> bool:
         """Whether this (captured) step can run another answer's decoding: same model, same
         choice of token, a cache that took over this one's buffers with the same layout, and
-        the same selection rule."""
+        the same selection rule. A step whose setup was interrupted has a count of zero: it fits none."""
         if lm is not self.lm or position_dims != self.position_dims or greedy != self.greedy:
             return False
         if self.calls == 0 or any(layer.keys is None for layer in cache.kv_layers()):
@@ -199,11 +233,20 @@ class KeptSteps:
             return 0
         cache = self.steps.cache
         holders = [self.steps, cache, *getattr(cache, "layers", []), getattr(cache, "block", None),
-                   getattr(cache, "selector", None)]
+                   getattr(cache, "selector", None), getattr(cache, "static", None)]
         seen: dict[int, int] = {}
         for holder in holders:
             for value in vars(holder).values() if holder is not None else ():
-                if isinstance(value, torch.Tensor):
-                    storage = value.untyped_storage()
+                for tensor in _tensors(value):
+                    storage = tensor.untyped_storage()
                     seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or those in a list or tuple of them (nested)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
