@@ -215,3 +215,19 @@ def test_a_captured_run_if_runs_only_where_the_device_flag_is_set():
         graph.replay()
     torch.cuda.synchronize()
     assert total.tolist() == [3.0] * 4
+
+
+def test_memory_the_caching_allocator_holds_unused_counts_as_free():
+    """An earlier answer's activations stay reserved by torch's allocator: the memory bound of
+    --frames (frame_count) must see them as free, or a second answer could be refused a count
+    the first was given."""
+    from dycoke_cli.memory import free_bytes
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    before = free_bytes(device)
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    assert free_bytes(device) <= before - 256 * 2**20 + 2**20
+    del block  # back to the allocator's cache, not to the driver
+    assert torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= 256 * 2**20
+    assert abs(free_bytes(device) - before) <= 2**20

@@ -142,10 +142,13 @@ class PeakMemory:
 
 
 def free_bytes(device) -> int | None:
-    """Memory free for new tensors on ``device``: CUDA's free device memory, else the host's
-    MemAvailable (what can be allocated without swapping); None where neither can be read."""
+    """Memory free for new tensors on ``device``: on CUDA the device's free memory plus what
+    torch's caching allocator holds unused (an earlier answer's activations stay reserved, and
+    are free to the next one), else the host's MemAvailable (what can be allocated without
+    swapping); None where neither can be read."""
     if getattr(device, "type", str(device)) == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     return _meminfo_bytes("MemAvailable")
 
 
