@@ -118,3 +118,30 @@ def test_a_server_request_renders_its_prompt_once(demo, renders, tmp_path):
         seen.append((text, [e.reused for e in events if isinstance(e, Reused)]))
     assert seen == [("red", [False]), ("cup", [True])]
     assert renders[0] == 2
+
+
+def test_options_are_resolved_once_where_the_session_is_made(demo, monkeypatch):
+    """Every stage takes the session's resolved options as given; a question with options of
+    its own resolves them once, where it is asked."""
+    calls = []
+    original = CompressionOptions._resolved
+
+    def counted(self, lm):
+        calls.append(self.method)
+        return original(self, lm)
+
+    monkeypatch.setattr(CompressionOptions, "_resolved", counted)
+    session = Session(demo, CLIP)
+    assert [session.ask(q, SHORT).text for q in ("what color is the cup?", "what is in the video?")] == ["red", "cup"]
+    assert calls == [Method.dycoke]
+    assert session.ask("what color is the cup?", SHORT, CompressionOptions(method=Method.none)).text == "red"
+    assert calls == [Method.dycoke, Method.none]
+
+
+def test_resolved_options_pickle_and_copy_without_their_model(demo):
+    import copy
+    import pickle
+
+    opts = CompressionOptions().resolve(demo)
+    assert pickle.loads(pickle.dumps(opts)) == opts == copy.copy(opts)
+    assert opts.resolve(demo) is opts and copy.copy(opts).resolve(demo) is not opts

@@ -7,6 +7,7 @@ the field (``ttm_k``); the CLI shows it under the flag's name (``--ttm-k``). ``N
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
@@ -122,7 +123,21 @@ class CompressionOptions:
         return opts
 
     def resolve(self, lm) -> "CompressionOptions":
-        """Fill ``None`` fields from the model's defaults (``lm.defaults``) and check its depth."""
+        """Fill ``None`` fields from the model's defaults (``lm.defaults``) and check its depth.
+        Options resolved for ``lm`` come back as they are: they are resolved once, where a
+        Session is made or asked, and every stage after that takes them as given (a copy made
+        with ``replace`` is resolved afresh)."""
+        marker = self.__dict__.get("_resolved_for")
+        if marker is not None and marker() is lm:
+            return self
+        opts = self._resolved(lm)
+        object.__setattr__(opts, "_resolved_for", weakref.ref(lm))
+        return opts
+
+    def __getstate__(self) -> dict:  # pickled or copied: the marker stays behind (a weak reference)
+        return {k: v for k, v in self.__dict__.items() if k != "_resolved_for"}
+
+    def _resolved(self, lm) -> "CompressionOptions":
         defaults, num_layers = lm.defaults, lm.num_layers
         opts = replace(
             self,
