@@ -161,6 +161,7 @@ async function streamAnswer(method, messages, out) {
       if (choice && choice.delta && choice.delta.content) {
         text += choice.delta.content;
         out.textContent = text;
+        out.dataset.deltas = String(Number(out.dataset.deltas || 0) + 1); // pieces shown as they came
       }
       if (chunk.dycoke) dycoke = chunk.dycoke;
     }
