@@ -35,8 +35,13 @@ def rss_bytes() -> int | None:
 
 
 def _status_bytes(field: str) -> int | None:
+    return _proc_kib("/proc/self/status", field)
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a /proc file, in bytes; None where it cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
@@ -153,14 +158,7 @@ def free_bytes(device) -> int | None:
 
 
 def _meminfo_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _proc_kib("/proc/meminfo", field)
 
 
 def process_peak(device) -> int | None:
