@@ -520,3 +520,36 @@ def test_ctrl_c_with_json_prints_the_partial_answer_as_json(tiny_model_dir, clip
     payload = json.loads(stdout)
     assert payload["interrupted"] is True and set(payload) == {"answer", "interrupted"}
     assert isinstance(payload["answer"], str)
+
+
+def test_a_ctrl_c_that_a_library_swallows_still_reaches_the_answer_loop(monkeypatch):
+    # numpy's C check of whether a class comes from ctypes (np.dtype of a class; safetensors'
+    # save reaches it with each feature-cache entry) clears any error its Python half raised: a
+    # KeyboardInterrupt raised there is lost, and a Ctrl-C during a cache write once let `ask`
+    # run to the end of a 4,096-token answer. raising()'s event keeps the request for the loop.
+    from dycoke_cli.cli import interrupts
+
+    class Signalling(type):
+        @property
+        def __mro__(cls):  # numpy's check reads it; the handler runs in this loop
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):
+                pass
+            return (cls, object)
+
+    monkeypatch.setattr(interrupts, "_installed", True)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with interrupts.raising() as stop:
+            try:  # numpy 2.4: no KeyboardInterrupt comes out (a later numpy may let it out)
+                np.dtype(Signalling("Plain", (), {}))
+            except KeyboardInterrupt:
+                pass
+            requested = stop.is_set()
+            with pytest.raises(KeyboardInterrupt):  # and one that no library catches does
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(10_000):
+                    pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert requested

@@ -118,11 +118,13 @@ def _answer_one(clip, question: str | None, flags: Flags, session, settings: Run
                                   cache=flags.feature_cache(), timeout_s=_decode_timeout())
                 settings.update_from(lm, settings.frames, session.compression)
             question = question if question is not None else session.lm.defaults.caption_prompt
-            with interrupts.raising():
+            with interrupts.raising() as stop:
                 for event in session.stream(question, flags.sampling(), trace=flags.trace):
                     if isinstance(event, FramesChosen):  # for the out-of-memory advice
                         settings.frames = event.count
                     answering.show(event)
+                    if stop.is_set():  # a Ctrl-C whose KeyboardInterrupt a library swallowed
+                        raise KeyboardInterrupt
     except KeyboardInterrupt:
         display.close()
         out(answering.interrupted_output())

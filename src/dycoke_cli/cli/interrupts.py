@@ -5,8 +5,9 @@ pybind11 or PyO3 extensions) can abort the whole process (``pybind11::error_alre
 So the command-line entry point installs :func:`exit_now` first: it writes what the running
 command registered (a partial answer, say), then ``dycoke: interrupted``, and leaves at once.
 Loops that are plain Python and want to finish their output themselves run inside
-:func:`raising`, where Ctrl-C raises KeyboardInterrupt as usual. A loop that must stop only
-between two of its own steps (the chat's answer: a KeyboardInterrupt raised inside the
+:func:`raising`, where Ctrl-C raises KeyboardInterrupt as usual and also sets an event that the
+loop checks between its steps (library code can swallow the exception). A loop that must stop
+only between two of its own steps (the chat's answer: a KeyboardInterrupt raised inside the
 session's generator, between a cache write and its bookkeeping, would leave the session
 half-updated) runs inside :func:`requested`: Ctrl-C sets an event that the loop reads, and a
 second Ctrl-C exits at once. Library users are not affected: nothing is installed unless the
@@ -69,14 +70,24 @@ def _write_output() -> None:
 
 
 @contextmanager
-def raising() -> Iterator[None]:
-    """Inside, Ctrl-C raises KeyboardInterrupt (for plain-Python loops that finish their own output)."""
+def raising() -> Iterator[threading.Event]:
+    """Inside, Ctrl-C raises KeyboardInterrupt (for plain-Python loops that finish their own
+    output) and also sets the yielded event. Library C code that calls back into Python may
+    clear any error its callback raised: numpy's check of whether a class comes from ctypes
+    does (``np.dtype`` of a class; safetensors' save reaches it), and a KeyboardInterrupt raised
+    there is lost. So a loop checks the event between its steps and raises it again."""
+    stop = threading.Event()
     if not _installed or threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def handler(signum, frame) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield stop
     finally:
         signal.signal(signal.SIGINT, exit_now)
 
