@@ -532,27 +532,34 @@ def test_a_ctrl_c_that_a_library_swallows_still_reaches_the_answer_loop(monkeypa
     # run to the end of a 4,096-token answer. raising()'s event keeps the request for the loop.
     from dycoke_cli.cli import interrupts
 
-    class Signalling(type):
-        @property
-        def __mro__(cls):  # numpy's check reads it; the handler runs in this loop
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(10_000):
-                pass
-            return (cls, object)
-
     monkeypatch.setattr(interrupts, "_installed", True)
     previous = signal.getsignal(signal.SIGINT)
     try:
         with interrupts.raising() as stop:
+
+            class Signalling(type):
+                @property
+                def __mro__(cls):  # numpy's check reads it; the handler runs in this loop
+                    _signal_and_wait(stop)
+                    return (cls, object)
+
             try:  # numpy 2.4: no KeyboardInterrupt comes out (a later numpy may let it out)
                 np.dtype(Signalling("Plain", (), {}))
             except KeyboardInterrupt:
                 pass
             requested = stop.is_set()
+            stop.clear()
             with pytest.raises(KeyboardInterrupt):  # and one that no library catches does
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(10_000):
-                    pass
+                _signal_and_wait(stop)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert requested
+
+
+def _signal_and_wait(stop, seconds: float = 10.0) -> None:
+    """SIGINT to this process, then Python code until its handler has run (the kernel may hand
+    the signal to another thread first, so the handler can come a moment later)."""
+    os.kill(os.getpid(), signal.SIGINT)
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        pass
